@@ -1,0 +1,48 @@
+"""Hydra entry point: `python -m dual_sampling mode=sample|topk|perplexity key=value ...`.
+
+Config errors (ConfigError) and every other DualSamplingError are printed as one clear
+line and exit with status 2, before any request when the config is at fault.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from dual_sampling.config import register_schemas, to_run_config
+from dual_sampling.errors import DualSamplingError
+
+log = logging.getLogger("dual_sampling")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_schemas()
+
+
+def _sweep_output_dir(output_dir: str) -> str:
+    """In a sweep with one explicit output_dir, give each job its own subfolder."""
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and Path(output_dir).resolve() != Path(hc.runtime.output_dir).resolve():
+        return str(Path(output_dir) / f"job{hc.job.num}")
+    return output_dir
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_config = to_run_config(cfg)
+        run_config.output_dir = _sweep_output_dir(run_config.output_dir)
+        from dual_sampling.modes import run_mode
+        run_mode(run_config)
+    except DualSamplingError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

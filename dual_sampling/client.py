@@ -1,0 +1,275 @@
+"""One vLLM OpenAI-compatible server over HTTP: pooled requests, retries, start-up guards.
+
+Retry policy (anchored on the OpenAI Python client's): connection errors, timeouts, 408,
+429 and 5xx are retried `max_retries` times (2 by default) with exponential backoff from
+0.5 s doubling to at most 8 s, plus up to 25% jitter; any other 4xx and any malformed 2xx
+body fail at once. Every error that reaches the caller is a `ServerError` naming the
+server, the request and what to do.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import aiohttp
+import numpy as np
+from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt,
+                      wait_exponential_jitter)
+
+from dual_sampling.errors import MalformedResponseError, ServerError, ServerMismatchError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+TOKEN_ID_PREFIX = "token_id:"
+
+
+class _RetryableError(Exception):
+    """A transient failure the retry policy retries; wraps the cause for the final message."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server says about itself, read once before any generation."""
+
+    url: str
+    model: str
+    max_model_len: int
+    bos_token_id: Optional[int]
+    eos_token_ids: tuple[int, ...]
+    vocab_size: Optional[int]
+    has_plugin: bool
+
+
+class VLLMClient:
+    """Async client for one server. Use as `async with VLLMClient(url, name=...) as c:`."""
+
+    def __init__(self, url: str, *, name: str = "server", model: Optional[str] = None,
+                 timeout_s: float = 120.0, max_retries: int = 2, max_connections: int = 64,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 8.0) -> None:
+        self.url = url.rstrip("/")
+        self.name = name
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._max_connections = max_connections
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> "VLLMClient":
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=3.0),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _where(self, method: str, path: str) -> str:
+        return f"{self.name} server at {self.url} ({method} {path})"
+
+    # -- raw requests with the retry policy ---------------------------------------------
+    async def _once(self, method: str, path: str, body: Any, want: str) -> Any:
+        assert self._session is not None, "use `async with VLLMClient(...)`"
+        try:
+            async with self._session.request(method, self.url + path, json=body) as resp:
+                payload = await resp.read()
+                if resp.status in RETRY_STATUSES:
+                    raise _RetryableError(f"HTTP {resp.status}: {payload[:300]!r}")
+                if resp.status >= 400:
+                    raise ServerError(
+                        f"{self._where(method, path)} refused the request with HTTP "
+                        f"{resp.status}: {payload[:500].decode(errors='replace')}")
+                if want == "bytes":
+                    return payload, resp.headers
+                try:
+                    return json.loads(payload)
+                except ValueError as exc:
+                    raise MalformedResponseError(
+                        f"{self._where(method, path)} answered HTTP {resp.status} with a body "
+                        f"that is not JSON ({payload[:200]!r}). Is this URL a vLLM server?"
+                    ) from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                asyncio.TimeoutError) as exc:
+            raise _RetryableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def request(self, method: str, path: str, body: Any = None, *,
+                      want: str = "json", max_retries: Optional[int] = None) -> Any:
+        """One request under the retry policy; returns parsed JSON or (bytes, headers)."""
+        retries = self.max_retries if max_retries is None else max_retries
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retries + 1),
+            wait=wait_exponential_jitter(initial=self.backoff_initial_s, exp_base=2,
+                                         max=self.backoff_max_s,
+                                         jitter=self.backoff_initial_s / 4),
+            retry=retry_if_exception(lambda e: isinstance(e, _RetryableError)),
+            before_sleep=lambda rs: log.warning(
+                "%s: attempt %d failed (%s); retrying", self._where(method, path),
+                rs.attempt_number, rs.outcome.exception() if rs.outcome else "?"),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(method, path, body, want)
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            raise ServerError(
+                f"{self._where(method, path)} failed after {retries + 1} attempt(s): {cause}. "
+                f"Check that the server is up (`./start_vllm.sh` prints its URL and log), "
+                f"reachable from here, and not overloaded; raise `timeout_s`/`max_retries` "
+                f"for slow servers.") from cause
+        raise AssertionError("unreachable")
+
+    async def post(self, path: str, body: Any) -> Any:
+        return await self.request("POST", path, {"model": self.model, **body})
+
+    # -- server facts --------------------------------------------------------------------
+    async def describe(self) -> ServerInfo:
+        """Read model name, limits and special-token ids; fill in `self.model`."""
+        models = await self.request("GET", "/v1/models")
+        try:
+            entries = models["data"]
+            served = [m["id"] for m in entries]
+        except (KeyError, TypeError) as exc:
+            raise MalformedResponseError(
+                f"{self._where('GET', '/v1/models')} answered {str(models)[:200]}: "
+                f"no model list. Is this URL a vLLM server?") from exc
+        if self.model is None:
+            self.model = served[0]
+        elif self.model not in served:
+            raise ServerMismatchError(
+                f"{self.name} server at {self.url} serves {served}, not {self.model!r}: "
+                f"fix `{self.name}.model` or point `{self.name}.url` at the right server.")
+        entry = entries[served.index(self.model)]
+        max_model_len = int(entry.get("max_model_len") or 0)
+        info = await self._special_tokens()
+        return ServerInfo(url=self.url, model=self.model, max_model_len=max_model_len, **info)
+
+    async def _special_tokens(self) -> dict[str, Any]:
+        """BOS/EOS ids and vocab size: from this package's plugin route when the server has it,
+        otherwise from vLLM's `/tokenizer_info` (start the server with
+        `--enable-tokenizer-info-endpoint`; start_vllm.sh does)."""
+        try:
+            facts = await self.request("GET", "/v1/dual_sampling/info", max_retries=0)
+            return {"bos_token_id": facts["bos_token_id"],
+                    "eos_token_ids": tuple(facts["eos_token_ids"]),
+                    "vocab_size": facts["vocab_size"], "has_plugin": True}
+        except ServerError:
+            pass
+        try:
+            tok = await self.request("GET", "/tokenizer_info", max_retries=0)
+        except ServerError as exc:
+            raise ServerMismatchError(
+                f"{self.name} server at {self.url} tells neither its EOS id nor its vocab: "
+                f"start it with this package's plugin (`./start_vllm.sh`) or with vLLM's "
+                f"`--enable-tokenizer-info-endpoint`.") from exc
+        bos = await self._token_id(tok.get("bos_token"))
+        eos = await self._token_id(tok.get("eos_token"))
+        return {"bos_token_id": bos, "eos_token_ids": () if eos is None else (eos,),
+                "vocab_size": tok.get("vocab_size"), "has_plugin": False}
+
+    async def _token_id(self, token: Any) -> Optional[int]:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not token:
+            return None
+        ids = await self.tokenize(token, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        reply = await self.post("/tokenize", {"prompt": text,
+                                             "add_special_tokens": add_special_tokens})
+        return _field(reply, "tokens", self._where("POST", "/tokenize"))
+
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render chat `messages` with the served model's chat template, then tokenise."""
+        reply = await self.post("/tokenize", {"messages": messages,
+                                             "add_generation_prompt": True,
+                                             "add_special_tokens": False})
+        return _field(reply, "tokens", self._where("POST", "/tokenize"))
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        reply = await self.post("/detokenize", {"tokens": token_ids})
+        return _field(reply, "prompt", self._where("POST", "/detokenize"))
+
+    # -- logprobs ------------------------------------------------------------------------
+    async def next_token_topk(self, prompts: list[list[int]], k: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k next-token ids and logprobs (nats) after each token-id prompt.
+
+        One `/v1/completions` request for the whole batch. Returns `ids (B, k) int64` and
+        `logp (B, k) float64`, each row sorted by decreasing logprob.
+        """
+        reply = await self.post("/v1/completions", {
+            "prompt": prompts, "max_tokens": 1, "logprobs": k, "temperature": 0.0,
+            "return_tokens_as_token_ids": True, "skip_special_tokens": False})
+        where = self._where("POST", "/v1/completions")
+        choices = _field(reply, "choices", where)
+        if len(choices) != len(prompts):
+            raise MalformedResponseError(f"{where} returned {len(choices)} choices for "
+                                         f"{len(prompts)} prompts.")
+        ids = np.empty((len(prompts), k), dtype=np.int64)  # (B, k)
+        logp = np.empty((len(prompts), k), dtype=np.float64)  # (B, k)
+        for choice in choices:
+            try:
+                row = int(choice.get("index", 0))
+                top = choice["logprobs"]["top_logprobs"][0]
+                # vLLM adds the token it sampled when it is outside the top k: keep the top k.
+                best = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+                ids[row] = [int(key[len(TOKEN_ID_PREFIX):]) for key, _ in best]
+                logp[row] = [max(value, -np.inf) for _, value in best]
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise MalformedResponseError(
+                    f"{where} returned a choice without top-k logprobs "
+                    f"({str(choice)[:200]}).") from exc
+        return ids, logp
+
+    async def check_top_k(self, k: int) -> None:
+        """Fail early, naming the server and its limit, when it cannot return k logprobs."""
+        try:
+            await self.next_token_topk([[0]], k)
+        except ServerError as exc:
+            if "logprobs" in str(exc):
+                raise ServerMismatchError(
+                    f"{self.name} server at {self.url} cannot return top_k={k} logprobs: {exc}. "
+                    f"Restart it with `--max-logprobs {k}` or more (start_vllm.sh "
+                    f"--max-logprobs), or lower top_k.") from exc
+            raise
+
+
+def _field(reply: Any, key: str, where: str) -> Any:
+    try:
+        return reply[key]
+    except (KeyError, TypeError) as exc:
+        raise MalformedResponseError(f"{where} answered without `{key}`: {str(reply)[:200]}"
+                                     ) from exc
+
+
+async def check_same_tokenizer(a: VLLMClient, info_a: ServerInfo, b: VLLMClient,
+                               info_b: ServerInfo, probe: str = "Hello, world! 123 <s> ünï") -> None:
+    """Two servers must tokenise alike: same vocab size, BOS/EOS ids and ids for a probe."""
+    ids_a, ids_b = await asyncio.gather(a.tokenize(probe), b.tokenize(probe))
+    problems = []
+    if info_a.vocab_size != info_b.vocab_size:
+        problems.append(f"vocab size {info_a.vocab_size} vs {info_b.vocab_size}")
+    if info_a.bos_token_id != info_b.bos_token_id:
+        problems.append(f"BOS id {info_a.bos_token_id} vs {info_b.bos_token_id}")
+    if set(info_a.eos_token_ids) != set(info_b.eos_token_ids):
+        problems.append(f"EOS ids {info_a.eos_token_ids} vs {info_b.eos_token_ids}")
+    if ids_a != ids_b:
+        problems.append(f"ids for {probe!r}: {ids_a[:12]} vs {ids_b[:12]}")
+    if problems:
+        raise ServerMismatchError(
+            f"{a.name} server at {a.url} and {b.name} server at {b.url} use different "
+            f"tokenizers ({'; '.join(problems)}). Dual sampling needs one shared vocabulary: "
+            f"serve two models with the same tokenizer.")

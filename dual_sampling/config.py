@@ -1,0 +1,188 @@
+"""Typed config schemas for the three modes, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` picks a mode (`mode=sample|topk|perplexity`); each `conf/mode/*.yaml`
+extends the schema stored here under the same group, so Hydra type-checks overrides at
+compose time, and `to_run_config` turns the composed config into these dataclasses, whose
+`__post_init__` calls each section's `check(key)`, which raises `ConfigError` naming the key
+and the bad value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dual_sampling.errors import ConfigError
+
+MISSING_POLICIES = ("kth", "uniform_rest", "floor")
+TRANSPORTS = ("request",)
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}` = {value!r} is invalid: {what}. "
+                          f"Fix it on the command line (`{key}=...`) or in conf/.")
+
+
+@dataclass
+class ServerConfig:
+    """One vLLM OpenAI-compatible server."""
+
+    url: str = "http://127.0.0.1:8000"
+    """Base URL, without `/v1`."""
+    model: Optional[str] = None
+    """Served model name; None takes the first entry of `/v1/models`."""
+    timeout_s: float = 120.0
+    """Per-request timeout in seconds (connect + read)."""
+    max_retries: int = 2
+    """Retries on connection errors, timeouts, 408, 429 and 5xx (never other 4xx)."""
+
+    def check(self, key: str) -> None:
+        _require(self.url.startswith(("http://", "https://")), f"{key}.url", self.url,
+                 "must start with http:// or https://")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0")
+        _require(self.max_retries >= 0, f"{key}.max_retries", self.max_retries, "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: str = "offline"
+    """offline writes run files under `dir`; online needs `wandb login`; disabled logs nothing."""
+    project: str = "dual_sampling"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    """Run name; None lets W&B choose."""
+    dir: Optional[str] = None
+    """Where W&B writes its files; None puts them in `output_dir`."""
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 8
+    """Log per-step metrics every this many coordinator steps."""
+
+    def check(self, key: str) -> None:
+        _require(self.mode in ("offline", "online", "disabled"), f"{key}.mode", self.mode,
+                 "choose offline, online or disabled")
+        _require(self.log_every >= 1, f"{key}.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class PromptDataConfig:
+    """Prompts for sample mode."""
+
+    prompts: str = "???"
+    """A JSONL file (a `prompt` field, or chat `messages`) or a plain text file, one prompt a line."""
+    prompt_field: str = "prompt"
+    limit: Optional[int] = None
+    """Use only the first N prompts."""
+    chat_template: bool = True
+    """Render `messages` records with the model's chat template."""
+    shard_index: int = 0
+    num_shards: int = 1
+
+    def check(self, key: str) -> None:
+        _require(self.prompts not in ("", "???"), f"{key}.prompts", self.prompts,
+                 f"give a prompt file: {key}.prompts=path/to/prompts.jsonl")
+        _require(Path(self.prompts).is_file(), f"{key}.prompts", self.prompts, "file not found")
+        _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
+        _require(self.num_shards >= 1, f"{key}.num_shards", self.num_shards, "must be >= 1")
+        _require(0 <= self.shard_index < self.num_shards, f"{key}.shard_index", self.shard_index,
+                 f"must be in [0, {key}.num_shards={self.num_shards})")
+
+
+@dataclass
+class SampleParams:
+    """How each token is chosen."""
+
+    top_k: int = 20
+    """Next-token candidates asked of each server per step."""
+    max_tokens: int = 64
+    """Completion length cap."""
+    alpha: Optional[float] = None
+    """None solves alpha* per token; a number in [0,1] fixes it (0 = theta, 1 = target)."""
+    missing: str = "kth"
+    """Logprob given to a candidate one server did not return: kth, uniform_rest or floor."""
+    concurrency: int = 32
+    """Sequences in flight at once (one batched request per server per step)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, checked on the detokenised completion."""
+    transport: str = "request"
+    """How a step reaches the servers: one /v1/completions request per step."""
+    record_candidates: bool = False
+    """Also store both servers' top-k lists per token (large; for audits and tests)."""
+
+    def check(self, key: str) -> None:
+        _require(self.top_k >= 1, f"{key}.top_k", self.top_k, "must be >= 1")
+        _require(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "must be >= 1")
+        _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha,
+                 "must be null (solve per token) or in [0, 1]")
+        _require(self.missing in MISSING_POLICIES, f"{key}.missing", self.missing,
+                 f"choose one of {MISSING_POLICIES}")
+        _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
+        _require(self.transport in TRANSPORTS, f"{key}.transport", self.transport,
+                 f"choose one of {TRANSPORTS}")
+
+
+@dataclass
+class RunConfig:
+    """What every mode shares."""
+
+    mode_name: str = "???"
+    output_dir: str = "???"
+    """Everything a run writes; a run started again with the same dir resumes."""
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _require(self.output_dir not in ("", "???"), "output_dir", self.output_dir,
+                 "give an output directory")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "check"):
+                value.check(f.name)
+
+
+@dataclass
+class SampleRunConfig(RunConfig):
+    """`mode=sample`: dual sampling with a policy `theta` and a `target`."""
+
+    mode_name: str = "sample"
+    theta: ServerConfig = field(default_factory=ServerConfig)
+    target: ServerConfig = field(default_factory=lambda: ServerConfig(url="http://127.0.0.1:8001"))
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    sample: SampleParams = field(default_factory=SampleParams)
+
+
+SCHEMAS: dict[str, type[RunConfig]] = {"sample": SampleRunConfig}
+
+
+def register_schemas() -> None:
+    """Store each mode's schema as `mode/<name>_schema` (package `_global_`)."""
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(group="mode", name=f"{name}_schema", node=schema, package="_global_")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate a composed config against its mode's schema and build the dataclasses.
+
+    Raises ConfigError naming the key on unknown keys, wrong types or invalid values.
+    """
+    name = cfg.get("mode_name")
+    if name not in SCHEMAS:
+        raise ConfigError(f"config key `mode` = {name!r} is invalid: choose one of "
+                          f"{sorted(SCHEMAS)} (e.g. `mode=sample`).")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[name]), cfg)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key `{key}` is invalid: {exc.msg if hasattr(exc, 'msg') else exc}. "
+                          f"Fix it on the command line or in conf/.") from exc

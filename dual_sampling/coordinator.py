@@ -1,0 +1,228 @@
+"""The per-token loop of dual sampling over a continuously refilled batch of prompts.
+
+Each step sends every active sequence to both servers at once (one batched request per
+server, the two in parallel), merges the two top-k candidate sets, solves alpha* per row
+(or uses a fixed alpha), samples each row's next token from q* with that sequence's own
+random generator, and retires finished sequences, whose slots new prompts take at the
+next step. Detokenising and writing a finished record run as tasks beside the loop.
+
+Reproducibility: sequence i draws its uniforms from `Generator(PCG64([seed, i]))`, so the
+tokens depend on the seed and the servers' answers only, not on batching or resume.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
+
+import numpy as np
+
+from dual_sampling import mixture
+from dual_sampling.client import VLLMClient
+
+
+class Transport(Protocol):
+    """How one step reaches the two servers."""
+
+    async def step(self, contexts: list[list[int]], k: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k of theta and of target after each context: ids and logprobs, each (B, k)."""
+
+
+class RequestTransport:
+    """A `/v1/completions` request per step and server, the whole batch in one request."""
+
+    def __init__(self, theta: VLLMClient, target: VLLMClient) -> None:
+        self.theta, self.target = theta, target
+
+    async def step(self, contexts: list[list[int]], k: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
+            self.theta.next_token_topk(contexts, k), self.target.next_token_topk(contexts, k))
+        return ids_theta, logp_theta, ids_target, logp_target
+
+
+@dataclass
+class PromptItem:
+    """A prompt ready to generate from."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+
+
+TOKEN_FIELDS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
+                "entropy_q", "coverage_theta", "coverage_target", "in_topk_theta",
+                "in_topk_target")
+
+
+@dataclass
+class Sequence:
+    """One prompt being completed; per-token lists grow by one each step."""
+
+    item: PromptItem
+    rng: np.random.Generator
+    completion_ids: list[int] = field(default_factory=list)
+    tokens: dict[str, list] = field(default_factory=lambda: {f: [] for f in TOKEN_FIELDS})
+    candidates: list[dict[str, list]] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    @property
+    def context(self) -> list[int]:
+        return self.item.prompt_ids + self.completion_ids
+
+
+@dataclass
+class SampleSettings:
+    top_k: int
+    max_tokens: int
+    alpha: Optional[float]
+    missing: str
+    concurrency: int
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    vocab_size: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    record_candidates: bool = False
+
+
+@dataclass
+class StepStats:
+    """What one step measured, for logging."""
+
+    batch: int
+    alpha: np.ndarray
+    kl_q_theta: np.ndarray
+    kl_q_target: np.ndarray
+    coverage_theta: np.ndarray
+    coverage_target: np.ndarray
+    wait_s: float
+    step_s: float
+
+
+def _finite(values: np.ndarray) -> list[Optional[float]]:
+    """JSON-safe floats: a non-finite value (an excluded candidate) becomes null."""
+    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
+
+
+class Coordinator:
+    """Drives a transport over prompts; calls `on_finished(sequence)` for each finished one."""
+
+    def __init__(self, transport: Transport, settings: SampleSettings,
+                 on_finished: Callable[[Sequence], Awaitable[None]],
+                 on_step: Optional[Callable[[StepStats], None]] = None,
+                 detokenize: Optional[Callable[[list[int]], Awaitable[str]]] = None) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.on_finished = on_finished
+        self.on_step = on_step
+        self.detokenize = detokenize
+        self.wait_s = 0.0
+        self.total_s = 0.0
+        self.tokens_generated = 0
+
+    async def run(self, prompts: AsyncIterator[PromptItem]) -> None:
+        s = self.settings
+        active: list[Sequence] = []
+        writers: set[asyncio.Task] = set()
+        exhausted = False
+        start = time.perf_counter()
+        try:
+            while True:
+                while not exhausted and len(active) < s.concurrency:
+                    try:
+                        item = await anext(prompts)
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    rng = np.random.Generator(np.random.PCG64([s.seed, item.index]))
+                    active.append(Sequence(item=item, rng=rng))
+                if not active:
+                    break
+                finished = await self._step(active)
+                for seq in finished:
+                    active.remove(seq)
+                    task = asyncio.create_task(self.on_finished(seq))
+                    writers.add(task)
+                    task.add_done_callback(writers.discard)
+            if writers:
+                await asyncio.gather(*writers)
+        finally:
+            self.total_s += time.perf_counter() - start
+            for task in writers:
+                task.cancel()
+
+    async def _step(self, active: list[Sequence]) -> list[Sequence]:
+        s = self.settings
+        t0 = time.perf_counter()
+        ids_theta, logp_theta, ids_target, logp_target = await self.transport.step(
+            [seq.context for seq in active], s.top_k)  # each (B, k)
+        t1 = time.perf_counter()
+        cand = mixture.merge_topk(ids_theta, logp_theta, ids_target, logp_target,
+                                  missing=s.missing, vocab_size=s.vocab_size)  # (B, M)
+        if s.alpha is None:
+            alpha = mixture.solve_alpha(cand.logp_theta, cand.logp_target)  # (B,)
+        else:
+            alpha = np.full(len(active), s.alpha)
+        log_q = mixture.log_mixture(cand.logp_theta, cand.logp_target, alpha)  # (B, M)
+        uniforms = np.array([seq.rng.random() for seq in active])  # (B,)
+        choice = mixture.inverse_cdf(log_q, uniforms)  # (B,)
+        rows = np.arange(len(active))
+        token = cand.ids[rows, choice]  # (B,)
+        diag = mixture.token_diagnostics(cand.logp_theta, cand.logp_target, log_q)
+        per_token = {
+            "alpha": alpha,
+            "logp_theta": cand.logp_theta[rows, choice],
+            "logp_target": cand.logp_target[rows, choice],
+            "logp_q": log_q[rows, choice],
+            "kl_q_theta": diag["kl_q_theta"],
+            "kl_q_target": diag["kl_q_target"],
+            "entropy_q": diag["entropy_q"],
+            "coverage_theta": mixture.topk_coverage(logp_theta),
+            "coverage_target": mixture.topk_coverage(logp_target),
+            "in_topk_theta": (ids_theta == token[:, None]).any(axis=1),
+            "in_topk_target": (ids_target == token[:, None]).any(axis=1),
+        }
+        columns = {name: (values.tolist() if values.dtype == bool else _finite(values))
+                   for name, values in per_token.items()}
+        token_list = token.tolist()
+        finished = []
+        for row, seq in enumerate(active):
+            seq.completion_ids.append(token_list[row])
+            for name in TOKEN_FIELDS:
+                seq.tokens[name].append(columns[name][row])
+            if s.record_candidates:
+                seq.candidates.append({
+                    "ids_theta": ids_theta[row].tolist(), "logp_theta": _finite(logp_theta[row]),
+                    "ids_target": ids_target[row].tolist(),
+                    "logp_target": _finite(logp_target[row])})
+            if token_list[row] in s.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif (len(seq.completion_ids) >= s.max_tokens
+                  or len(seq.context) >= s.max_model_len):
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                finished.append(seq)
+        if s.stop and self.detokenize is not None:
+            finished += await self._stopped_by_string([q for q in active if not q.finish_reason])
+        self.tokens_generated += len(active)
+        self.wait_s += t1 - t0
+        if self.on_step is not None:
+            self.on_step(StepStats(
+                batch=len(active), alpha=alpha, kl_q_theta=diag["kl_q_theta"],
+                kl_q_target=diag["kl_q_target"], coverage_theta=per_token["coverage_theta"],
+                coverage_target=per_token["coverage_target"], wait_s=t1 - t0,
+                step_s=time.perf_counter() - t0))
+        return finished
+
+    async def _stopped_by_string(self, running: list[Sequence]) -> list[Sequence]:
+        """Sequences whose completion now contains a stop string (finish_reason "stop")."""
+        texts = await asyncio.gather(*(self.detokenize(q.completion_ids) for q in running))
+        stopped = [seq for seq, text in zip(running, texts)
+                   if any(stop in text for stop in self.settings.stop)]
+        for seq in stopped:
+            seq.finish_reason = "stop"
+        return stopped

@@ -1,0 +1,25 @@
+"""Exceptions a user can meet. Each message names the input, server or config key and what to do."""
+
+
+class DualSamplingError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(DualSamplingError, ValueError):
+    """A config value is invalid; the message names the key (e.g. `sample.top_k`)."""
+
+
+class DataError(DualSamplingError):
+    """An input file is missing, empty or malformed; the message names the file."""
+
+
+class ServerError(DualSamplingError):
+    """A vLLM server could not be reached or answered with an error after retries."""
+
+
+class ServerMismatchError(ServerError):
+    """Two servers (or a server and the config) disagree: tokenizer, vocab, limits."""
+
+
+class MalformedResponseError(ServerError):
+    """A server answered 2xx with a body this client cannot read."""

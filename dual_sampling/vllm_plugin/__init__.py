@@ -1,0 +1,31 @@
+"""Server side: routes this package adds to a vLLM OpenAI server, with no fork of vLLM.
+
+Registered under vLLM's `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and
+loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.sh sets it).
+Each module in `ROUTE_MODULES` exposes a FastAPI `router`.
+"""
+from __future__ import annotations
+
+import importlib
+from argparse import Namespace
+from typing import Any
+
+ROUTE_MODULES = ("info",)
+
+
+class DualSamplingPlugin:
+    """The `vllm.endpoint_plugins` object: attaches this package's routers."""
+
+    name = "dual_sampling"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: Any) -> None:
+        for module in ROUTE_MODULES:
+            app.include_router(importlib.import_module(f"{__name__}.{module}").router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        state.dual_sampling_args = args
+
+
+def make_plugin() -> DualSamplingPlugin:
+    return DualSamplingPlugin()

@@ -1,0 +1,34 @@
+"""`GET /v1/dual_sampling/info`: the facts a coordinator checks before the first token.
+
+Stock vLLM does not say which ids end a sequence; this route reads them from the served
+model's generation config (falling back to its tokenizer), with the vocabulary size and
+the server's limits.
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+router = APIRouter()
+
+
+def _as_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+@router.get("/v1/dual_sampling/info")
+async def info(request: Request) -> dict:
+    engine = request.app.state.engine_client
+    model_config = engine.model_config
+    tokenizer = engine.get_tokenizer()
+    generation = model_config.try_get_generation_config() or {}
+    eos = _as_list(generation.get("eos_token_id")) or _as_list(tokenizer.eos_token_id)
+    return {
+        "model": model_config.served_model_name,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": eos,
+        "vocab_size": model_config.get_vocab_size(),
+        "max_model_len": model_config.max_model_len,
+        "max_logprobs": model_config.max_logprobs,
+    }
