@@ -20,6 +20,7 @@ from dual_sampling.errors import ConfigError
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
 TRANSPORTS = ("request",)
+TOPK_DTYPES = ("int8", "fp16", "bf16")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -159,7 +160,99 @@ class SampleRunConfig(RunConfig):
     sample: SampleParams = field(default_factory=SampleParams)
 
 
-SCHEMAS: dict[str, type[RunConfig]] = {"sample": SampleRunConfig}
+@dataclass
+class SequenceDataConfig:
+    """Inputs for topk and perplexity: JSONL (`text` or `token_ids`) or text files."""
+
+    path: Any = None
+    """One file (`data.path=a.txt`) or several (`data.path=[a.txt,b.txt]`); a list after checks."""
+    text_field: str = "text"
+    limit: Optional[int] = None
+    shard_index: int = 0
+    num_shards: int = 1
+
+    def check(self, key: str) -> None:
+        self.path = [self.path] if isinstance(self.path, str) else list(self.path or [])
+        _require(len(self.path) > 0, f"{key}.path", self.path,
+                 f"give at least one input file: {key}.path=corpus.txt")
+        for p in self.path:
+            _require(Path(p).is_file(), f"{key}.path", p, "file not found")
+        _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
+        _require(self.num_shards >= 1, f"{key}.num_shards", self.num_shards, "must be >= 1")
+        _require(0 <= self.shard_index < self.num_shards, f"{key}.shard_index", self.shard_index,
+                 f"must be in [0, {key}.num_shards={self.num_shards})")
+
+
+@dataclass
+class TopkParams:
+    """Teacher top-k at every position."""
+
+    k: int = 128
+    """Entries per position."""
+    dtype: str = "int8"
+    """Stored logprob format: int8 (per-position scale and offset), fp16 or bf16."""
+    batch_size: int = 8
+    """Sequences per /v1/topk request."""
+    concurrency: int = 4
+    """Requests in flight."""
+    shard_size: int = 1024
+    """Sequences per cache shard."""
+    max_length: Optional[int] = None
+    """Truncate sequences to this many tokens (None: the server's max-model-len)."""
+
+    def check(self, key: str) -> None:
+        _require(self.k >= 1, f"{key}.k", self.k, "must be >= 1")
+        _require(self.dtype in TOPK_DTYPES, f"{key}.dtype", self.dtype, f"choose one of {TOPK_DTYPES}")
+        _require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be >= 1")
+        _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
+        _require(self.shard_size >= 1, f"{key}.shard_size", self.shard_size, "must be >= 1")
+        _require(self.max_length is None or self.max_length >= 2, f"{key}.max_length",
+                 self.max_length, "must be >= 2")
+
+
+@dataclass
+class TopkRunConfig(RunConfig):
+    """`mode=topk`: a teacher's top-k logprobs at every position, cached for distillation."""
+
+    mode_name: str = "topk"
+    teacher: ServerConfig = field(default_factory=ServerConfig)
+    data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
+    topk: TopkParams = field(default_factory=TopkParams)
+
+
+@dataclass
+class PerplexityParams:
+    """Sliding-window perplexity (the Hugging Face guide's method)."""
+
+    context_length: int = 2048
+    """Tokens per window."""
+    stride: int = 512
+    """How far each window advances; the overlap is context only."""
+    concurrency: int = 8
+    """Windows in flight."""
+    add_bos: bool = True
+    """Start the tokenised corpus with the model's BOS token."""
+
+    def check(self, key: str) -> None:
+        _require(self.context_length >= 2, f"{key}.context_length", self.context_length,
+                 "must be >= 2")
+        _require(1 <= self.stride <= self.context_length, f"{key}.stride", self.stride,
+                 f"must be in [1, {key}.context_length={self.context_length}]")
+        _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
+
+
+@dataclass
+class PerplexityRunConfig(RunConfig):
+    """`mode=perplexity`: sliding-window perplexity of a served model on text corpora."""
+
+    mode_name: str = "perplexity"
+    model: ServerConfig = field(default_factory=ServerConfig)
+    data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
+    ppl: PerplexityParams = field(default_factory=PerplexityParams)
+
+
+SCHEMAS: dict[str, type[RunConfig]] = {
+    "sample": SampleRunConfig, "topk": TopkRunConfig, "perplexity": PerplexityRunConfig}
 
 
 def register_schemas() -> None:
