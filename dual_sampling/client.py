@@ -234,6 +234,38 @@ class VLLMClient:
                     f"({str(choice)[:200]}).") from exc
         return ids, logp
 
+    async def prompt_logprobs(self, token_ids: list[int], k: int
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stock vLLM `prompt_logprobs` for one token-id sequence (slow JSON path).
+
+        Row j scores token j+1 given tokens 0..j. Returns `actual (L-1,)`, the logprob of
+        the actual next token, and `ids (L-1, k) int64`, `logp (L-1, k)`, the top k sorted
+        by decreasing logprob (k = 0 gives empty top-k arrays).
+        """
+        reply = await self.post("/v1/completions", {
+            "prompt": token_ids, "max_tokens": 1, "prompt_logprobs": k, "temperature": 0.0,
+            "return_tokens_as_token_ids": True})
+        where = self._where("POST", "/v1/completions")
+        rows = _field(reply, "choices", where)[0].get("prompt_logprobs") or []
+        n = len(token_ids) - 1
+        if len(rows) != len(token_ids):
+            raise MalformedResponseError(f"{where} returned {len(rows)} prompt_logprobs rows "
+                                         f"for a {len(token_ids)}-token prompt.")
+        actual = np.empty(n, dtype=np.float64)  # (L-1,)
+        ids = np.full((n, k), -1, dtype=np.int64)  # (L-1, k)
+        logp = np.full((n, k), -np.inf, dtype=np.float64)  # (L-1, k)
+        for j, row in enumerate(rows[1:]):
+            try:
+                actual[j] = row[str(token_ids[j + 1])]["logprob"]
+                top = sorted(((v["logprob"], int(t)) for t, v in row.items() if v["rank"] <= k),
+                             reverse=True)[:k]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MalformedResponseError(f"{where}: prompt_logprobs row {j + 1} unreadable "
+                                             f"({str(row)[:200]}).") from exc
+            if top:
+                logp[j, :len(top)], ids[j, :len(top)] = zip(*top)
+        return actual, ids, logp
+
     async def check_top_k(self, k: int) -> None:
         """Fail early, naming the server and its limit, when it cannot return k logprobs."""
         try:
