@@ -20,6 +20,8 @@ from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_
                       wait_exponential_jitter)
 
 from dual_sampling.errors import MalformedResponseError, ServerError, ServerMismatchError
+from dual_sampling.topk_format import (EncodedTopk, TopkFormatError, TopkResult, check_format,
+                                       decode_body)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class VLLMClient:
         retries = self.max_retries if max_retries is None else max_retries
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retries + 1),
-            wait=wait_exponential_jitter(initial=self.backoff_initial_s, exp_base=2,
+            wait=wait_exponential_jitter(multiplier=self.backoff_initial_s, exp_base=2,
                                          max=self.backoff_max_s,
                                          jitter=self.backoff_initial_s / 4),
             retry=retry_if_exception(lambda e: isinstance(e, _RetryableError)),
@@ -278,6 +280,88 @@ class VLLMClient:
                     f"--max-logprobs), or lower top_k.") from exc
             raise
 
+    # -- actual-token logprobs (perplexity) ---------------------------------------------
+    async def actual_token_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """Logprob (nats) of each token after the first given the tokens before it, `(L-1,)`.
+
+        Stock `/v1/completions` with `prompt_logprobs=0`: only the actual tokens' logprobs
+        travel, never top-k lists. The last token is not sent as prompt but forced as the one
+        generated token (`allowed_token_ids`) and read from `logprobs=0`, so an L-token
+        sequence needs only L <= max-model-len (vLLM wants prompt + 1 generated token to fit).
+        That value is the raw logprob only under the server's default `--logprobs-mode
+        raw_logprobs` (a processed mode reads 0.0 for a forced token).
+        """
+        if len(token_ids) < 2:
+            raise ValueError(f"need at least 2 token ids to score, got {len(token_ids)}")
+        prompt, last = token_ids[:-1], token_ids[-1]
+        reply = await self.post("/v1/completions", {
+            "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+            "logprobs": 0, "allowed_token_ids": [last], "return_tokens_as_token_ids": True})
+        where = self._where("POST", "/v1/completions")
+        choice = _field(reply, "choices", where)[0]
+        try:
+            rows = choice["prompt_logprobs"][1:]
+            logp = [row[str(token)]["logprob"] for row, token in zip(rows, prompt[1:])]
+            generated = choice["logprobs"]
+            if len(rows) != len(prompt) - 1 or generated["tokens"] != [f"{TOKEN_ID_PREFIX}{last}"]:
+                raise ValueError(f"{len(rows)} prompt rows for {len(prompt)} prompt tokens, "
+                                 f"generated {generated['tokens']} instead of {last}")
+            logp.append(generated["token_logprobs"][0])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise MalformedResponseError(
+                f"{where}: no actual-token logprobs in the reply ({exc}; "
+                f"{str(choice)[:200]}).") from exc
+        return np.asarray(logp, dtype=np.float64)  # (L-1,)
+
+    # -- teacher top-k at every position -------------------------------------------------
+    async def prompt_topk(self, sequences: list[list[int]], k: int, fmt: str = "int8"
+                          ) -> list[TopkResult]:
+        """Top-k ids and logprobs at every position of each token-id sequence, decoded.
+
+        Per sequence of L tokens: `ids (L-1, k) int64`, `logp (L-1, k) float32` (by decreasing
+        logprob, within the `fmt` error bound of dual_sampling.topk_format) and `actual (L-1,)`
+        float32. Uses this package's `/v1/topk`; on a server without it, falls back (warning
+        once) to stock `prompt_logprobs`, which gives the same arrays, only slower.
+        """
+        return [seq.decode() for seq in await self.prompt_topk_encoded(sequences, k, fmt)]
+
+    async def prompt_topk_encoded(self, sequences: list[list[int]], k: int, fmt: str = "int8"
+                                  ) -> list[EncodedTopk]:
+        """As `prompt_topk`, in the stored form (quantised logprobs) that the cache keeps."""
+        check_format(fmt)
+        if not getattr(self, "_topk_route_missing", False):
+            try:
+                body, _ = await self.request("POST", TOPK_PATH, {
+                    "sequences": sequences, "k": k, "format": fmt}, want="bytes")
+            except ServerError as exc:
+                if not _is_missing_route(exc):
+                    raise
+                self._topk_route_missing = True
+                log.warning("%s: no such route (the dual_sampling plugin is not loaded); "
+                            "falling back to stock prompt_logprobs, much slower. Start the "
+                            "server with ./start_vllm.sh for the fast route.",
+                            self._where("POST", TOPK_PATH))
+            else:
+                return self._read_topk_body(body, len(sequences), k, fmt)
+        return list(await asyncio.gather(*(self._stock_topk(ids, k, fmt) for ids in sequences)))
+
+    def _read_topk_body(self, body: bytes, n_seq: int, k: int, fmt: str) -> list[EncodedTopk]:
+        where = self._where("POST", TOPK_PATH)
+        try:
+            header, encoded = decode_body(body)
+        except TopkFormatError as exc:
+            raise MalformedResponseError(f"{where} answered with an unreadable body: {exc}"
+                                         ) from exc
+        if (header.n_seq, header.k, header.fmt) != (n_seq, k, fmt):
+            raise MalformedResponseError(
+                f"{where} answered {header.n_seq} sequences, k={header.k}, {header.fmt} for a "
+                f"request of {n_seq} sequences, k={k}, {fmt}.")
+        return encoded
+
+    async def _stock_topk(self, ids: list[int], k: int, fmt: str) -> EncodedTopk:
+        actual, top_ids, logp = await self.prompt_logprobs(ids, k)
+        return EncodedTopk.encode(top_ids, logp, actual, fmt, np.dtype("<i4"))
+
 
 def _field(reply: Any, key: str, where: str) -> Any:
     try:
@@ -305,3 +389,11 @@ async def check_same_tokenizer(a: VLLMClient, info_a: ServerInfo, b: VLLMClient,
             f"{a.name} server at {a.url} and {b.name} server at {b.url} use different "
             f"tokenizers ({'; '.join(problems)}). Dual sampling needs one shared vocabulary: "
             f"serve two models with the same tokenizer.")
+
+
+TOPK_PATH = "/v1/topk"
+
+
+def _is_missing_route(exc: ServerError) -> bool:
+    """A 404 from `_once` (its message names the status): the server lacks the route."""
+    return "with HTTP 404:" in str(exc)

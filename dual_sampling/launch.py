@@ -1,0 +1,69 @@
+"""Start and stop vLLM servers from Python through `start_vllm.sh` (tests, benchmarks).
+
+    servers = Servers(run_dir=Path("/tmp/vllm"), models={"theta": a, "target": b})
+    servers.start("theta", "target")   # free loopback ports, waits for /health
+    servers.url("theta"); servers.kill("target"); servers.stop()
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_SCRIPT = Path(__file__).resolve().parent.parent / "start_vllm.sh"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Servers:
+    """vLLM CPU servers started by start_vllm.sh in one run dir; roles map to ports.
+
+    Roles are start_vllm.sh's: `theta`, `target` and `model`.
+    """
+
+    run_dir: Path
+    models: dict[str, Path]
+    ports: dict[str, int] = field(default_factory=dict)
+    extra: tuple[str, ...] = ("--max-model-len", "2048")
+    max_logprobs: int = 256
+
+    def url(self, role: str) -> str:
+        return f"http://127.0.0.1:{self.ports[role]}"
+
+    def start(self, *roles: str) -> None:
+        """Start the roles (together) and wait until each answers; RuntimeError if not."""
+        args = ["bash", str(START_SCRIPT), "--cpu", "--run-dir", str(self.run_dir),
+                "--max-logprobs", str(self.max_logprobs), "--timeout", "900"]
+        for role in roles:
+            self.ports.setdefault(role, free_port())
+            args += [f"--{role}", str(self.models[role]), f"--{role}-port", str(self.ports[role])]
+        env = {**os.environ, "PYTHON": sys.executable}
+        done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"start_vllm.sh failed:\n{done.stdout}\n{done.stderr}")
+
+    def kill(self, role: str) -> None:
+        """SIGKILL one server's process group (a crash, not a clean stop); wait until down."""
+        pid = int((self.run_dir / f"{role}.pid").read_text())
+        subprocess.run(["kill", "-KILL", "--", f"-{pid}"], check=False)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(self.url(role) + "/health", timeout=1)
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(START_SCRIPT), "stop", "--run-dir", str(self.run_dir)],
+                       capture_output=True)

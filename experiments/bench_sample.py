@@ -1,0 +1,152 @@
+"""Dual sampling against native vLLM generation, and the top-k approximation error.
+
+    python experiments/bench_sample.py                     # starts its own CPU servers
+    python experiments/bench_sample.py --theta-url U --target-url V --models DIR
+
+Prints, from one run: (1) tokens/s of dual sampling (request transport) and of one
+server's native generation for the same prompts (1 and 32 prompts, 64 tokens each) and
+their ratio, with the share of the coordinator's wall time spent outside awaiting the
+servers (target < 10%); (2) for k = 5, 20, 50, 100, the error of alpha* and q* computed
+from the two top-k lists against the exact full-vocabulary values (transformers, same
+weights): mean |alpha_k - alpha_full|, total variation TV(q_full, q_k), the q_full mass
+outside the candidate set, and KL(q_full || q_k) on the candidates (q_full renormalised
+there; outside the candidates q_k is 0, so the full KL is infinite whenever that mass > 0).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from dual_sampling import mixture
+from dual_sampling.client import VLLMClient
+from dual_sampling.coordinator import Coordinator, PromptItem, RequestTransport, SampleSettings
+from dual_sampling.launch import Servers
+from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+
+PROMPT_TOKENS = 32
+
+
+async def _prompts(tokens: list[list[int]]):
+    for i, ids in enumerate(tokens):
+        yield PromptItem(i, "", ids)
+
+
+async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: int) -> float:
+    started = time.perf_counter()
+    await client.post("/v1/completions", {"prompt": prompts, "max_tokens": n_tokens,
+                                          "min_tokens": n_tokens, "ignore_eos": True,
+                                          "temperature": 1.0, "seed": 0})
+    return len(prompts) * n_tokens / (time.perf_counter() - started)
+
+
+async def dual_tok_s(theta: VLLMClient, target: VLLMClient, prompts: list[list[int]],
+                     n_tokens: int, top_k: int) -> tuple[float, float]:
+    """(tokens/s, share of wall time outside awaiting the servers)."""
+    async def keep(_seq) -> None:
+        return None
+
+    settings = SampleSettings(top_k=top_k, max_tokens=n_tokens, alpha=None, missing="kth",
+                              concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
+    coordinator = Coordinator(RequestTransport(theta, target), settings, keep)
+    started = time.perf_counter()
+    await coordinator.run(_prompts(prompts))
+    elapsed = time.perf_counter() - started
+    return coordinator.tokens_generated / elapsed, 1.0 - coordinator.wait_s / elapsed
+
+
+async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
+                      top_k: int, repeats: int) -> list[list]:
+    text = corpus_path().read_text()
+    async with VLLMClient(theta_url, name="theta", timeout_s=600) as theta, \
+            VLLMClient(target_url, name="target", timeout_s=600) as target:
+        await asyncio.gather(theta.describe(), target.describe())
+        ids = await theta.tokenize(text[:20000])
+        rows = []
+        for batch in batches:
+            prompts = [ids[i * 7: i * 7 + PROMPT_TOKENS] for i in range(batch)]
+            await dual_tok_s(theta, target, prompts, 4, top_k)  # warm-up
+            await native_tok_s(theta, prompts, 4)
+            native = max([await native_tok_s(theta, prompts, n_tokens) for _ in range(repeats)])
+            duals = [await dual_tok_s(theta, target, prompts, n_tokens, top_k)
+                     for _ in range(repeats)]
+            dual, outside = max(duals)
+            rows.append([batch, n_tokens, f"{native:.0f}", f"{dual:.0f}",
+                         f"{dual / native:.3f}x", f"{100 * outside:.1f}%"])
+        return rows
+
+
+def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int) -> list[list]:
+    from dual_sampling.reference import Reference
+    ref = Reference(models)
+    ids = ref.tokenizer(corpus_path().read_text()[5000:60000])["input_ids"]
+    seqs = [ids[i: i + 128] for i in range(0, min(len(ids), n_positions), 128)]
+    rows = []
+    for k in ks:
+        d_alpha, tv, outside, kl = [], [], [], []
+        for seq in seqs:
+            cmp = ref.alpha_full(seq, top_k=k)
+            cand = cmp.candidates
+            q_full = np.exp(cmp.log_q_full)  # (L, V)
+            ids_c = np.where(cand.valid, cand.ids, 0)  # (L, M)
+            q_full_c = np.where(cand.valid, np.take_along_axis(q_full, ids_c, axis=-1), 0.0)
+            q_k = np.where(cand.valid, np.exp(cmp.log_q_topk), 0.0)  # (L, M)
+            mass_in = q_full_c.sum(-1)  # (L,)
+            d_alpha.append(np.abs(cmp.alpha_topk - cmp.alpha_full))
+            tv.append(0.5 * (np.abs(q_full_c - q_k).sum(-1) + (1.0 - mass_in)))
+            outside.append(1.0 - mass_in)
+            p = q_full_c / mass_in[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                terms = np.where(p > 0, p * (np.log(p) - np.log(q_k)), 0.0)
+            kl.append(terms.sum(-1))
+        rows.append([k, f"{np.mean(np.concatenate(d_alpha)):.2e}",
+                     f"{np.mean(np.concatenate(tv)):.2%}",
+                     f"{np.mean(np.concatenate(outside)):.2%}",
+                     f"{np.mean(np.concatenate(kl)):.2e}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--theta-url")
+    parser.add_argument("--target-url")
+    parser.add_argument("--models", help="dir with theta/ and target/ (default: tiny models)")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--positions", type=int, default=512)
+    args = parser.parse_args()
+    models = ({m: Path(args.models) / m for m in ("theta", "target")} if args.models
+              else ensure_tiny_models())
+    servers = None
+    if not (args.theta_url and args.target_url):
+        servers = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_sample_")), models=models)
+        servers.start("theta", "target")
+        args.theta_url, args.target_url = servers.url("theta"), servers.url("target")
+    try:
+        rows = asyncio.run(speed_table(args.theta_url, args.target_url,
+                                       [int(b) for b in args.batches.split(",")],
+                                       args.tokens, args.top_k, args.repeats))
+    finally:
+        if servers is not None:
+            servers.stop()
+    print(f"\n### Dual sampling vs native generation (top_k={args.top_k}, request transport)\n")
+    print(tabulate(rows, headers=["prompts", "tokens each", "native tok/s", "dual tok/s",
+                                  "dual / native", "coordinator outside server wait"],
+                   tablefmt="github"))
+    err = topk_error_table(models, [5, 20, 50, 100], args.positions)
+    print(f"\n### Top-k approximation error ({args.positions} positions of the shipped corpus, "
+          f"missing=kth)\n")
+    print(tabulate(err, headers=["k", "mean |alpha_k - alpha_full|", "TV(q_full, q_k)",
+                                 "q_full mass outside candidates", "KL(q_full||q_k) on candidates"],
+                   tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""sample mode end to end against two real vLLM CPU servers (the session `servers` pair).
+
+Runs go through the real entry point (`python -m dual_sampling`, Hydra, W&B offline) as a
+subprocess, so a SIGKILL is a real kill and the resume guarantees are tested as users meet
+them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dual_sampling import mixture
+from dual_sampling.records import read_records
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [f"Prompt number {i}: the standard library module" for i in range(24)]
+FIELDS_PER_TOKEN = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
+                    "kl_q_target", "coverage_theta", "coverage_target")
+
+
+def write_prompts(path: Path, prompts=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def sample_cmd(servers, prompts: Path, out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "dual_sampling", "mode=sample",
+            f"theta.url={servers.url('theta')}", f"target.url={servers.url('target')}",
+            f"data.prompts={prompts}", f"output_dir={out}", "progress=false",
+            "sample.max_tokens=12", "sample.concurrency=8", "wandb.mode=offline", *overrides]
+
+
+def run_sample(servers, prompts: Path, out: Path, *overrides: str, check: bool = True):
+    done = subprocess.run(sample_cmd(servers, prompts, out, *overrides), capture_output=True,
+                          text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"sample run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def check_dataset(out: Path, n_prompts: int) -> list[dict]:
+    records = list(read_records(out / "samples.jsonl"))
+    assert sorted(r["index"] for r in records) == list(range(n_prompts))
+    for r in records:
+        n = len(r["completion_token_ids"])
+        assert n == r["num_tokens"] >= 1
+        assert all(len(r[f]) == n for f in FIELDS_PER_TOKEN)
+        assert all(0.0 <= a <= 1.0 for a in r["alpha"])
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["sum_logp_q"] == pytest.approx(sum(r["logp_q"]))
+        assert r["log_w_theta"] == pytest.approx(r["sum_logp_theta"] - r["sum_logp_q"])
+    return records
+
+
+@pytest.fixture(scope="module")
+def first_run(servers, tmp_path_factory):
+    """One run with candidates recorded, shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("sample")
+    prompts = write_prompts(tmp / "prompts.jsonl", PROMPTS[:6])
+    out = tmp / "out"
+    done = run_sample(servers, prompts, out, "sample.record_candidates=true")
+    return out, prompts, done
+
+
+def test_dataset_is_complete_valid_and_loadable(first_run):
+    out, _, done = first_run
+    records = check_dataset(out, 6)
+    import datasets
+    loaded = datasets.load_dataset("json", data_files=str(out / "samples.jsonl"), split="train")
+    assert len(loaded) == 6 and "completion" in loaded.column_names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_sequences"] == 6
+    assert 0 < summary["ess_theta_fraction"] <= 1 and 0 < summary["ess_target_fraction"] <= 1
+    assert "mean_alpha" in done.stdout  # the printed summary table
+    assert all(isinstance(r["completion"], str) for r in records)
+
+
+def test_logprobs_match_transformers_and_alpha_matches_topk_reference(first_run, tiny_models):
+    from dual_sampling.reference import Reference
+    ref = Reference(tiny_models)
+    out, _, _ = first_run
+    checked = 0
+    for record in list(read_records(out / "samples.jsonl"))[:3]:
+        ids = record["prompt_token_ids"] + record["completion_token_ids"]
+        full = {m: ref.full_logprobs(m, ids) for m in ("theta", "target")}  # (L, V)
+        start = len(record["prompt_token_ids"]) - 1
+        for t, cand in enumerate(record["candidates"]):
+            pos = start + t
+            for model in ("theta", "target"):
+                got = np.array(cand[f"logp_{model}"], dtype=float)
+                want = full[model][pos, cand[f"ids_{model}"]]
+                np.testing.assert_allclose(got, want, atol=1e-3)
+            merged = mixture.merge_topk(
+                np.array([cand["ids_theta"]]), np.array([cand["logp_theta"]], dtype=float),
+                np.array([cand["ids_target"]]), np.array([cand["logp_target"]], dtype=float),
+                missing="kth")
+            alpha = mixture.solve_alpha(merged.logp_theta, merged.logp_target)[0]
+            assert abs(alpha - record["alpha"][t]) < 1e-6
+            checked += 1
+    assert checked >= 10
+
+
+def test_wandb_offline_run_holds_the_metrics(first_run):
+    out, _, _ = first_run
+    files = list(out.rglob("run-*.wandb"))
+    assert files, f"no offline W&B run under {out}"
+    blob = b"".join(f.read_bytes() for f in files)
+    for key in (b"step/alpha_mean", b"step/kl_q_theta", b"step/kl_q_target",
+                b"step/coverage_theta", b"step/tokens_per_s", b"ess_theta_fraction",
+                b"mean_alpha", b"samples", b"top_k"):
+        assert key in blob, key
+
+
+def test_same_seed_same_tokens_and_fixed_alpha(servers, first_run, tmp_path):
+    out, prompts, _ = first_run
+    again = tmp_path / "again"
+    run_sample(servers, prompts, again, "sample.record_candidates=true")
+    first = {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
+    second = {r["index"]: r["completion_token_ids"] for r in read_records(again / "samples.jsonl")}
+    assert first == second
+    theta_only = tmp_path / "theta_only"
+    run_sample(servers, prompts, theta_only, "sample.alpha=0", "data.limit=2")
+    for r in read_records(theta_only / "samples.jsonl"):
+        assert set(r["alpha"]) == {0.0}
+        assert r["kl_q_theta"] == pytest.approx([0.0] * len(r["kl_q_theta"]), abs=1e-9)
+
+
+def test_sigkill_then_resume_gives_each_prompt_exactly_once(servers, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = out / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if samples.exists() and samples.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = samples.read_bytes().count(b"\n")
+    assert 3 <= partial < len(PROMPTS)
+    with samples.open("ab") as fh:  # what a kill in the middle of a write leaves
+        fh.write(b'{"index": 999, "prompt": "half a li')
+    run_sample(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16")
+    check_dataset(out, len(PROMPTS))
+
+
+def test_bad_input_fails_before_any_request(servers, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = run_sample(servers, empty, tmp_path / "o1", check=False)
+    assert done.returncode == 2 and "holds no prompts" in done.stderr and str(empty) in done.stderr
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    done = run_sample(servers, prompts, tmp_path / "o2", "sample.top_k=300", check=False)
+    assert done.returncode == 2 and "top_k=300" in done.stderr and "--max-logprobs" in done.stderr
+    done = run_sample(servers, prompts, tmp_path / "o3", "sample.top_k=0", check=False)
+    assert done.returncode == 2 and "sample.top_k" in done.stderr
+    assert not (tmp_path / "o3" / "samples.jsonl").exists()
+
+
+def test_server_that_stays_down_gives_a_clear_error(servers, tmp_path):
+    from dual_sampling.launch import free_port
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    down = f"http://127.0.0.1:{free_port()}"
+    done = run_sample(servers, prompts, tmp_path / "o", f"target.url={down}",
+                      "target.max_retries=1", check=False)
+    assert done.returncode == 2
+    assert f"target server at {down}" in done.stderr and "failed after 2 attempt" in done.stderr
+
+
+def test_mismatched_tokenizers_are_refused(servers, tmp_path):
+    """A third real server whose tokenizer lacks some merges: same vocab, other ids."""
+    from dual_sampling.launch import Servers
+    other = tmp_path / "other"
+    shutil.copytree(servers.models["theta"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["merges"] = tok["model"]["merges"][: len(tok["model"]["merges"]) // 2]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    third = Servers(run_dir=tmp_path / "vllm", models={"model": other})
+    third.start("model")
+    try:
+        prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+        done = run_sample(servers, prompts, tmp_path / "o", f"target.url={third.url('model')}",
+                          check=False)
+    finally:
+        third.stop()
+    assert done.returncode == 2
+    assert "different tokenizers" in done.stderr and "ids for" in done.stderr
+
+
+def test_server_killed_mid_run_then_restarted_loses_nothing(servers, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16",
+                     "target.max_retries=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = out / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if samples.exists() and samples.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.05)
+    try:
+        servers.kill("target")
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        servers.start("target")
+    assert proc.returncode == 2 and "target server" in stderr
+    run_sample(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16")
+    check_dataset(out, len(PROMPTS))
