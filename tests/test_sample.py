@@ -66,7 +66,9 @@ def check_dataset(out: Path, n_prompts: int) -> list[dict]:
 def first_run(servers, tmp_path_factory):
     """One run with candidates recorded, shared by the checks below."""
     tmp = tmp_path_factory.mktemp("sample")
-    prompts = write_prompts(tmp / "prompts.jsonl", PROMPTS[:6])
+    prompts = write_prompts(tmp / "prompts.jsonl", PROMPTS[:5])
+    with prompts.open("a") as fh:  # a chat record, rendered with the model's chat template
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "Name a module."}]}) + "\n")
     out = tmp / "out"
     done = run_sample(servers, prompts, out, "sample.record_candidates=true")
     return out, prompts, done
@@ -83,6 +85,8 @@ def test_dataset_is_complete_valid_and_loadable(first_run):
     assert 0 < summary["ess_theta_fraction"] <= 1 and 0 < summary["ess_target_fraction"] <= 1
     assert "mean_alpha" in done.stdout  # the printed summary table
     assert all(isinstance(r["completion"], str) for r in records)
+    chat = next(r for r in records if r["index"] == 5)
+    assert chat["prompt_token_ids"][0] == 0 and "Name a module." in chat["prompt"]
 
 
 def test_logprobs_match_transformers_and_alpha_matches_topk_reference(first_run, tiny_models):
@@ -133,6 +137,19 @@ def test_same_seed_same_tokens_and_fixed_alpha(servers, first_run, tmp_path):
     for r in read_records(theta_only / "samples.jsonl"):
         assert set(r["alpha"]) == {0.0}
         assert r["kl_q_theta"] == pytest.approx([0.0] * len(r["kl_q_theta"]), abs=1e-9)
+
+
+def test_multirun_sweep_over_top_k(servers, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "sweep"
+    done = subprocess.run([*sample_cmd(servers, prompts, out, "sample.max_tokens=4",
+                                       "sample.record_candidates=true"),
+                           "-m", "sample.top_k=5,50"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, k in ((0, 5), (1, 50)):
+        for record in check_dataset(out / f"job{job}", 2):
+            assert {len(c["ids_theta"]) for c in record["candidates"]} == {k}
+        assert (out / f"job{job}" / "summary.json").exists()
 
 
 def test_sigkill_then_resume_gives_each_prompt_exactly_once(servers, tmp_path):
