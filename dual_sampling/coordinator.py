@@ -24,24 +24,39 @@ from dual_sampling.client import VLLMClient
 
 
 class Transport(Protocol):
-    """How one step reaches the two servers."""
+    """How one step reaches the two servers.
 
-    async def step(self, contexts: list[list[int]], k: int
+    `keys` name the sequences (unique while a sequence is active): a stateful transport
+    sends a new key's whole context and, for a key it has seen, only the tokens appended
+    since its last step. `release` tells it a sequence is done (finished or abandoned).
+    """
+
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Top-k of theta and of target after each context: ids and logprobs, each (B, k)."""
 
+    async def release(self, keys: list[int]) -> None:
+        """Forget these sequences (free their server-side state, if any)."""
+
 
 class RequestTransport:
-    """A `/v1/completions` request per step and server, the whole batch in one request."""
+    """A `/v1/completions` request per step and server, the whole batch in one request.
+
+    Stateless: every step re-sends each whole context (vLLM's prefix cache saves most of
+    the recomputation), so it works with any stock vLLM server.
+    """
 
     def __init__(self, theta: VLLMClient, target: VLLMClient) -> None:
         self.theta, self.target = theta, target
 
-    async def step(self, contexts: list[list[int]], k: int
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
             self.theta.next_token_topk(contexts, k), self.target.next_token_topk(contexts, k))
         return ids_theta, logp_theta, ids_target, logp_target
+
+    async def release(self, keys: list[int]) -> None:
+        return None
 
 
 @dataclass
@@ -143,6 +158,8 @@ class Coordinator:
                 if not active:
                     break
                 finished = await self._step(active)
+                if finished:
+                    await self.transport.release([seq.item.index for seq in finished])
                 for seq in finished:
                     active.remove(seq)
                     task = asyncio.create_task(self.on_finished(seq))
@@ -159,7 +176,8 @@ class Coordinator:
         s = self.settings
         t0 = time.perf_counter()
         ids_theta, logp_theta, ids_target, logp_target = await self.transport.step(
-            [seq.context for seq in active], s.top_k)  # each (B, k)
+            [seq.item.index for seq in active], [seq.context for seq in active],
+            s.top_k)  # each (B, k)
         t1 = time.perf_counter()
         cand = mixture.merge_topk(ids_theta, logp_theta, ids_target, logp_target,
                                   missing=s.missing, vocab_size=s.vocab_size)  # (B, M)
