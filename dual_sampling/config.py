@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -31,10 +31,10 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 
 @dataclass
 class ServerConfig:
-    """One vLLM OpenAI-compatible server."""
+    """One vLLM OpenAI-compatible server (sample mode: or a list of replicas of one model)."""
 
-    url: str = "http://127.0.0.1:8000"
-    """Base URL, without `/v1`."""
+    url: Any = "http://127.0.0.1:8000"
+    """Base URL without `/v1`; in sample mode also a list of replicas (`theta.url=[u1,u2]`)."""
     model: Optional[str] = None
     """Served model name; None takes the first entry of `/v1/models`."""
     timeout_s: float = 120.0
@@ -42,9 +42,15 @@ class ServerConfig:
     max_retries: int = 2
     """Retries on connection errors, timeouts, 408, 429 and 5xx (never other 4xx)."""
 
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
     def check(self, key: str) -> None:
-        _require(self.url.startswith(("http://", "https://")), f"{key}.url", self.url,
-                 "must start with http:// or https://")
+        _require(len(self.urls) >= 1, f"{key}.url", self.url, "give at least one URL")
+        for url in self.urls:
+            _require(isinstance(url, str) and url.startswith(("http://", "https://")),
+                     f"{key}.url", url, "must start with http:// or https://")
         _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0")
         _require(self.max_retries >= 0, f"{key}.max_retries", self.max_retries, "must be >= 0")
 
@@ -108,7 +114,7 @@ class SampleParams:
     missing: str = "kth"
     """Logprob given to a candidate one server did not return: kth, uniform_rest or floor."""
     concurrency: int = 32
-    """Sequences in flight at once (one batched request per server per step)."""
+    """Sequences in flight per replica pair (one batched request per server per step)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings, checked on the detokenised completion."""
     transport: str = "request"
@@ -140,6 +146,9 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    replica_keys: ClassVar[tuple[str, ...]] = ()
+    """Server keys that accept a list of replica URLs; the others take one URL."""
+
     def __post_init__(self) -> None:
         _require(self.output_dir not in ("", "???"), "output_dir", self.output_dir,
                  "give an output directory")
@@ -147,6 +156,10 @@ class RunConfig:
             value = getattr(self, f.name)
             if hasattr(value, "check"):
                 value.check(f.name)
+            if isinstance(value, ServerConfig) and f.name not in self.replica_keys:
+                _require(len(value.urls) == 1, f"{f.name}.url", value.url,
+                         "this mode takes one server URL")
+                value.url = value.urls[0]
 
 
 @dataclass
@@ -154,6 +167,7 @@ class SampleRunConfig(RunConfig):
     """`mode=sample`: dual sampling with a policy `theta` and a `target`."""
 
     mode_name: str = "sample"
+    replica_keys: ClassVar[tuple[str, ...]] = ("theta", "target")
     theta: ServerConfig = field(default_factory=ServerConfig)
     target: ServerConfig = field(default_factory=lambda: ServerConfig(url="http://127.0.0.1:8001"))
     data: PromptDataConfig = field(default_factory=PromptDataConfig)

@@ -68,6 +68,45 @@ class PromptItem:
     prompt_ids: list[int]
 
 
+class PromptQueue:
+    """Prompts tokenised ahead of demand, shared by the coordinators of all replica pairs.
+
+    An async iterator that several coordinators may pull from at once; `requeue` gives
+    back the prompts of a failed replica so that another one restarts them.
+    """
+
+    def __init__(self, prompts: list[Any], tokenize: Callable[[Any], Awaitable[PromptItem]],
+                 lookahead: int) -> None:
+        self._pending = list(reversed(prompts))
+        self._ready: list[PromptItem] = []
+        self._tokenize = tokenize
+        self._lookahead = lookahead
+        self._lock = asyncio.Lock()
+
+    def __aiter__(self) -> "PromptQueue":
+        return self
+
+    async def __anext__(self) -> PromptItem:
+        async with self._lock:
+            if not self._ready and self._pending:
+                chunk = [self._pending.pop() for _ in range(min(self._lookahead, len(self._pending)))]
+                try:
+                    self._ready = list(reversed(await asyncio.gather(*map(self._tokenize, chunk))))
+                except BaseException:
+                    self._pending.extend(reversed(chunk))
+                    raise
+            if not self._ready:
+                raise StopAsyncIteration
+            return self._ready.pop()
+
+    def requeue(self, items: list[PromptItem]) -> None:
+        self._ready.extend(items)
+
+    @property
+    def empty(self) -> bool:
+        return not self._ready and not self._pending
+
+
 TOKEN_FIELDS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
                 "entropy_q", "coverage_theta", "coverage_target", "in_topk_theta",
                 "in_topk_target")
@@ -140,11 +179,17 @@ class Coordinator:
         self.tokens_generated = 0
 
     async def run(self, prompts: AsyncIterator[PromptItem]) -> None:
+        """Generate until `prompts` is exhausted and every sequence is finished.
+
+        On an error, `self.unfinished` lists the prompts taken but not yet handed to
+        `on_finished` successfully (so a caller can give them to another replica).
+        """
         s = self.settings
         active: list[Sequence] = []
-        writers: set[asyncio.Task] = set()
+        writers: dict[asyncio.Task, PromptItem] = {}
         exhausted = False
         start = time.perf_counter()
+        self.unfinished: list[PromptItem] = []
         try:
             while True:
                 while not exhausted and len(active) < s.concurrency:
@@ -163,14 +208,27 @@ class Coordinator:
                 for seq in finished:
                     active.remove(seq)
                     task = asyncio.create_task(self.on_finished(seq))
-                    writers.add(task)
-                    task.add_done_callback(writers.discard)
-            if writers:
-                await asyncio.gather(*writers)
-        finally:
-            self.total_s += time.perf_counter() - start
+                    writers[task] = seq.item
+                    task.add_done_callback(
+                        lambda t: writers.pop(t, None)
+                        if not t.cancelled() and t.exception() is None else None)
+                self._raise_failed_writer(writers)
+            await asyncio.gather(*writers)
+        except BaseException:
             for task in writers:
                 task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+            self.unfinished = [seq.item for seq in active] + [
+                item for task, item in writers.items() if task.cancelled() or task.exception()]
+            raise
+        finally:
+            self.total_s += time.perf_counter() - start
+
+    @staticmethod
+    def _raise_failed_writer(writers: dict[asyncio.Task, PromptItem]) -> None:
+        for task in writers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
 
     async def _step(self, active: list[Sequence]) -> list[Sequence]:
         s = self.settings

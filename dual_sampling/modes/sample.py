@@ -3,6 +3,9 @@
     python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
         target.url=http://127.0.0.1:8001 data.prompts=prompts.jsonl output_dir=runs/x
 
+Each role also takes a list of replicas of its model (`theta.url=[u1,u2]`): prompts are
+spread over replica pairs and restart on another pair when theirs fails.
+
 Before the first token both servers must answer, agree on the tokenizer and allow top_k
 logprobs. A run started again with the same output_dir skips the prompts already written.
 The summary (all records in the file) goes to `output_dir/summary.json`, W&B and stdout.
@@ -13,8 +16,10 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from tabulate import tabulate
@@ -23,8 +28,9 @@ from tqdm import tqdm
 from dual_sampling import data, mixture
 from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
 from dual_sampling.config import SampleRunConfig, ServerConfig
-from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport,
+from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
                                        SampleSettings, Sequence, StepStats)
+from dual_sampling.errors import ServerError
 from dual_sampling.records import ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
@@ -33,21 +39,26 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def make_client(server: ServerConfig, name: str, concurrency: int) -> VLLMClient:
-    return VLLMClient(server.url, name=name, model=server.model, timeout_s=server.timeout_s,
-                      max_retries=server.max_retries, max_connections=2 * concurrency + 8)
+def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLMClient]:
+    """One client per replica URL; replicas are named `theta[0]`, `theta[1]`, ..."""
+    urls = server.urls
+    return [VLLMClient(url, name=name if len(urls) == 1 else f"{name}[{i}]", model=server.model,
+                       timeout_s=server.timeout_s, max_retries=server.max_retries,
+                       max_connections=2 * concurrency + 8) for i, url in enumerate(urls)]
 
 
-async def preflight(theta: VLLMClient, target: VLLMClient, top_k: int
+async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: int
                     ) -> tuple[ServerInfo, ServerInfo]:
-    """Both servers answer, share a tokenizer and allow top_k; else a clear error."""
-    info_theta, info_target = await asyncio.gather(theta.describe(), target.describe())
-    await check_same_tokenizer(theta, info_theta, target, info_target)
-    await asyncio.gather(theta.check_top_k(top_k), target.check_top_k(top_k))
-    if not info_theta.eos_token_ids:
+    """Every server answers, all share theta[0]'s tokenizer and allow top_k; else a clear error."""
+    clients = thetas + targets
+    infos = await asyncio.gather(*(c.describe() for c in clients))
+    for client, info in zip(clients[1:], infos[1:]):
+        await check_same_tokenizer(clients[0], infos[0], client, info)
+    await asyncio.gather(*(c.check_top_k(top_k) for c in clients))
+    if not infos[0].eos_token_ids:
         log.warning("theta server at %s names no EOS id: sequences end at max_tokens only",
-                    theta.url)
-    return info_theta, info_target
+                    clients[0].url)
+    return infos[0], infos[len(thetas)]
 
 
 def sequence_record(seq: Sequence, completion: str, models: dict[str, str]) -> dict[str, Any]:
@@ -110,21 +121,56 @@ def summarize(path: Path) -> dict[str, Any]:
     }
 
 
-async def _tokenized_prompts(prompts: list[dict[str, Any]], client: VLLMClient,
-                             chat_template: bool, lookahead: int) -> AsyncIterator[PromptItem]:
-    """Tokenise prompts `lookahead` at a time, ahead of the coordinator's demand."""
-    async def tokenize(p: dict[str, Any]) -> PromptItem:
-        if "messages" in p:
-            if not chat_template:
-                text = "\n".join(m.get("content", "") for m in p["messages"])
-                return PromptItem(p["index"], text, await client.tokenize(text))
-            return PromptItem(p["index"], json.dumps(p["messages"], ensure_ascii=False),
-                              await client.tokenize_chat(p["messages"]))
-        return PromptItem(p["index"], p["prompt"], await client.tokenize(p["prompt"]))
+async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
+                          chat_template: bool) -> PromptItem:
+    """Token ids of a prompt record, from the first theta replica that answers."""
+    error: Optional[ServerError] = None
+    for client in clients:
+        try:
+            if "messages" not in prompt:
+                return PromptItem(prompt["index"], prompt["prompt"],
+                                  await client.tokenize(prompt["prompt"]))
+            if chat_template:
+                return PromptItem(prompt["index"], json.dumps(prompt["messages"], ensure_ascii=False),
+                                  await client.tokenize_chat(prompt["messages"]))
+            text = "\n".join(m.get("content", "") for m in prompt["messages"])
+            return PromptItem(prompt["index"], text, await client.tokenize(text))
+        except ServerError as exc:
+            error = exc
+    raise error  # type: ignore[misc]
 
-    for start in range(0, len(prompts), lookahead):
-        for item in await asyncio.gather(*(tokenize(p) for p in prompts[start:start + lookahead])):
-            yield item
+
+async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueue,
+                   make_coordinator: Callable[[VLLMClient, VLLMClient], Coordinator]
+                   ) -> list[Coordinator]:
+    """Run one coordinator per replica pair over the shared queue.
+
+    A pair pulls prompts as its slots free up, so the least-loaded pair takes the next
+    one, and a prompt stays on its pair until it finishes. When a pair fails (a server
+    error after retries), its unfinished prompts go back in the queue and restart, from
+    their first token, on the pairs still alive; with none left the error is raised.
+    """
+    alive, done = list(pairs), []
+    while True:
+        coordinators = [make_coordinator(theta, target) for theta, target in alive]
+        results = await asyncio.gather(*(c.run(queue) for c in coordinators),
+                                       return_exceptions=True)
+        done += coordinators
+        failed = []
+        for pair, coordinator, result in zip(alive, coordinators, results):
+            if isinstance(result, ServerError):
+                queue.requeue(coordinator.unfinished)
+                failed.append((pair, result))
+                log.warning("replica pair %s + %s failed (%s); %d prompts restart on the "
+                            "others", pair[0].url, pair[1].url, result,
+                            len(coordinator.unfinished))
+            elif isinstance(result, BaseException):
+                raise result
+        alive = [pair for pair in alive if pair not in [p for p, _ in failed]]
+        if queue.empty:
+            return done
+        if not alive:
+            raise failed[-1][1]
 
 
 def run(config: SampleRunConfig) -> dict[str, Any]:
@@ -138,15 +184,19 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     if config.data.limit is not None:
         prompts = prompts[:config.data.limit]
     out = Path(config.output_dir)
-    theta = make_client(config.theta, "theta", params.concurrency)
-    target = make_client(config.target, "target", params.concurrency)
-    async with theta, target:
-        info_theta, info_target = await preflight(theta, target, params.top_k)
+    thetas = make_clients(config.theta, "theta", params.concurrency)
+    targets = make_clients(config.target, "target", params.concurrency)
+    pairs = [(thetas[i % len(thetas)], targets[i % len(targets)])
+             for i in range(max(len(thetas), len(targets)))]
+    async with AsyncExitStack() as stack:
+        for client in thetas + targets:
+            await stack.enter_async_context(client)
+        info_theta, info_target = await preflight(thetas, targets, params.top_k)
         max_model_len = min(info_theta.max_model_len or 1 << 30, info_target.max_model_len or 1 << 30)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE)
         todo = [p for p in prompts if p["index"] not in writer.done]
-        log.info("%d prompts, %d already in %s, %d to go", len(prompts),
-                 len(prompts) - len(todo), out / SAMPLES_FILE, len(todo))
+        log.info("%d prompts, %d already in %s, %d to go on %d replica pair(s)", len(prompts),
+                 len(prompts) - len(todo), out / SAMPLES_FILE, len(todo), len(pairs))
         tracker = Tracker(config)
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
                    desc="sample", disable=not config.progress, dynamic_ncols=True)
@@ -159,21 +209,15 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
             record_candidates=params.record_candidates)
         table_rows: list[list[Any]] = []
         started = time.perf_counter()
-        steps = 0
+        counters = {"steps": 0, "tokens": 0}
 
-        async def on_finished(seq: Sequence) -> None:
-            completion = await theta.detokenize(seq.completion_ids)
-            writer.write(sequence_record(seq, completion, models))
-            if len(table_rows) < 32:
-                table_rows.append([seq.item.index, seq.item.prompt, completion,
-                                   float(np.mean(seq.tokens["alpha"])), seq.finish_reason])
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{coordinator.tokens_generated / (time.perf_counter() - started):.0f}")
+        def tokens_per_s() -> float:
+            return counters["tokens"] / max(time.perf_counter() - started, 1e-9)
 
         def on_step(stats: StepStats) -> None:
-            nonlocal steps
-            steps += 1
-            if steps % config.wandb.log_every == 0:
+            counters["steps"] += 1
+            counters["tokens"] += stats.batch
+            if counters["steps"] % config.wandb.log_every == 0:
                 tracker.log({
                     "step/alpha_mean": float(stats.alpha.mean()),
                     "step/alpha": tracker.histogram(stats.alpha),
@@ -182,24 +226,39 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
                     "step/coverage_theta": float(stats.coverage_theta.mean()),
                     "step/coverage_target": float(stats.coverage_target.mean()),
                     "step/batch": stats.batch,
-                    "step/tokens_per_s": coordinator.tokens_generated / (time.perf_counter() - started),
-                }, step=steps)
+                    "step/tokens_per_s": tokens_per_s(),
+                }, step=counters["steps"])
 
-        coordinator = Coordinator(RequestTransport(theta, target), settings, on_finished,
-                                  on_step=on_step, detokenize=theta.detokenize)
+        def make_coordinator(theta: VLLMClient, target: VLLMClient) -> Coordinator:
+            async def on_finished(seq: Sequence) -> None:
+                completion = await theta.detokenize(seq.completion_ids)
+                writer.write(sequence_record(seq, completion, models))
+                if len(table_rows) < 32:
+                    table_rows.append([seq.item.index, seq.item.prompt, completion,
+                                       float(np.mean(seq.tokens["alpha"])), seq.finish_reason])
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{tokens_per_s():.0f}")
+
+            return Coordinator(RequestTransport(theta, target), settings, on_finished,
+                               on_step=on_step, detokenize=theta.detokenize)
+
+        queue = PromptQueue(todo, partial(tokenize_prompt, clients=thetas,
+                                          chat_template=config.data.chat_template),
+                            lookahead=2 * params.concurrency)
         try:
-            await coordinator.run(_tokenized_prompts(todo, theta, config.data.chat_template,
-                                                     lookahead=2 * params.concurrency))
+            coordinators = await generate(pairs, queue, make_coordinator)
         finally:
             writer.close()
             bar.close()
         elapsed = time.perf_counter() - started
+        wait_s = sum(c.wait_s for c in coordinators)
+        total_s = sum(c.total_s for c in coordinators)
         summary = summarize(out / SAMPLES_FILE)
         summary.update({
-            "tokens_this_run": coordinator.tokens_generated,
-            "tokens_per_s": coordinator.tokens_generated / elapsed if elapsed > 0 else 0.0,
-            "server_wait_fraction": coordinator.wait_s / coordinator.total_s
-            if coordinator.total_s > 0 else 0.0,
+            "tokens_this_run": counters["tokens"],
+            "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,
+            "replica_pairs": len(pairs),
             "dataset": str(out / SAMPLES_FILE),
         })
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
