@@ -237,3 +237,45 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(servers, tmp_path):
     assert proc.returncode == 2 and "target server" in stderr
     run_sample(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16")
     check_dataset(out, len(PROMPTS))
+
+
+def test_sharded_submitit_local_run_unions_to_the_unsharded_dataset(servers, first_run, tmp_path):
+    out, prompts, _ = first_run
+    sharded = tmp_path / "sharded"
+    done = subprocess.run([*sample_cmd(servers, prompts, sharded), "-m", "hydra/launcher=local",
+                           "data.num_shards=2", "data.shard_index=0,1",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = [list(read_records(sharded / f"job{j}" / "samples.jsonl")) for j in (0, 1)]
+    assert {r["index"] for r in parts[0]}.isdisjoint(r["index"] for r in parts[1])
+    union = {r["index"]: r["completion_token_ids"] for part in parts for r in part}
+    whole = {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
+    assert union == whole
+
+
+def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
+    """theta has two replicas; one is SIGKILLed mid-run; the run still completes."""
+    from dual_sampling.launch import Servers
+    replica = Servers(run_dir=tmp_path / "vllm", models={"model": servers.models["theta"]})
+    replica.start("model")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16",
+                     f"theta.url=[{servers.url('theta')},{replica.url('model')}]",
+                     "theta.max_retries=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = out / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if samples.exists() and samples.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.05)
+        replica.kill("model")
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        replica.stop()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restart on the others" in stdout + stderr
+    check_dataset(out, len(PROMPTS))
