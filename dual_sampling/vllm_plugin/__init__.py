@@ -10,7 +10,7 @@ import importlib
 from argparse import Namespace
 from typing import Any
 
-ROUTE_MODULES = ("info",)
+ROUTE_MODULES = ("info", "topk", "session")
 
 
 class DualSamplingPlugin:

@@ -2,11 +2,16 @@
 
 Stock vLLM does not say which ids end a sequence; this route reads them from the served
 model's generation config (falling back to its tokenizer), with the vocabulary size and
-the server's limits.
+the server's limits, and `routes`: the paths this plugin serves (a client picks the session
+transport when `/v1/dual_sampling/session` is among them).
 """
 from __future__ import annotations
 
+import importlib
+
 from fastapi import APIRouter, Request
+
+from dual_sampling.vllm_plugin import ROUTE_MODULES
 
 router = APIRouter()
 
@@ -15,6 +20,12 @@ def _as_list(value: object) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def plugin_routes() -> list[str]:
+    package = __name__.rsplit(".", 1)[0]
+    return sorted(route.path for module in ROUTE_MODULES
+                  for route in importlib.import_module(f"{package}.{module}").router.routes)
 
 
 @router.get("/v1/dual_sampling/info")
@@ -31,4 +42,5 @@ async def info(request: Request) -> dict:
         "vocab_size": model_config.get_vocab_size(),
         "max_model_len": model_config.max_model_len,
         "max_logprobs": model_config.max_logprobs,
+        "routes": plugin_routes(),
     }

@@ -1,0 +1,141 @@
+"""`POST /v1/topk`: a teacher's top-k logprobs at every position of token-id sequences.
+
+Request JSON:
+    {"sequences": [[ids...], ...], "k": 128, "format": "int8" | "fp16" | "bf16",
+     "response": "binary" | "json"}
+`format` defaults to int8, `response` to binary. The binary body (content type
+`application/x-dual-sampling-topk; version=1`) and the error bound of each format are
+documented in `dual_sampling/topk_format.py`; the JSON form (for debugging) holds the same
+decoded values: `{"k", "format", "vocab_size", "sequences": [{"ids", "logprobs", "actual"}]}`.
+
+Each sequence is one engine request (max_tokens=1, prompt_logprobs=k), all in flight at
+once. `detokenize=False` skips decoding every top-k entry (three quarters of the stock
+path's cost) and `flat_logprobs=True` makes vLLM keep each request's prompt logprobs as flat
+lists: position 0 is empty and every later position holds k+1 entries, the actual next
+token first, then the top k by decreasing logprob (`append_logprobs_for_next_position` in
+vllm/logprobs.py), so the lists reshape straight to (L-1, k+1) with no per-entry objects.
+
+Bad requests get a 4xx JSON error naming the sequence and the limit: k over the server's
+--max-logprobs, an empty batch or sequence, an id outside the vocabulary, a sequence that
+leaves no room for the one generated token within --max-model-len, an unknown format (422).
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from dual_sampling.topk_format import CONTENT_TYPE, EncodedTopk, encode_body, id_dtype_for_vocab
+
+router = APIRouter()
+
+
+class TopkRequest(BaseModel):
+    sequences: list[list[int]]
+    k: int
+    format: Literal["int8", "fp16", "bf16"] = "int8"
+    response: Literal["binary", "json"] = "binary"
+
+
+class BadTopkRequest(Exception):
+    """A request this route refuses with HTTP 400."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status)
+
+
+def _check(body: TopkRequest, vocab_size: int, max_logprobs: int, max_model_len: int) -> None:
+    if max_logprobs == -1:
+        max_logprobs = vocab_size
+    if not 1 <= body.k <= max_logprobs:
+        raise BadTopkRequest(f"k={body.k} is outside [1, {max_logprobs}]: this server allows "
+                             f"at most --max-logprobs={max_logprobs}; restart it with a larger "
+                             f"--max-logprobs or ask for fewer.")
+    if not body.sequences:
+        raise BadTopkRequest("`sequences` is empty: send at least one token-id sequence.")
+    for index, seq in enumerate(body.sequences):
+        if not seq:
+            raise BadTopkRequest(f"sequence {index} is empty: every sequence needs >= 1 token.")
+        if len(seq) >= max_model_len:
+            raise BadTopkRequest(
+                f"sequence {index} has {len(seq)} tokens; with --max-model-len={max_model_len} "
+                f"this server scores at most {max_model_len - 1} (one slot stays for the "
+                f"generated token): truncate it.")
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= vocab_size:
+            raise BadTopkRequest(f"sequence {index} holds token id {lo if lo < 0 else hi}, "
+                                 f"outside the vocabulary [0, {vocab_size}).")
+
+
+async def _score(engine: Any, ids: list[int], params: SamplingParams, request_id: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat prompt logprobs of one sequence: `token_ids (L-1, k+1)`, `logprobs (L-1, k+1)`."""
+    final = None
+    async for output in engine.generate({"prompt_token_ids": ids}, params,
+                                        request_id=request_id):
+        final = output
+    flat = final.prompt_logprobs
+    n, width = len(ids) - 1, params.prompt_logprobs + 1
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+    if token_ids.size != n * width:
+        raise RuntimeError(f"{request_id}: the engine returned {token_ids.size} prompt logprobs "
+                           f"for {n} positions x (k+1)={width}")
+    token_ids, logprobs = token_ids.reshape(n, width), logprobs.reshape(n, width)
+    if not np.array_equal(token_ids[:, 0], ids[1:]):
+        raise RuntimeError(f"{request_id}: column 0 of the flat prompt logprobs is not the "
+                           f"actual next token; this vLLM version lays them out differently")
+    return token_ids, logprobs
+
+
+@router.post("/v1/topk")
+async def topk(body: TopkRequest, request: Request) -> Response:
+    engine = request.app.state.engine_client
+    model_config = engine.model_config
+    vocab_size = model_config.get_vocab_size()
+    try:
+        _check(body, vocab_size, model_config.max_logprobs, model_config.max_model_len)
+    except BadTopkRequest as exc:
+        return _error(400, str(exc))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=body.k,
+                            detokenize=False, flat_logprobs=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    batch = uuid.uuid4().hex
+    tasks = [asyncio.ensure_future(_score(engine, ids, params, f"topk-{batch}-{i}"))
+             for i, ids in enumerate(body.sequences)]
+    try:
+        scored = await asyncio.gather(*tasks)
+    except VLLMClientError as exc:
+        return _error(400, f"the engine refused the request: {exc}")
+    except Exception as exc:  # the server stays up; the client sees what failed
+        return _error(500, f"/v1/topk failed: {type(exc).__name__}: {exc}")
+    finally:
+        for task in tasks:
+            task.cancel()
+    id_dtype = id_dtype_for_vocab(vocab_size)
+    encoded = [EncodedTopk.encode(token_ids[:, 1:], logprobs[:, 1:], logprobs[:, 0],
+                                  body.format, id_dtype) for token_ids, logprobs in scored]
+    if body.response == "json":
+        return JSONResponse({
+            "k": body.k, "format": body.format, "vocab_size": vocab_size,
+            "sequences": [{"ids": seq.ids.tolist(), "logprobs": _json_floats(seq.logprobs()),
+                           "actual": seq.actual.tolist()} for seq in encoded]})
+    return Response(encode_body(encoded, body.k, body.format, vocab_size),
+                    media_type=CONTENT_TYPE)
+
+
+def _json_floats(values: np.ndarray) -> list:
+    """-inf is not JSON: it becomes null."""
+    if np.isfinite(values).all():
+        return values.tolist()
+    return np.where(np.isfinite(values), values.astype(object), None).tolist()
