@@ -78,27 +78,37 @@ class WandbConfig:
 
 
 @dataclass
-class PromptDataConfig:
+class ShardedInputConfig:
+    """What every input config shares: a limit and a shard of the items."""
+
+    limit: Optional[int] = None
+    """Use only the first N items (after sharding)."""
+    shard_index: int = 0
+    """This job's shard, in [0, num_shards): items shard_index, shard_index + num_shards, ..."""
+    num_shards: int = 1
+
+    def check(self, key: str) -> None:
+        _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
+        _require(self.num_shards >= 1, f"{key}.num_shards", self.num_shards, "must be >= 1")
+        _require(0 <= self.shard_index < self.num_shards, f"{key}.shard_index", self.shard_index,
+                 f"must be in [0, {key}.num_shards={self.num_shards})")
+
+
+@dataclass
+class PromptDataConfig(ShardedInputConfig):
     """Prompts for sample mode."""
 
     prompts: str = "???"
     """A JSONL file (a `prompt` field, or chat `messages`) or a plain text file, one prompt a line."""
     prompt_field: str = "prompt"
-    limit: Optional[int] = None
-    """Use only the first N prompts."""
     chat_template: bool = True
     """Render `messages` records with the model's chat template."""
-    shard_index: int = 0
-    num_shards: int = 1
 
     def check(self, key: str) -> None:
         _require(self.prompts not in ("", "???"), f"{key}.prompts", self.prompts,
                  f"give a prompt file: {key}.prompts=path/to/prompts.jsonl")
         _require(Path(self.prompts).is_file(), f"{key}.prompts", self.prompts, "file not found")
-        _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
-        _require(self.num_shards >= 1, f"{key}.num_shards", self.num_shards, "must be >= 1")
-        _require(0 <= self.shard_index < self.num_shards, f"{key}.shard_index", self.shard_index,
-                 f"must be in [0, {key}.num_shards={self.num_shards})")
+        super().check(key)
 
 
 @dataclass
@@ -175,15 +185,12 @@ class SampleRunConfig(RunConfig):
 
 
 @dataclass
-class SequenceDataConfig:
+class SequenceDataConfig(ShardedInputConfig):
     """Inputs for topk and perplexity: JSONL (`text` or `token_ids`) or text files."""
 
     path: Any = None
     """One file (`data.path=a.txt`) or several (`data.path=[a.txt,b.txt]`); a list after checks."""
     text_field: str = "text"
-    limit: Optional[int] = None
-    shard_index: int = 0
-    num_shards: int = 1
 
     def check(self, key: str) -> None:
         self.path = [self.path] if isinstance(self.path, str) else list(self.path or [])
@@ -191,10 +198,7 @@ class SequenceDataConfig:
                  f"give at least one input file: {key}.path=corpus.txt")
         for p in self.path:
             _require(Path(p).is_file(), f"{key}.path", p, "file not found")
-        _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
-        _require(self.num_shards >= 1, f"{key}.num_shards", self.num_shards, "must be >= 1")
-        _require(0 <= self.shard_index < self.num_shards, f"{key}.shard_index", self.shard_index,
-                 f"must be in [0, {key}.num_shards={self.num_shards})")
+        super().check(key)
 
 
 @dataclass

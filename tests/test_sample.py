@@ -33,8 +33,9 @@ def write_prompts(path: Path, prompts=PROMPTS) -> Path:
     return path
 
 
-def sample_cmd(servers, prompts: Path, out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "dual_sampling", "mode=sample",
+def sample_cmd(servers, prompts: Path, out: Path, *overrides: str, multirun: bool = False
+               ) -> list[str]:
+    return [sys.executable, "-m", "dual_sampling", *(["-m"] if multirun else []), "mode=sample",
             f"theta.url={servers.url('theta')}", f"target.url={servers.url('target')}",
             f"data.prompts={prompts}", f"output_dir={out}", "progress=false",
             "sample.max_tokens=12", "sample.concurrency=8", "wandb.mode=offline", *overrides]
@@ -46,6 +47,15 @@ def run_sample(servers, prompts: Path, out: Path, *overrides: str, check: bool =
     if check and done.returncode != 0:
         raise AssertionError(f"sample run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
+
+
+def wait_for_records(proc: subprocess.Popen, samples: Path, n: int, timeout_s: float = 300) -> None:
+    """Return once `samples` holds n complete lines (or the process ended, or time ran out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if samples.exists() and samples.read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.05)
 
 
 def check_dataset(out: Path, n_prompts: int) -> list[dict]:
@@ -142,9 +152,9 @@ def test_same_seed_same_tokens_and_fixed_alpha(servers, first_run, tmp_path):
 def test_multirun_sweep_over_top_k(servers, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
     out = tmp_path / "sweep"
-    done = subprocess.run([*sample_cmd(servers, prompts, out, "sample.max_tokens=4",
-                                       "sample.record_candidates=true"),
-                           "-m", "sample.top_k=5,50"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(sample_cmd(servers, prompts, out, "sample.max_tokens=4",
+                                     "sample.record_candidates=true", "sample.top_k=5,50",
+                                     multirun=True), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for job, k in ((0, 5), (1, 50)):
         for record in check_dataset(out / f"job{job}", 2):
@@ -158,11 +168,7 @@ def test_sigkill_then_resume_gives_each_prompt_exactly_once(servers, tmp_path):
     cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = out / "samples.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if samples.exists() and samples.read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.05)
+    wait_for_records(proc, samples, 3)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -224,11 +230,7 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(servers, tmp_path):
                      "target.max_retries=1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = out / "samples.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if samples.exists() and samples.read_bytes().count(b"\n") >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_records(proc, samples, 2)
     try:
         servers.kill("target")
         _, stderr = proc.communicate(timeout=120)
@@ -242,9 +244,9 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(servers, tmp_path):
 def test_sharded_submitit_local_run_unions_to_the_unsharded_dataset(servers, first_run, tmp_path):
     out, prompts, _ = first_run
     sharded = tmp_path / "sharded"
-    done = subprocess.run([*sample_cmd(servers, prompts, sharded), "-m", "hydra/launcher=local",
-                           "data.num_shards=2", "data.shard_index=0,1",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    done = subprocess.run(sample_cmd(servers, prompts, sharded, "hydra/launcher=local",
+                                     "data.num_shards=2", "data.shard_index=0,1",
+                                     f"hydra.sweep.dir={tmp_path / 'sweep'}", multirun=True),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     parts = [list(read_records(sharded / f"job{j}" / "samples.jsonl")) for j in (0, 1)]
@@ -265,13 +267,8 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
                      f"theta.url=[{servers.url('theta')},{replica.url('model')}]",
                      "theta.max_retries=1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    samples = out / "samples.jsonl"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if samples.exists() and samples.read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.05)
+        wait_for_records(proc, out / "samples.jsonl", 2)
         replica.kill("model")
         stdout, stderr = proc.communicate(timeout=600)
     finally:
