@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dual_sampling.errors import ConfigError
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
-TRANSPORTS = ("request",)
+TRANSPORTS = ("auto", "request", "session")
 TOPK_DTYPES = ("int8", "fp16", "bf16")
 
 
@@ -127,8 +127,10 @@ class SampleParams:
     """Sequences in flight per replica pair (one batched request per server per step)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings, checked on the detokenised completion."""
-    transport: str = "request"
-    """How a step reaches the servers: one /v1/completions request per step."""
+    transport: str = "auto"
+    """How a step reaches the servers: `session` (resident vLLM sessions over one WebSocket
+    per server; needs this package's plugin), `request` (a /v1/completions request per step;
+    any vLLM server), or `auto` (session when every server has the plugin's session route)."""
     record_candidates: bool = False
     """Also store both servers' top-k lists per token (large; for audits and tests)."""
 

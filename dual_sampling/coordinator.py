@@ -38,6 +38,9 @@ class Transport(Protocol):
     async def release(self, keys: list[int]) -> None:
         """Forget these sequences (free their server-side state, if any)."""
 
+    async def aclose(self) -> None:
+        """Close connections; server-side state of unreleased sequences is freed."""
+
 
 class RequestTransport:
     """A `/v1/completions` request per step and server, the whole batch in one request.
@@ -56,6 +59,9 @@ class RequestTransport:
         return ids_theta, logp_theta, ids_target, logp_target
 
     async def release(self, keys: list[int]) -> None:
+        return None
+
+    async def aclose(self) -> None:
         return None
 
 

@@ -30,7 +30,8 @@ from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
 from dual_sampling.config import SampleRunConfig, ServerConfig
 from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
                                        SampleSettings, Sequence, StepStats)
-from dual_sampling.errors import ServerError
+from dual_sampling.errors import ServerError, ServerMismatchError
+from dual_sampling.session_transport import SessionTransport, server_has_sessions
 from dual_sampling.records import ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
@@ -121,6 +122,21 @@ def summarize(path: Path) -> dict[str, Any]:
     }
 
 
+async def choose_transport(transport: str, clients: list[VLLMClient]) -> bool:
+    """True for the session transport: asked for, or `auto` and every server has the route."""
+    if transport == "request":
+        return False
+    has = await asyncio.gather(*(server_has_sessions(c.url, name=c.name) for c in clients))
+    if transport == "session" and not all(has):
+        missing = [c.url for c, ok in zip(clients, has) if not ok]
+        raise ServerMismatchError(
+            f"sample.transport=session, but the server(s) {missing} have no session route: "
+            f"start them with start_vllm.sh (it loads this package's vLLM plugin) or use "
+            f"sample.transport=request.")
+    log.info("transport: %s", "session" if all(has) else "request")
+    return all(has)
+
+
 async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
                           chat_template: bool) -> PromptItem:
     """Token ids of a prompt record, from the first theta replica that answers."""
@@ -155,6 +171,8 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
         coordinators = [make_coordinator(theta, target) for theta, target in alive]
         results = await asyncio.gather(*(c.run(queue) for c in coordinators),
                                        return_exceptions=True)
+        await asyncio.gather(*(c.transport.aclose() for c in coordinators),
+                             return_exceptions=True)
         done += coordinators
         failed = []
         for pair, coordinator, result in zip(alive, coordinators, results):
@@ -192,6 +210,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         for client in thetas + targets:
             await stack.enter_async_context(client)
         info_theta, info_target = await preflight(thetas, targets, params.top_k)
+        use_sessions = await choose_transport(params.transport, thetas + targets)
         max_model_len = min(info_theta.max_model_len or 1 << 30, info_target.max_model_len or 1 << 30)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE)
         todo = [p for p in prompts if p["index"] not in writer.done]
@@ -239,8 +258,11 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{tokens_per_s():.0f}")
 
-            return Coordinator(RequestTransport(theta, target), settings, on_finished,
-                               on_step=on_step, detokenize=theta.detokenize)
+            transport = (SessionTransport(theta, target, timeout_s=config.theta.timeout_s,
+                                          max_retries=config.theta.max_retries)
+                         if use_sessions else RequestTransport(theta, target))
+            return Coordinator(transport, settings, on_finished, on_step=on_step,
+                               detokenize=theta.detokenize)
 
         queue = PromptQueue(todo, partial(tokenize_prompt, clients=thetas,
                                           chat_template=config.data.chat_template),
@@ -259,6 +281,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
             "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,
             "replica_pairs": len(pairs),
+            "transport": "session" if use_sessions else "request",
             "dataset": str(out / SAMPLES_FILE),
         })
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

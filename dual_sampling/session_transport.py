@@ -1,0 +1,294 @@
+"""The session transport: each step over one WebSocket per server to resident vLLM sessions.
+
+    if await server_has_sessions(theta.url) and await server_has_sessions(target.url):
+        transport = SessionTransport(theta, target)      # theta, target: VLLMClient
+    try:
+        ... Coordinator(transport, ...).run(prompts) ...
+    finally:
+        await transport.aclose()
+
+Implements the coordinator's `Transport` protocol over this package's session route
+(dual_sampling/vllm_plugin/session.py; wire format in dual_sampling/session_format.py). A key
+the transport has not seen opens a session with its whole context; a seen key sends only the
+tokens appended to its context since its last step (contexts only ever grow while a key is
+active). Both servers get their messages at once; each server's new keys go in one OPEN
+message and its seen keys in one STEP message, sent back to back, so a step costs one round
+trip whatever mix of new and old sequences it holds.
+
+Failures: a refusal from the server (bad token, k over --max-logprobs, too many sessions,
+context over --max-model-len) raises `ServerError` at once. A lost connection or a reply slower
+than `timeout_s` is retried up to `max_retries` times (backoff 0.5 s doubling): the transport
+reconnects and reopens every active key from the full context the coordinator passes in, so
+the tokens stay the same. Closing the socket (aclose, a crash, a killed process) is enough for
+the server to abort every session of this connection and free its KV cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Optional
+
+import aiohttp
+import numpy as np
+
+from dual_sampling import session_format as wire
+from dual_sampling.client import VLLMClient
+from dual_sampling.errors import MalformedResponseError, ServerError
+
+log = logging.getLogger(__name__)
+
+INFO_PATH = "/v1/dual_sampling/info"
+
+
+class _ConnectionLost(Exception):
+    """The socket closed, failed or timed out: retried by reconnecting."""
+
+
+async def server_has_sessions(url: str, *, name: str = "server", timeout_s: float = 30.0) -> bool:
+    """Whether the vLLM server at `url` serves the session route (this package's plugin).
+
+    False for a stock vLLM server (no info route) or an older plugin (no `routes` in the
+    info reply). Raises `ServerError` when the server cannot be reached at all.
+    """
+    async with VLLMClient(url, name=name, timeout_s=timeout_s) as client:
+        try:
+            facts = await client.request("GET", INFO_PATH)
+        except ServerError as exc:
+            if "with HTTP 404:" in str(exc):
+                return False
+            raise
+    return isinstance(facts, dict) and wire.PATH in facts.get("routes", ())
+
+
+class _ServerSessions:
+    """One server's session connection: which keys it holds, and how many of their tokens."""
+
+    def __init__(self, client: VLLMClient, *, timeout_s: float, max_retries: int,
+                 backoff_initial_s: float) -> None:
+        self.name, self.url = client.name, client.url
+        self.ws_url = "ws" + self.url[len("http"):] + wire.PATH
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.sids: dict[int, int] = {}  # key -> session id on this connection
+        self.held: dict[int, int] = {}  # key -> tokens of its context the server holds
+        self._http: Optional[aiohttp.ClientSession] = None
+        self._ws: Optional[aiohttp.ClientWebSocketResponse] = None
+        self._reader: Optional[asyncio.Task] = None
+        self._replies: dict[int, asyncio.Future] = {}
+        self._sid_counter = itertools.count()
+        self._msg_counter = itertools.count()
+        self._lock = asyncio.Lock()
+
+    def _where(self) -> str:
+        return f"{self.name} server at {self.url} ({wire.PATH})"
+
+    # -- connection ------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            return
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        try:
+            self._ws = await self._http.ws_connect(self.ws_url, max_msg_size=0, autoping=True,
+                                                  timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            raise ServerError(
+                f"{self._where()} refused the session WebSocket (HTTP {exc.status}): the "
+                f"server lacks this package's plugin. Start it with ./start_vllm.sh "
+                f"(VLLM_PLUGINS=dual_sampling) or use the request transport.") from exc
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise _ConnectionLost(f"cannot connect: {type(exc).__name__}: {exc}") from exc
+        self._reader = asyncio.create_task(self._read(self._ws))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Route replies to their waiting calls by msg_id; answers pings while idle."""
+        reason = "the server closed the connection"
+        try:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    _, msg_id = wire.request_header(message.data)
+                    self._resolve(msg_id, message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    msg_id, error = wire.decode_error(message.data)
+                    refusal = ServerError(f"{self._where()} refused a message: {error}")
+                    for target in ([msg_id] if msg_id >= 0 else list(self._replies)):
+                        self._resolve(target, refusal)
+                elif message.type == aiohttp.WSMsgType.ERROR:
+                    reason = f"connection error: {ws.exception()}"
+                    break
+        except wire.SessionFormatError as exc:
+            reason = f"unreadable frame from the server: {exc}"
+        finally:
+            if ws.close_code is not None:
+                reason += f" (close code {ws.close_code})"
+            for msg_id in list(self._replies):
+                self._resolve(msg_id, _ConnectionLost(reason))
+
+    def _resolve(self, msg_id: int, outcome: Any) -> None:
+        future = self._replies.pop(msg_id, None)
+        if future is None or future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    async def _reset(self) -> None:
+        """Drop the connection; the server then ends every session it held for us."""
+        ws, reader = self._ws, self._reader
+        self._ws, self._reader = None, None
+        self.sids.clear()
+        self.held.clear()
+        if ws is not None:
+            await ws.close()
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    # -- one message -------------------------------------------------------------------------
+    def _message(self) -> tuple[int, asyncio.Future]:
+        msg_id = next(self._msg_counter) % 2**31
+        future = asyncio.get_running_loop().create_future()
+        self._replies[msg_id] = future
+        return msg_id, future
+
+    async def _call(self, frame: bytes, msg_id: int, future: asyncio.Future) -> bytes:
+        try:
+            await self._ws.send_bytes(frame)
+            return await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise _ConnectionLost(f"no reply within timeout_s={self.timeout_s} s") from exc
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            raise _ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._replies.pop(msg_id, None)
+
+    async def _with_retries(self, attempt: Any, what: str) -> Any:
+        for retry in range(self.max_retries + 1):
+            try:
+                async with self._lock:
+                    await self._connect()
+                    return await attempt()
+            except _ConnectionLost as exc:
+                await self._reset()
+                if retry == self.max_retries:
+                    raise ServerError(
+                        f"{self._where()}: {what} failed after {retry + 1} attempt(s): {exc}. "
+                        f"Check that the server is up (`./start_vllm.sh` prints its URL and "
+                        f"log) and not overloaded; raise `timeout_s`/`max_retries` for slow "
+                        f"servers.") from exc
+                delay = self.backoff_initial_s * 2 ** retry
+                log.warning("%s: %s failed (%s); reconnecting and reopening the sessions in "
+                            "%.1f s", self._where(), what, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- the transport's operations ------------------------------------------------------------
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids `(B, k) int64` and logprobs `(B, k) float64` after each context."""
+        return await self._with_retries(lambda: self._step_once(keys, contexts, k), "a step")
+
+    async def _step_once(self, keys: list[int], contexts: list[list[int]], k: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        rows = {wire.OPEN: [], wire.STEP: []}
+        for row, key in enumerate(keys):
+            rows[wire.STEP if key in self.held else wire.OPEN].append(row)
+        for key in (keys[row] for row in rows[wire.OPEN]):
+            self.sids[key] = next(self._sid_counter) % 2**31
+        calls = []
+        for op, op_rows in rows.items():
+            if not op_rows:
+                continue
+            chunks = [contexts[row][self.held.get(keys[row], 0):] for row in op_rows]
+            if not all(chunks):
+                empty = next(keys[row] for row, chunk in zip(op_rows, chunks) if not chunk)
+                raise ValueError(f"key {empty} has no new token since its last step")
+            msg_id, future = self._message()
+            frame = wire.encode_chunks(op, msg_id, k, [self.sids[keys[r]] for r in op_rows],
+                                       chunks)
+            calls.append((op, op_rows, self._call(frame, msg_id, future)))
+        replies = await asyncio.gather(*(call for _, _, call in calls), return_exceptions=True)
+        ids = np.empty((len(keys), k), dtype=np.int64)  # (B, k)
+        logp = np.empty((len(keys), k), dtype=np.float64)  # (B, k)
+        failure: Optional[BaseException] = None
+        for (op, op_rows, _), reply in zip(calls, replies):
+            if isinstance(reply, BaseException):
+                # a refusal would come back after a reconnect too: it wins over a lost link
+                failure = reply if failure is None or isinstance(reply, ServerError) else failure
+                if op == wire.OPEN:
+                    for row in op_rows:
+                        self.sids.pop(keys[row], None)
+                continue
+            ids[op_rows], logp[op_rows] = self._read_topk(reply, len(op_rows), k)
+            for row in op_rows:
+                self.held[keys[row]] = len(contexts[row])
+        if failure is not None:
+            raise failure
+        order = np.argsort(-logp, axis=1, kind="stable")  # (B, k)
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(logp, order, axis=1)
+
+    def _read_topk(self, reply: bytes, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            _, _, ids, logp = wire.decode_topk(reply)  # (n, k) each
+        except wire.SessionFormatError as exc:
+            raise MalformedResponseError(f"{self._where()} sent an unreadable reply: {exc}"
+                                         ) from exc
+        if ids.shape != (n, k):
+            raise MalformedResponseError(f"{self._where()} answered {ids.shape[0]} x "
+                                         f"{ids.shape[1]} top-k for {n} sessions, k={k}")
+        return ids, logp
+
+    async def release(self, keys: list[int]) -> None:
+        """Close these keys' sessions. On a lost connection there is nothing left to close."""
+        sids = [self.sids.pop(key) for key in keys if key in self.sids]
+        for key in keys:
+            self.held.pop(key, None)
+        if not sids or self._ws is None or self._ws.closed:
+            return
+        try:
+            async with self._lock:
+                msg_id, future = self._message()
+                await self._call(wire.encode_close(wire.CLOSE, msg_id, sids), msg_id, future)
+        except _ConnectionLost:
+            await self._reset()
+
+    async def aclose(self) -> None:
+        await self._reset()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+class SessionTransport:
+    """Resident sessions on both servers (`Transport` of dual_sampling.coordinator).
+
+    `theta` and `target` give each server's URL and name (VLLMClient objects; only `url`
+    and `name` are read). Use `async with SessionTransport(...)` or call `aclose()`.
+    """
+
+    def __init__(self, theta: VLLMClient, target: VLLMClient, *, timeout_s: float = 120.0,
+                 max_retries: int = 2, backoff_initial_s: float = 0.5) -> None:
+        options = dict(timeout_s=timeout_s, max_retries=max_retries,
+                       backoff_initial_s=backoff_initial_s)
+        self.theta = _ServerSessions(theta, **options)
+        self.target = _ServerSessions(target, **options)
+
+    async def __aenter__(self) -> "SessionTransport":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
+            self.theta.step(keys, contexts, k), self.target.step(keys, contexts, k))
+        return ids_theta, logp_theta, ids_target, logp_target
+
+    async def release(self, keys: list[int]) -> None:
+        await asyncio.gather(self.theta.release(keys), self.target.release(keys))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(self.theta.aclose(), self.target.aclose())
