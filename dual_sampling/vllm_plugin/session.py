@@ -282,9 +282,10 @@ class _Connection:
         await self._send(wire.encode_ack(op, msg_id, len(sessions)))
 
     async def close_all(self) -> None:
+        """End every session, then let the message tasks finish: a CLOSE still ending its
+        sessions must not be cut short, and replies to a closed socket are dropped."""
         await self._end(self._detach(list(self.sessions)))
-        for task in list(self.tasks):
-            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     # -- sending -------------------------------------------------------------------------------
     def _spawn(self, coroutine: Any) -> None:

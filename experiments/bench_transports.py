@@ -1,0 +1,115 @@
+"""Dual sampling with each transport against native vLLM generation, at 1, 8 and 32 prompts.
+
+    python experiments/bench_transports.py                  # starts its own CPU servers
+    python experiments/bench_transports.py --theta-url U --target-url V [--batches 1,8,32]
+
+Prints one table: native single-model generation (one /v1/completions with all prompts,
+max_tokens=64, ignore_eos; experiments/bench_sample.py's native_tok_s) and dual-sampling
+tokens/s through the request transport (a /v1/completions request per step and server) and
+the session transport (resident vLLM sessions over one WebSocket per server), with their
+ratios to native and session / request. Each figure is the best of `--repeats` runs, the
+three measured back to back in every repeat so they share the machine's load (the load
+average is printed: on a shared box the absolute figures move a lot, the ratios less).
+Targets at 32 prompts: session >= 0.5x native and >= 3x request.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from dual_sampling.client import VLLMClient
+from dual_sampling.coordinator import Coordinator, RequestTransport, SampleSettings
+from dual_sampling.launch import Servers
+from dual_sampling.session_transport import SessionTransport, server_has_sessions
+from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sample import PROMPT_TOKENS, _prompts, native_tok_s  # noqa: E402
+
+
+async def dual_tok_s(transport, prompts: list[list[int]], n_tokens: int, top_k: int) -> float:
+    """Tokens/s of the coordinator over `prompts`, all in flight, through `transport`."""
+    async def keep(_seq) -> None:
+        return None
+
+    settings = SampleSettings(top_k=top_k, max_tokens=n_tokens, alpha=None, missing="kth",
+                              concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
+    coordinator = Coordinator(transport, settings, keep)
+    started = time.perf_counter()
+    await coordinator.run(_prompts(prompts))
+    return coordinator.tokens_generated / (time.perf_counter() - started)
+
+
+async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
+                      top_k: int, repeats: int) -> list[list]:
+    async with VLLMClient(theta_url, name="theta", timeout_s=600) as theta, \
+            VLLMClient(target_url, name="target", timeout_s=600) as target:
+        await asyncio.gather(theta.describe(), target.describe())
+        for client in (theta, target):
+            if not await server_has_sessions(client.url, name=client.name):
+                raise SystemExit(f"{client.name} server at {client.url} has no session route: "
+                                 f"start it with ./start_vllm.sh (the dual_sampling plugin)")
+        ids = await theta.tokenize(corpus_path().read_text()[:20000])
+        async with SessionTransport(theta, target, timeout_s=600) as sessions:
+            requests = RequestTransport(theta, target)
+            rows = []
+            for batch in batches:
+                prompts = [ids[i * 7: i * 7 + PROMPT_TOKENS] for i in range(batch)]
+                await native_tok_s(theta, prompts, 4)  # warm-up
+                await dual_tok_s(requests, prompts, 4, top_k)
+                await dual_tok_s(sessions, prompts, 4, top_k)
+                best = {"native": 0.0, "request": 0.0, "session": 0.0}
+                for _ in range(repeats):
+                    best["native"] = max(best["native"],
+                                         await native_tok_s(theta, prompts, n_tokens))
+                    best["request"] = max(best["request"],
+                                          await dual_tok_s(requests, prompts, n_tokens, top_k))
+                    best["session"] = max(best["session"],
+                                          await dual_tok_s(sessions, prompts, n_tokens, top_k))
+                native, request, session = best["native"], best["request"], best["session"]
+                rows.append([batch, f"{native:.0f}", f"{request:.0f}", f"{session:.0f}",
+                             f"{request / native:.3f}x", f"{session / native:.3f}x",
+                             f"{session / request:.2f}x"])
+        return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--theta-url")
+    parser.add_argument("--target-url")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    servers = None
+    if not (args.theta_url and args.target_url):
+        servers = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_transports_")),
+                          models=ensure_tiny_models())
+        servers.start("theta", "target")
+        args.theta_url, args.target_url = servers.url("theta"), servers.url("target")
+    load_before = os.getloadavg()[0]
+    try:
+        rows = asyncio.run(speed_table(args.theta_url, args.target_url,
+                                       [int(b) for b in args.batches.split(",")],
+                                       args.tokens, args.top_k, args.repeats))
+    finally:
+        if servers is not None:
+            servers.stop()
+    print(f"\n### Dual sampling by transport vs native generation (top_k={args.top_k}, "
+          f"{args.tokens} tokens per prompt, best of {args.repeats}; {os.cpu_count()} CPUs, "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
+    print(tabulate(rows, headers=["prompts", "native tok/s", "request tok/s", "session tok/s",
+                                  "request / native", "session / native",
+                                  "session / request"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
