@@ -81,16 +81,17 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
         return rows
 
 
-def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int) -> list[list]:
+def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int,
+                     policies: tuple[str, ...] = ("kth", "uniform_rest", "floor")) -> list[list]:
     from dual_sampling.reference import Reference
     ref = Reference(models)
     ids = ref.tokenizer(corpus_path().read_text()[5000:60000])["input_ids"]
     seqs = [ids[i: i + 128] for i in range(0, min(len(ids), n_positions), 128)]
     rows = []
-    for k in ks:
+    for k, missing in ((k, m) for k in ks for m in policies):
         d_alpha, tv, outside, kl = [], [], [], []
         for seq in seqs:
-            cmp = ref.alpha_full(seq, top_k=k)
+            cmp = ref.alpha_full(seq, top_k=k, missing=missing)
             cand = cmp.candidates
             q_full = np.exp(cmp.log_q_full)  # (L, V)
             ids_c = np.where(cand.valid, cand.ids, 0)  # (L, M)
@@ -104,7 +105,7 @@ def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int) -
             with np.errstate(divide="ignore", invalid="ignore"):
                 terms = np.where(p > 0, p * (np.log(p) - np.log(q_k)), 0.0)
             kl.append(terms.sum(-1))
-        rows.append([k, f"{np.mean(np.concatenate(d_alpha)):.2e}",
+        rows.append([k, missing, f"{np.mean(np.concatenate(d_alpha)):.2e}",
                      f"{np.mean(np.concatenate(tv)):.2%}",
                      f"{np.mean(np.concatenate(outside)):.2%}",
                      f"{np.mean(np.concatenate(kl)):.2e}"])
@@ -121,9 +122,23 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--positions", type=int, default=512)
+    parser.add_argument("--parts", default="speed,error", help="speed, error or both")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     models = ({m: Path(args.models) / m for m in ("theta", "target")} if args.models
               else ensure_tiny_models())
+    if "speed" in parts:
+        print_speed(args, models)
+    if "error" in parts:
+        err = topk_error_table(models, [5, 20, 50, 100], args.positions)
+        print(f"\n### Top-k approximation error ({args.positions} positions of the shipped "
+              f"corpus)\n")
+        print(tabulate(err, headers=["k", "missing", "mean |alpha_k - alpha_full|", "TV(q_full, q_k)",
+                                     "q_full mass outside candidates",
+                                     "KL(q_full||q_k) on candidates"], tablefmt="github"))
+
+
+def print_speed(args: argparse.Namespace, models: dict[str, Path]) -> None:
     servers = None
     if not (args.theta_url and args.target_url):
         servers = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_sample_")), models=models)
@@ -139,12 +154,6 @@ def main() -> None:
     print(f"\n### Dual sampling vs native generation (top_k={args.top_k}, request transport)\n")
     print(tabulate(rows, headers=["prompts", "tokens each", "native tok/s", "dual tok/s",
                                   "dual / native", "coordinator outside server wait"],
-                   tablefmt="github"))
-    err = topk_error_table(models, [5, 20, 50, 100], args.positions)
-    print(f"\n### Top-k approximation error ({args.positions} positions of the shipped corpus, "
-          f"missing=kth)\n")
-    print(tabulate(err, headers=["k", "mean |alpha_k - alpha_full|", "TV(q_full, q_k)",
-                                 "q_full mass outside candidates", "KL(q_full||q_k) on candidates"],
                    tablefmt="github"))
 
 
