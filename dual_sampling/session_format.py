@@ -9,7 +9,7 @@ Client -> server, int32 words:
     OPEN   [1, msg_id, k, n, sid[n], len[n], tokens[sum(len)]]   new sessions, whole prompts
     STEP   [2, msg_id, k, n, sid[n], len[n], tokens[sum(len)]]   tokens appended to open ones
     CLOSE  [3, msg_id, n, sid[n]]                                 end these sessions
-    ABORT  [4, msg_id]                                            end every session of the connection
+    ABORT  [4, msg_id]                                            end all the connection's sessions
 
 Server -> client:
 

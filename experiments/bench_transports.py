@@ -2,6 +2,7 @@
 
     python experiments/bench_transports.py                  # starts its own CPU servers
     python experiments/bench_transports.py --theta-url U --target-url V [--batches 1,8,32]
+    python experiments/bench_transports.py --one-server     # diagnostic, see below
 
 Prints one table: native single-model generation (one /v1/completions with all prompts,
 max_tokens=64, ignore_eos; experiments/bench_sample.py's native_tok_s) and dual-sampling
@@ -11,6 +12,12 @@ ratios to native and session / request. Each figure is the best of `--repeats` r
 three measured back to back in every repeat so they share the machine's load (the load
 average is printed: on a shared box the absolute figures move a lot, the ratios less).
 Targets at 32 prompts: session >= 0.5x native and >= 3x request.
+
+`--one-server` serves both roles from the theta server (two sessions or two requests per
+prompt and step, as in a real run, but one engine). A diagnostic of what each transport
+costs when the two engines do not compete for CPU: on a 2-CPU machine two vLLM CPU servers in
+a per-token loop each keep a worker busy-waiting on vLLM's shared-memory queue (it spins for
+1 s after every read), which slows every round trip whatever the transport.
 """
 from __future__ import annotations
 
@@ -88,13 +95,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one-server", action="store_true",
+                        help="serve both roles from the theta server (diagnostic)")
     args = parser.parse_args()
     servers = None
-    if not (args.theta_url and args.target_url):
+    if not args.theta_url:
+        roles = ("theta",) if args.one_server else ("theta", "target")
         servers = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_transports_")),
                           models=ensure_tiny_models())
-        servers.start("theta", "target")
-        args.theta_url, args.target_url = servers.url("theta"), servers.url("target")
+        servers.start(*roles)
+        args.theta_url = servers.url("theta")
+        args.target_url = None if args.one_server else servers.url("target")
+    if args.one_server:
+        args.target_url = args.theta_url
+    elif not args.target_url:
+        parser.error("give --target-url with --theta-url (or --one-server)")
     load_before = os.getloadavg()[0]
     try:
         rows = asyncio.run(speed_table(args.theta_url, args.target_url,
@@ -103,9 +118,11 @@ def main() -> None:
     finally:
         if servers is not None:
             servers.stop()
-    print(f"\n### Dual sampling by transport vs native generation (top_k={args.top_k}, "
-          f"{args.tokens} tokens per prompt, best of {args.repeats}; {os.cpu_count()} CPUs, "
-          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
+    setup = "one server for both roles" if args.one_server else "theta and target servers"
+    print(f"\n### Dual sampling by transport vs native generation ({setup}, top_k="
+          f"{args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f})\n")
     print(tabulate(rows, headers=["prompts", "native tok/s", "request tok/s", "session tok/s",
                                   "request / native", "session / native",
                                   "session / request"], tablefmt="github"))

@@ -149,6 +149,37 @@ def test_transports_agree_token_for_token(servers):
     assert_no_requests_left(servers)
 
 
+async def open_raw_sessions(http: aiohttp.ClientSession, servers, prompts: list[list[int]]):
+    """A bare session socket on the theta server with `prompts` open: (ws, first top-k ids)."""
+    ws = await http.ws_connect("ws" + servers.url("theta")[4:] + wire.PATH)
+    await ws.send_bytes(wire.encode_chunks(wire.OPEN, 0, 20, list(range(len(prompts))),
+                                           prompts))
+    reply = await ws.receive(timeout=60)
+    _, _, ids, _ = wire.decode_topk(reply.data)
+    await asyncio.to_thread(wait_for_counts, servers, lambda c: sum(c) >= len(prompts),
+                            ("theta",))
+    return ws, ids
+
+
+@pytest.mark.server
+def test_abort_ends_every_session_of_the_socket(servers):
+    async def go():
+        theta, _ = clients(servers)
+        async with theta, aiohttp.ClientSession() as http:
+            prompts = await corpus_prompts(theta, (16, 24, 32))
+            ws, _ = await open_raw_sessions(http, servers, prompts)
+            resident = request_counts(servers.url("theta"))
+            await ws.send_bytes(wire.encode_close(wire.ABORT, 5, []))
+            ack = np.frombuffer((await ws.receive(timeout=60)).data, dtype="<i4").tolist()
+            await asyncio.to_thread(assert_no_requests_left, servers)  # socket still open
+            await ws.close()
+        return resident, ack
+
+    resident, ack = asyncio.run(go())
+    assert sum(resident) >= 3, f"sessions should be resident before the abort: {resident}"
+    assert ack == [wire.ABORT, 5, 3]
+
+
 @pytest.mark.server
 def test_socket_closed_mid_step_frees_every_session(servers):
     """A client that closes its socket with sessions open and a step in flight."""
@@ -156,20 +187,15 @@ def test_socket_closed_mid_step_frees_every_session(servers):
         theta, _ = clients(servers)
         async with theta, aiohttp.ClientSession() as http:
             prompts = await corpus_prompts(theta, (16, 24, 32, 40))
-            ws = await http.ws_connect("ws" + servers.url("theta")[4:] + wire.PATH)
-            sids = list(range(len(prompts)))
-            await ws.send_bytes(wire.encode_chunks(wire.OPEN, 0, 20, sids, prompts))
-            reply = await ws.receive(timeout=60)
-            _, _, ids, _ = wire.decode_topk(reply.data)
-            resident = await asyncio.to_thread(wait_for_counts, servers,
-                                               lambda c: sum(c) >= len(sids), ("theta",))
-            await ws.send_bytes(wire.encode_chunks(wire.STEP, 1, 20, sids,
+            ws, ids = await open_raw_sessions(http, servers, prompts)
+            resident = request_counts(servers.url("theta"))
+            await ws.send_bytes(wire.encode_chunks(wire.STEP, 1, 20, list(range(len(prompts))),
                                                    [[int(i)] for i in ids[:, 0]]))
             await ws.close()
         return resident
 
     resident = asyncio.run(go())
-    assert sum(resident["theta"]) >= 4, f"sessions should be resident before the close: {resident}"
+    assert sum(resident) >= 4, f"sessions should be resident before the close: {resident}"
     assert_no_requests_left(servers)
 
 

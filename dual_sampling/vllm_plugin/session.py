@@ -4,10 +4,11 @@ Why a WebSocket: the exchange is a long conversation, one small message each way
 over one connection per coordinator. A WebSocket gives message framing, binary frames and,
 above all, a close that the server sees at once (a clean close, a killed client's TCP
 reset, or uvicorn's ping timeout for a silent peer), which is what lets the server free a
-connection's sessions the moment its coordinator is gone. vLLM's own server already serves
-WebSockets (its realtime route) through uvicorn with the `websockets` package; a streaming
-HTTP exchange would need a request body and a response body held open in both directions,
-which aiohttp and proxies buffer and which has no per-message framing.
+connection's sessions the moment its coordinator is gone. vLLM's server already serves
+WebSockets (its realtime route) through uvicorn and the `websockets` package, and aiohttp has
+the client. The streaming-HTTP alternative, a request body and a response body both held open
+for the whole run, needs full-duplex HTTP/1.1 that aiohttp's client and most proxies do not
+do, and would need its own message framing.
 
 Each session is one resident engine request: `engine_client.generate()` fed an async
 generator of `StreamingInput` chunks, with `max_tokens=1, logprobs=k, temperature=0,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
@@ -109,20 +111,21 @@ class _Session:
 
     async def _pump(self, engine: Any, params: SamplingParams) -> None:
         try:
-            async for output in engine.generate(self._chunks(), params,
-                                                request_id=self.request_id):
-                if self.pending is None:
-                    continue
-                step, row = self.pending
-                self.pending = None
-                self.idle.set()
-                if output.finished:
-                    self.ended = "the engine ended the request (aborted or out of resources)"
-                    step.fail(f"session {self.sid}: {self.ended}")
-                    return
-                flat = output.outputs[0].logprobs
-                start, end = flat.start_indices[-1] + 1, flat.end_indices[-1]
-                step.fill(row, flat.token_ids[start:end], flat.logprobs[start:end])
+            async with contextlib.aclosing(engine.generate(
+                    self._chunks(), params, request_id=self.request_id)) as outputs:
+                async for output in outputs:
+                    if self.pending is None:
+                        continue
+                    step, row = self.pending
+                    self.pending = None
+                    self.idle.set()
+                    if output.finished:
+                        self.ended = "the engine ended the request (aborted or out of resources)"
+                        step.fail(f"session {self.sid}: {self.ended}")
+                        return
+                    flat = output.outputs[0].logprobs
+                    start, end = flat.start_indices[-1] + 1, flat.end_indices[-1]
+                    step.fill(row, flat.token_ids[start:end], flat.logprobs[start:end])
             self.ended = "the engine request finished"
         except Exception as exc:  # the engine refused a chunk; the client sees why
             self.ended = f"{type(exc).__name__}: {exc}"
@@ -154,13 +157,14 @@ class _Connection:
                              else model_config.max_logprobs)
         self.max_sessions = self.engine.vllm_config.scheduler_config.max_num_seqs
         self.prefix = f"dsess-{uuid.uuid4().hex[:12]}"
+        self.opened = itertools.count()  # request ids stay unique if a client reuses a sid
         self.sessions: dict[int, _Session] = {}
         self.tasks: set[asyncio.Task] = set()
         self.send_lock = asyncio.Lock()
         self._params: dict[int, SamplingParams] = {}
 
     # -- server-wide count: paused sessions hold engine slots (max_num_seqs) -------------
-    def _open_total(self, change: int = 0) -> int:
+    def _server_sessions(self, change: int = 0) -> int:
         state = self.ws.app.state
         state.dual_sampling_sessions = getattr(state, "dual_sampling_sessions", 0) + change
         return state.dual_sampling_sessions
@@ -169,8 +173,7 @@ class _Connection:
         if k not in self._params:
             self._params[k] = SamplingParams(
                 max_tokens=1, temperature=0.0, logprobs=k, detokenize=False,
-                flat_logprobs=True, skip_special_tokens=False,
-                output_kind=RequestOutputKind.DELTA)
+                flat_logprobs=True, output_kind=RequestOutputKind.DELTA)
         return self._params[k]
 
     async def serve(self) -> None:
@@ -230,10 +233,10 @@ class _Connection:
                 raise SessionRefused(
                     f"{name}: session {sid} would hold {held + length} tokens; with "
                     f"--max-model-len={self.max_model_len} a session holds at most {limit}")
-        if msg.op == wire.OPEN and self._open_total() + len(msg.sids) > self.max_sessions:
+        if msg.op == wire.OPEN and self._server_sessions() + len(msg.sids) > self.max_sessions:
             raise SessionRefused(
                 f"OPEN: {len(msg.sids)} more sessions would exceed this server's "
-                f"--max-num-seqs={self.max_sessions} ({self._open_total()} open): open "
+                f"--max-num-seqs={self.max_sessions} ({self._server_sessions()} open): open "
                 f"sessions hold engine slots; lower the coordinator's concurrency or restart "
                 f"the server with a larger --max-num-seqs")
 
@@ -244,10 +247,11 @@ class _Connection:
                      np.empty((n, msg.k), dtype=wire.LOGP), remaining=n)
         params = self.params(msg.k)
         if msg.op == wire.OPEN:
-            self._open_total(n)
+            self._server_sessions(n)
         for row, (sid, tokens) in enumerate(zip(msg.sids.tolist(), msg.per_session())):
             if msg.op == wire.OPEN:
-                session = _Session(self.engine, sid, f"{self.prefix}-{sid}", msg.k, params)
+                request_id = f"{self.prefix}-{sid}-{next(self.opened)}"
+                session = _Session(self.engine, sid, request_id, msg.k, params)
                 self.sessions[sid] = session
                 session.send(tokens, step, row, None)
             else:
@@ -268,7 +272,7 @@ class _Connection:
     def _detach(self, sids: list[int]) -> list[_Session]:
         """Take sessions off the connection now (later messages no longer see them)."""
         detached = [self.sessions.pop(sid) for sid in sids if sid in self.sessions]
-        self._open_total(-len(detached))
+        self._server_sessions(-len(detached))
         return detached
 
     async def _end(self, sessions: list[_Session]) -> None:
