@@ -25,7 +25,8 @@ from tabulate import tabulate
 
 from dual_sampling import mixture
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, PromptItem, RequestTransport, SampleSettings
+from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport, SampleSettings,
+                                       Transport)
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
@@ -45,15 +46,15 @@ async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: i
     return len(prompts) * n_tokens / (time.perf_counter() - started)
 
 
-async def dual_tok_s(theta: VLLMClient, target: VLLMClient, prompts: list[list[int]],
-                     n_tokens: int, top_k: int) -> tuple[float, float]:
-    """(tokens/s, share of wall time outside awaiting the servers)."""
+async def dual_tok_s(transport: Transport, prompts: list[list[int]], n_tokens: int,
+                     top_k: int) -> tuple[float, float]:
+    """(tokens/s, share of wall time outside awaiting the servers), all prompts in flight."""
     async def keep(_seq) -> None:
         return None
 
     settings = SampleSettings(top_k=top_k, max_tokens=n_tokens, alpha=None, missing="kth",
                               concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
-    coordinator = Coordinator(RequestTransport(theta, target), settings, keep)
+    coordinator = Coordinator(transport, settings, keep)
     started = time.perf_counter()
     await coordinator.run(_prompts(prompts))
     elapsed = time.perf_counter() - started
@@ -70,10 +71,11 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
         rows = []
         for batch in batches:
             prompts = [ids[i * 7: i * 7 + PROMPT_TOKENS] for i in range(batch)]
-            await dual_tok_s(theta, target, prompts, 4, top_k)  # warm-up
+            requests = RequestTransport(theta, target)
+            await dual_tok_s(requests, prompts, 4, top_k)  # warm-up
             await native_tok_s(theta, prompts, 4)
             native = max([await native_tok_s(theta, prompts, n_tokens) for _ in range(repeats)])
-            duals = [await dual_tok_s(theta, target, prompts, n_tokens, top_k)
+            duals = [await dual_tok_s(requests, prompts, n_tokens, top_k)
                      for _ in range(repeats)]
             dual, outside = max(duals)
             rows.append([batch, n_tokens, f"{native:.0f}", f"{dual:.0f}",

@@ -26,32 +26,18 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, RequestTransport, SampleSettings
+from dual_sampling.coordinator import RequestTransport
 from dual_sampling.launch import Servers
 from dual_sampling.session_transport import SessionTransport, server_has_sessions
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, _prompts, native_tok_s  # noqa: E402
-
-
-async def dual_tok_s(transport, prompts: list[list[int]], n_tokens: int, top_k: int) -> float:
-    """Tokens/s of the coordinator over `prompts`, all in flight, through `transport`."""
-    async def keep(_seq) -> None:
-        return None
-
-    settings = SampleSettings(top_k=top_k, max_tokens=n_tokens, alpha=None, missing="kth",
-                              concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
-    coordinator = Coordinator(transport, settings, keep)
-    started = time.perf_counter()
-    await coordinator.run(_prompts(prompts))
-    return coordinator.tokens_generated / (time.perf_counter() - started)
+from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s  # noqa: E402
 
 
 async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
@@ -76,10 +62,10 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
                 for _ in range(repeats):
                     best["native"] = max(best["native"],
                                          await native_tok_s(theta, prompts, n_tokens))
-                    best["request"] = max(best["request"],
-                                          await dual_tok_s(requests, prompts, n_tokens, top_k))
-                    best["session"] = max(best["session"],
-                                          await dual_tok_s(sessions, prompts, n_tokens, top_k))
+                    best["request"] = max(best["request"], (
+                        await dual_tok_s(requests, prompts, n_tokens, top_k))[0])
+                    best["session"] = max(best["session"], (
+                        await dual_tok_s(sessions, prompts, n_tokens, top_k))[0])
                 native, request, session = best["native"], best["request"], best["session"]
                 rows.append([batch, f"{native:.0f}", f"{request:.0f}", f"{session:.0f}",
                              f"{request / native:.3f}x", f"{session / native:.3f}x",
