@@ -10,9 +10,16 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
-python -m pip install --quiet --upgrade pip 2>/dev/null || true
-python -m pip install --quiet -e ".[cpu,test]"
-python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+mkdir -p .cache
+LOG=.cache/setup_env.log
+echo "installing dual_sampling[cpu,test] into .venv (log: $LOG)"
+python -m pip install --quiet --upgrade pip >"$LOG" 2>&1 || true
+if ! python -m pip install --quiet -e ".[cpu,test]" >>"$LOG" 2>&1; then
+  grep -v "^WARNING: Location" "$LOG" | tail -n 40 >&2
+  echo "setup_env.sh: pip install failed; full log in $LOG" >&2
+  exit 1
+fi
+python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 python -c "import vllm, transformers, dual_sampling" \
   || { echo "setup_env.sh: the environment does not import; see the errors above" >&2; exit 1; }
 echo "environment ready: $(pwd)/.venv"
