@@ -114,15 +114,21 @@ def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int,
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def speed_arguments(doc: str, batches: str, repeats: int) -> argparse.ArgumentParser:
+    """The command-line options every dual-vs-native speed benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--theta-url")
     parser.add_argument("--target-url")
-    parser.add_argument("--models", help="dir with theta/ and target/ (default: tiny models)")
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--batches", default=batches)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def main() -> None:
+    parser = speed_arguments(__doc__, batches="1,32", repeats=2)
+    parser.add_argument("--models", help="dir with theta/ and target/ (default: tiny models)")
     parser.add_argument("--positions", type=int, default=512)
     parser.add_argument("--parts", default="speed,error", help="speed, error or both")
     args = parser.parse_args()

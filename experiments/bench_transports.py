@@ -21,7 +21,6 @@ a per-token loop each keep a worker busy-waiting on vLLM's shared-memory queue (
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -37,7 +36,7 @@ from dual_sampling.session_transport import SessionTransport, server_has_session
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s  # noqa: E402
+from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s, speed_arguments  # noqa: E402
 
 
 async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
@@ -74,13 +73,7 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--theta-url")
-    parser.add_argument("--target-url")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = speed_arguments(__doc__, batches="1,8,32", repeats=3)
     parser.add_argument("--one-server", action="store_true",
                         help="serve both roles from the theta server (diagnostic)")
     args = parser.parse_args()
