@@ -12,6 +12,9 @@
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
 # dir (default .cache/vllm). A server that dies during start-up makes this script exit 1
 # and print the tail of its log. PYTHON picks the interpreter (default: python).
+# The plugin also tunes vLLM's engine for a per-token loop (dual_sampling/vllm_plugin/
+# tuning.py): DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and, with --cpu,
+# DUAL_SAMPLING_SHM_SPIN_S (default 0.001); set either to an empty value to turn it off.
 set -euo pipefail
 
 RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
@@ -25,7 +28,7 @@ declare -A MODEL PORT GPUS
 ROLES=()
 EXTRA=()
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 stop_servers() {
   local stopped=0
@@ -84,10 +87,11 @@ start_one() {
               --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching
               --enable-tokenizer-info-endpoint --served-model-name "$role"
               --tensor-parallel-size "$TP" --data-parallel-size "$DP")
-  local env=(VLLM_PLUGINS=dual_sampling)
+  local env=(VLLM_PLUGINS=dual_sampling DUAL_SAMPLING_INPUT_GAP_S="${DUAL_SAMPLING_INPUT_GAP_S-0.0005}")
   if [[ $CPU == 1 ]]; then
     args+=(--dtype float32)
-    env+=(VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}")
+    env+=(VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+          DUAL_SAMPLING_SHM_SPIN_S="${DUAL_SAMPLING_SHM_SPIN_S-0.001}")
   fi
   [[ -n "${GPUS[$role]:-}" ]] && env+=(CUDA_VISIBLE_DEVICES="${GPUS[$role]}")
   echo "starting $role: $model on port $port (log: $RUN_DIR/$role.log)"

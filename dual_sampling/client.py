@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 TOKEN_ID_PREFIX = "token_id:"
+INFO_PATH = "/v1/dual_sampling/info"  # this package's plugin (dual_sampling/vllm_plugin/info.py)
 
 
 class _RetryableError(Exception):
@@ -44,6 +45,10 @@ class ServerInfo:
     eos_token_ids: tuple[int, ...]
     vocab_size: Optional[int]
     has_plugin: bool
+    routes: tuple[str, ...] = ()  # the paths this package's plugin serves there
+
+    def serves(self, path: str) -> bool:
+        return path in self.routes
 
 
 class VLLMClient:
@@ -162,10 +167,11 @@ class VLLMClient:
         otherwise from vLLM's `/tokenizer_info` (start the server with
         `--enable-tokenizer-info-endpoint`; start_vllm.sh does)."""
         try:
-            facts = await self.request("GET", "/v1/dual_sampling/info", max_retries=0)
+            facts = await self.request("GET", INFO_PATH, max_retries=0)
             return {"bos_token_id": facts["bos_token_id"],
                     "eos_token_ids": tuple(facts["eos_token_ids"]),
-                    "vocab_size": facts["vocab_size"], "has_plugin": True}
+                    "vocab_size": facts["vocab_size"], "has_plugin": True,
+                    "routes": tuple(facts.get("routes", ()))}
         except ServerError:
             pass
         try:

@@ -1,7 +1,8 @@
 """The session transport: each step over one WebSocket per server to resident vLLM sessions.
 
-    if await server_has_sessions(theta.url) and await server_has_sessions(target.url):
-        transport = SessionTransport(theta, target)      # theta, target: VLLMClient
+    infos = [await theta.describe(), await target.describe()]   # theta, target: VLLMClient
+    if all(info.serves(wire.PATH) for info in infos):
+        transport = SessionTransport(theta, target)
     try:
         ... Coordinator(transport, ...).run(prompts) ...
     finally:
@@ -38,27 +39,8 @@ from dual_sampling.errors import MalformedResponseError, ServerError
 
 log = logging.getLogger(__name__)
 
-INFO_PATH = "/v1/dual_sampling/info"
-
-
 class _ConnectionLost(Exception):
     """The socket closed, failed or timed out: retried by reconnecting."""
-
-
-async def server_has_sessions(url: str, *, name: str = "server", timeout_s: float = 30.0) -> bool:
-    """Whether the vLLM server at `url` serves the session route (this package's plugin).
-
-    False for a stock vLLM server (no info route) or an older plugin (no `routes` in the
-    info reply). Raises `ServerError` when the server cannot be reached at all.
-    """
-    async with VLLMClient(url, name=name, timeout_s=timeout_s) as client:
-        try:
-            facts = await client.request("GET", INFO_PATH)
-        except ServerError as exc:
-            if "with HTTP 404:" in str(exc):
-                return False
-            raise
-    return isinstance(facts, dict) and wire.PATH in facts.get("routes", ())
 
 
 class _ServerSessions:

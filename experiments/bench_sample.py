@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from dual_sampling import mixture
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport, SampleSettings,
                                        Transport)

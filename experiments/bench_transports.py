@@ -32,7 +32,8 @@ from tabulate import tabulate
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import RequestTransport
 from dual_sampling.launch import Servers
-from dual_sampling.session_transport import SessionTransport, server_has_sessions
+from dual_sampling.session_format import PATH as SESSION_PATH
+from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,9 +44,9 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
                       top_k: int, repeats: int) -> list[list]:
     async with VLLMClient(theta_url, name="theta", timeout_s=600) as theta, \
             VLLMClient(target_url, name="target", timeout_s=600) as target:
-        await asyncio.gather(theta.describe(), target.describe())
-        for client in (theta, target):
-            if not await server_has_sessions(client.url, name=client.name):
+        infos = await asyncio.gather(theta.describe(), target.describe())
+        for client, info in zip((theta, target), infos):
+            if not info.serves(SESSION_PATH):
                 raise SystemExit(f"{client.name} server at {client.url} has no session route: "
                                  f"start it with ./start_vllm.sh (the dual_sampling plugin)")
         ids = await theta.tokenize(corpus_path().read_text()[:20000])

@@ -7,7 +7,6 @@ them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -22,7 +22,7 @@ from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import Coordinator, PromptItem, RequestTransport, SampleSettings
 from dual_sampling.errors import ServerError
-from dual_sampling.session_transport import SessionTransport, server_has_sessions
+from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path
 
 ROLES = ("theta", "target")
@@ -118,7 +118,12 @@ def clients(servers) -> tuple[VLLMClient, VLLMClient]:
 
 @pytest.mark.server
 def test_both_servers_offer_sessions(servers):
-    assert all(asyncio.run(server_has_sessions(servers.url(role))) for role in ROLES)
+    async def go():
+        async with VLLMClient(servers.url("theta")) as theta, \
+                VLLMClient(servers.url("target")) as target:
+            return await asyncio.gather(theta.describe(), target.describe())
+
+    assert all(info.serves(wire.PATH) for info in asyncio.run(go()))
 
 
 @pytest.mark.server

@@ -31,7 +31,8 @@ from dual_sampling.config import SampleRunConfig, ServerConfig
 from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
                                        SampleSettings, Sequence, StepStats)
 from dual_sampling.errors import ServerError, ServerMismatchError
-from dual_sampling.session_transport import SessionTransport, server_has_sessions
+from dual_sampling.session_format import PATH as SESSION_PATH
+from dual_sampling.session_transport import SessionTransport
 from dual_sampling.records import ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
@@ -49,8 +50,10 @@ def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLM
 
 
 async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: int
-                    ) -> tuple[ServerInfo, ServerInfo]:
-    """Every server answers, all share theta[0]'s tokenizer and allow top_k; else a clear error."""
+                    ) -> list[ServerInfo]:
+    """Every server answers, all share theta[0]'s tokenizer and allow top_k; else a clear error.
+
+    Returns each server's info, thetas first, in the order of `thetas + targets`."""
     clients = thetas + targets
     infos = await asyncio.gather(*(c.describe() for c in clients))
     for client, info in zip(clients[1:], infos[1:]):
@@ -59,7 +62,7 @@ async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: 
     if not infos[0].eos_token_ids:
         log.warning("theta server at %s names no EOS id: sequences end at max_tokens only",
                     clients[0].url)
-    return infos[0], infos[len(thetas)]
+    return infos
 
 
 def sequence_record(seq: Sequence, completion: str, models: dict[str, str]) -> dict[str, Any]:
@@ -122,13 +125,13 @@ def summarize(path: Path) -> dict[str, Any]:
     }
 
 
-async def choose_transport(transport: str, clients: list[VLLMClient]) -> bool:
+def choose_transport(transport: str, infos: list[ServerInfo]) -> bool:
     """True for the session transport: asked for, or `auto` and every server has the route."""
     if transport == "request":
         return False
-    has = await asyncio.gather(*(server_has_sessions(c.url, name=c.name) for c in clients))
+    has = [info.serves(SESSION_PATH) for info in infos]
     if transport == "session" and not all(has):
-        missing = [c.url for c, ok in zip(clients, has) if not ok]
+        missing = [info.url for info, ok in zip(infos, has) if not ok]
         raise ServerMismatchError(
             f"sample.transport=session, but the server(s) {missing} have no session route: "
             f"start them with start_vllm.sh (it loads this package's vLLM plugin) or use "
@@ -209,8 +212,9 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         for client in thetas + targets:
             await stack.enter_async_context(client)
-        info_theta, info_target = await preflight(thetas, targets, params.top_k)
-        use_sessions = await choose_transport(params.transport, thetas + targets)
+        infos = await preflight(thetas, targets, params.top_k)
+        info_theta, info_target = infos[0], infos[len(thetas)]
+        use_sessions = choose_transport(params.transport, infos)
         max_model_len = min(info_theta.max_model_len or 1 << 30, info_target.max_model_len or 1 << 30)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE)
         todo = [p for p in prompts if p["index"] not in writer.done]

@@ -51,6 +51,58 @@ from dual_sampling import session_format as wire
 router = APIRouter()
 
 DRAIN_S = 5.0
+GATE_S = 0.05  # longest a STEP's engine messages wait for a chunk that never comes
+
+
+class _SendGate:
+    """Send the engine-core messages of one OPEN or STEP back to back, as one batch.
+
+    vLLM's server turns each session's chunk into its own engine-core ADD message (input
+    validation, then a ZMQ send), one session at a time on the event loop. The engine core,
+    in its own process, starts a step with whatever has arrived, so a 32-session STEP ran as
+    about two engine steps of half the batch each (measured: 132 engine steps for 70
+    coordinator steps). The gate wraps the engine client's `add_request_async` (once per
+    server): the messages of a message's sessions are held until all of them are ready
+    (or `GATE_S` has passed), then sent together; any other request passes straight through.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.core = engine.engine_core
+        self.send = self.core.add_request_async
+        self.batches: dict[str, dict] = {}  # external request id -> its batch
+        self.core.add_request_async = self._add
+
+    @classmethod
+    def of(cls, state: Any, engine: Any) -> "_SendGate":
+        gate = getattr(state, "dual_sampling_gate", None)
+        if gate is None or gate.core is not engine.engine_core:
+            gate = state.dual_sampling_gate = cls(engine)
+        return gate
+
+    def expect(self, request_ids: list[str]) -> None:
+        batch: dict = {"waiting": set(request_ids), "held": []}
+        for request_id in request_ids:
+            self.batches[request_id] = batch
+        asyncio.get_running_loop().call_later(
+            GATE_S, lambda: asyncio.ensure_future(self._flush(batch)))
+
+    async def _add(self, request: Any) -> None:
+        request_id = getattr(request, "external_req_id", None) or ""
+        batch = self.batches.pop(request_id, None)
+        if batch is None:
+            return await self.send(request)
+        batch["held"].append(request)
+        batch["waiting"].discard(request_id)
+        if not batch["waiting"]:
+            await self._flush(batch)
+
+    async def _flush(self, batch: dict) -> None:
+        for request_id in batch["waiting"]:  # late ones, if any, go straight through
+            self.batches.pop(request_id, None)
+        batch["waiting"] = set()
+        held, batch["held"] = batch["held"], []
+        for request in held:
+            await self.send(request)
 
 
 class SessionRefused(Exception):
@@ -150,6 +202,7 @@ class _Connection:
     def __init__(self, websocket: WebSocket) -> None:
         self.ws = websocket
         self.engine = websocket.app.state.engine_client
+        self.gate = _SendGate.of(websocket.app.state, self.engine)
         model_config = self.engine.model_config
         self.vocab_size = model_config.get_vocab_size()
         self.max_model_len = model_config.max_model_len
@@ -248,10 +301,13 @@ class _Connection:
         params = self.params(msg.k)
         if msg.op == wire.OPEN:
             self._server_sessions(n)
+            ids = [f"{self.prefix}-{sid}-{next(self.opened)}" for sid in msg.sids.tolist()]
+        else:
+            ids = [self.sessions[sid].request_id for sid in msg.sids.tolist()]
+        self.gate.expect(ids)
         for row, (sid, tokens) in enumerate(zip(msg.sids.tolist(), msg.per_session())):
             if msg.op == wire.OPEN:
-                request_id = f"{self.prefix}-{sid}-{next(self.opened)}"
-                session = _Session(self.engine, sid, request_id, msg.k, params)
+                session = _Session(self.engine, sid, ids[row], msg.k, params)
                 self.sessions[sid] = session
                 session.send(tokens, step, row, None)
             else:

@@ -1,0 +1,106 @@
+"""Two opt-in tunings of vLLM's engine processes for a per-token loop; none changes outputs.
+
+Loaded as a `vllm.general_plugins` entry point, which vLLM runs in every process of a server
+(API server, engine core, workers) when `VLLM_PLUGINS` names `dual_sampling`. Each is off
+unless its environment variable is set; start_vllm.sh sets both for `--cpu` servers.
+
+`DUAL_SAMPLING_SHM_SPIN_S` (seconds): cap how long vLLM's processes busy-wait on their
+shared-memory queues. The engine core and its workers talk through a ring buffer
+(`vllm/distributed/device_communicators/shm_broadcast.py`) whose readers keep polling it with
+`sched_yield()` for `SpinCondition.busy_loop_s` (1 s, not configurable) after every read.
+On a GPU node each server owns its cores and the spin buys microseconds. Where servers share
+few cores (two vLLM CPU servers on a small machine), one server's spinning processes take
+the cores the other needs for its forward pass, and a loop that alternates between the two
+servers every token slows down by an order of magnitude (docs/benchmarks.md).
+
+`DUAL_SAMPLING_INPUT_GAP_S` (seconds): when the engine core wakes from idle for new input,
+keep reading its input queue until it has been quiet that long before it schedules a step.
+A dual-sampling step sends one small request per session (vLLM makes each streaming-input
+chunk its own engine-core message); without a gap the engine core starts stepping on the
+first few that arrive and runs the rest in a second step, about two engine steps for each
+coordinator step (measured). The gap costs that much latency per step after idle, and
+nothing while the engine is busy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+
+from dual_sampling.errors import ConfigError
+SPIN_ENV = "DUAL_SAMPLING_SHM_SPIN_S"
+GAP_ENV = "DUAL_SAMPLING_INPUT_GAP_S"
+
+logger = logging.getLogger(__name__)
+
+
+def seconds_from_env(name: str) -> float | None:
+    """A non-negative number of seconds from the environment, or None when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds (e.g. 0.001): fix or "
+                          f"unset it in the environment of the vLLM server") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must be >= 0 seconds (or unset)")
+    return value
+
+
+def _patch(owner: type, name: str, make: callable, setting: float) -> None:
+    """Replace `owner.name` by `make(original)`, once per process (vLLM may call us twice)."""
+    current = getattr(owner, name)
+    if getattr(current, "_dual_sampling_setting", None) == setting:
+        return
+    original = getattr(current, "_dual_sampling_original", current)
+    patched = make(original)
+    patched._dual_sampling_setting = setting
+    patched._dual_sampling_original = original
+    setattr(owner, name, patched)
+
+
+def cap_spin(limit: float) -> None:
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    def make(original):
+        def wait(self, timeout_ms: int | None = None) -> None:
+            if self.busy_loop_s > limit:  # instances made before this hook ran included
+                self.busy_loop_s = limit
+            return original(self, timeout_ms)
+        return wait
+
+    _patch(SpinCondition, "wait", make, limit)
+
+
+def gather_input(gap: float) -> None:
+    from vllm.v1.engine.core import EngineCoreProc
+
+    def make(original):
+        def _process_input_queue(self) -> None:
+            was_idle = not self.has_work()
+            original(self)
+            if not was_idle:
+                return
+            while True:  # woke for new input: take what follows within `gap`
+                try:
+                    request = self.input_queue.get(timeout=gap)
+                except queue.Empty:
+                    return
+                self._handle_client_request(*request)
+        return _process_input_queue
+
+    _patch(EngineCoreProc, "_process_input_queue", make, gap)
+
+
+def register() -> None:
+    """The `vllm.general_plugins` hook."""
+    limit, gap = seconds_from_env(SPIN_ENV), seconds_from_env(GAP_ENV)
+    if limit is not None:
+        cap_spin(limit)
+    if gap:
+        gather_input(gap)
+    if limit is not None or gap:
+        logger.debug("dual_sampling tuning in pid %d: spin cap %s s, input gap %s s",
+                     os.getpid(), limit, gap)

@@ -1,0 +1,138 @@
+"""The vLLM engine tunings of dual_sampling/vllm_plugin/tuning.py.
+
+Pure: the patches' logic on vLLM's own classes (each test restores them). Real servers:
+start_vllm.sh turns them on, and a dual-sampling step costs the engine one step, not two.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from dual_sampling.errors import ConfigError
+from dual_sampling.session_transport import SessionTransport
+from dual_sampling.vllm_plugin import tuning
+from test_session import clients, corpus_prompts, run_coordinator, settings
+
+
+def test_seconds_from_env_names_the_variable(monkeypatch):
+    monkeypatch.delenv(tuning.GAP_ENV, raising=False)
+    assert tuning.seconds_from_env(tuning.GAP_ENV) is None
+    monkeypatch.setenv(tuning.GAP_ENV, " 0.002 ")
+    assert tuning.seconds_from_env(tuning.GAP_ENV) == 0.002
+    for bad in ("fast", "-1"):
+        monkeypatch.setenv(tuning.GAP_ENV, bad)
+        with pytest.raises(ConfigError, match=tuning.GAP_ENV):
+            tuning.seconds_from_env(tuning.GAP_ENV)
+
+
+class _IdleEngine:
+    """What EngineCoreProc._process_input_queue reads, with requests that arrive later."""
+
+    def __init__(self) -> None:
+        self.input_queue: queue.Queue = queue.Queue()
+        self.aborts_queue: queue.Queue = queue.Queue()
+        self.process_input_queue_block = True
+        self.handled: list[int] = []
+
+    def has_work(self) -> bool:
+        return bool(self.handled)
+
+    def is_running(self) -> bool:
+        return True
+
+    def _notify_idle_state_callbacks(self) -> None:
+        pass
+
+    def _handle_client_request(self, kind, request) -> None:
+        self.handled.append(request)
+
+
+def _feed(engine: _IdleEngine, delays: list[float]) -> threading.Thread:
+    def run() -> None:
+        for i, delay in enumerate(delays):
+            time.sleep(delay)
+            engine.input_queue.put(("ADD", i))
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_input_gap_gathers_a_burst_into_one_engine_step(monkeypatch):
+    from vllm.v1.engine.core import EngineCoreProc
+    stock_method = EngineCoreProc._process_input_queue
+    monkeypatch.setattr(EngineCoreProc, "_process_input_queue", stock_method)  # restored after
+    burst = [0.0] + [0.002] * 7 + [0.5]  # 8 close together, then one after a pause
+
+    stock = _IdleEngine()
+    thread = _feed(stock, burst)
+    EngineCoreProc._process_input_queue(stock)
+    assert len(stock.handled) < 8  # vLLM steps on what has arrived: the burst is split
+    thread.join()
+
+    tuning.gather_input(0.05)
+    tuning.gather_input(0.05)  # vLLM may load a plugin twice: still one wrapper
+    assert EngineCoreProc._process_input_queue._dual_sampling_original is stock_method
+    gathered = _IdleEngine()
+    thread = _feed(gathered, burst)
+    EngineCoreProc._process_input_queue(gathered)
+    assert gathered.handled == list(range(8))  # the whole burst, not the late one
+    thread.join()
+
+    busy = _IdleEngine()  # an engine that already has work does not wait
+    busy.handled.append(-1)
+    started = time.monotonic()
+    EngineCoreProc._process_input_queue(busy)
+    assert time.monotonic() - started < 0.05
+
+
+def test_spin_cap_applies_to_existing_readers(monkeypatch, tmp_path):
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)
+    context = zmq.Context()
+    try:
+        reader = SpinCondition(is_reader=True, context=context,
+                               notify_address=f"ipc://{tmp_path}/notify")
+        assert reader.busy_loop_s == 1
+        stock_wait = SpinCondition.wait
+        tuning.cap_spin(0.001)
+        tuning.cap_spin(0.001)
+        assert SpinCondition.wait._dual_sampling_original is stock_wait
+        time.sleep(0.01)
+        started = time.monotonic()
+        reader.wait(timeout_ms=20)  # past the cap: sleeps on the socket until the timeout
+        assert reader.busy_loop_s == 0.001
+        assert time.monotonic() - started >= 0.015
+    finally:
+        context.destroy(linger=0)
+
+
+def _engine_steps(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(
+        r"^vllm:iteration_tokens_total_count\{[^}]*\} (\S+)$", text, re.M))
+
+
+@pytest.mark.server
+def test_one_engine_step_per_dual_sampling_step(servers):
+    """8 sessions, 24 tokens each: the stock engine split most steps in two (measured
+    1.7x to 2x engine steps per coordinator step); the input gap makes it one."""
+    async def go() -> None:
+        theta, target = clients(servers)
+        async with theta, target:
+            prompts = (await corpus_prompts(theta))[:4] * 2
+            before = {role: _engine_steps(servers.url(role)) for role in ("theta", "target")}
+            async with SessionTransport(theta, target) as transport:
+                await run_coordinator(transport, prompts, settings(8, 24, 1024))
+            after = {role: _engine_steps(servers.url(role)) for role in ("theta", "target")}
+        for role in after:
+            steps = after[role] - before[role]
+            assert 24 <= steps <= 1.4 * 24, f"{role}: {steps} engine steps for 24 tokens"
+
+    asyncio.run(go())
