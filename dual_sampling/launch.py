@@ -37,6 +37,7 @@ class Servers:
     ports: dict[str, int] = field(default_factory=dict)
     extra: tuple[str, ...] = ("--max-model-len", "2048")
     max_logprobs: int = 256
+    env: dict[str, str] = field(default_factory=dict)  # over os.environ, for start_vllm.sh
 
     def url(self, role: str) -> str:
         return f"http://127.0.0.1:{self.ports[role]}"
@@ -48,7 +49,7 @@ class Servers:
         for role in roles:
             self.ports.setdefault(role, free_port())
             args += [f"--{role}", str(self.models[role]), f"--{role}-port", str(self.ports[role])]
-        env = {**os.environ, "PYTHON": sys.executable}
+        env = {**os.environ, "PYTHON": sys.executable, **self.env}
         done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"start_vllm.sh failed:\n{done.stdout}\n{done.stderr}")

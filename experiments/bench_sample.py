@@ -37,11 +37,16 @@ async def _prompts(tokens: list[list[int]]):
         yield PromptItem(i, "", ids)
 
 
-async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: int) -> float:
+async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: int,
+                       logprobs: int | None = None) -> float:
+    """One server generating `n_tokens` for every prompt in one request (vLLM's own loop);
+    `logprobs=k` also returns each generated token's top k, as dual sampling needs."""
+    body = {"prompt": prompts, "max_tokens": n_tokens, "min_tokens": n_tokens,
+            "ignore_eos": True, "temperature": 1.0, "seed": 0}
+    if logprobs is not None:
+        body.update(logprobs=logprobs, return_tokens_as_token_ids=True)
     started = time.perf_counter()
-    await client.post("/v1/completions", {"prompt": prompts, "max_tokens": n_tokens,
-                                          "min_tokens": n_tokens, "ignore_eos": True,
-                                          "temperature": 1.0, "seed": 0})
+    await client.post("/v1/completions", body)
     return len(prompts) * n_tokens / (time.perf_counter() - started)
 
 

@@ -5,7 +5,9 @@
     python experiments/bench_transports.py --one-server     # diagnostic, see below
 
 Prints one table: native single-model generation (one /v1/completions with all prompts,
-max_tokens=64, ignore_eos; experiments/bench_sample.py's native_tok_s) and dual-sampling
+max_tokens=64, ignore_eos; experiments/bench_sample.py's native_tok_s), the same returning
+each token's top-k logprobs (native+top-k: what one model alone costs with the data dual
+sampling needs every step), and dual-sampling
 tokens/s through the request transport (a /v1/completions request per step and server) and
 the session transport (resident vLLM sessions over one WebSocket per server), with their
 ratios to native and session / request. Each figure is the best of `--repeats` runs, the
@@ -14,10 +16,10 @@ average is printed: on a shared box the absolute figures move a lot, the ratios 
 Targets at 32 prompts: session >= 0.5x native and >= 3x request.
 
 `--one-server` serves both roles from the theta server (two sessions or two requests per
-prompt and step, as in a real run, but one engine). A diagnostic of what each transport
-costs when the two engines do not compete for CPU: on a 2-CPU machine two vLLM CPU servers in
-a per-token loop each keep a worker busy-waiting on vLLM's shared-memory queue (it spins for
-1 s after every read), which slows every round trip whatever the transport.
+prompt and step, as in a real run, but one engine): a diagnostic of what each transport
+costs when two engines do not share the machine's cores. Servers started here (through
+start_vllm.sh) run with this package's engine tunings (dual_sampling/vllm_plugin/tuning.py);
+give --theta-url/--target-url to measure servers started otherwise.
 """
 from __future__ import annotations
 
@@ -58,17 +60,21 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
                 await native_tok_s(theta, prompts, 4)  # warm-up
                 await dual_tok_s(requests, prompts, 4, top_k)
                 await dual_tok_s(sessions, prompts, 4, top_k)
-                best = {"native": 0.0, "request": 0.0, "session": 0.0}
+                best = {"native": 0.0, "native_topk": 0.0, "request": 0.0, "session": 0.0}
                 for _ in range(repeats):
                     best["native"] = max(best["native"],
                                          await native_tok_s(theta, prompts, n_tokens))
+                    best["native_topk"] = max(best["native_topk"], await native_tok_s(
+                        theta, prompts, n_tokens, logprobs=top_k))
                     best["request"] = max(best["request"], (
                         await dual_tok_s(requests, prompts, n_tokens, top_k))[0])
                     best["session"] = max(best["session"], (
                         await dual_tok_s(sessions, prompts, n_tokens, top_k))[0])
                 native, request, session = best["native"], best["request"], best["session"]
-                rows.append([batch, f"{native:.0f}", f"{request:.0f}", f"{session:.0f}",
-                             f"{request / native:.3f}x", f"{session / native:.3f}x",
+                rows.append([batch, f"{native:.0f}", f"{best['native_topk']:.0f}",
+                             f"{request:.0f}", f"{session:.0f}", f"{request / native:.3f}x",
+                             f"{session / native:.3f}x",
+                             f"{session / best['native_topk']:.3f}x",
                              f"{session / request:.2f}x"])
         return rows
 
@@ -103,8 +109,9 @@ def main() -> None:
           f"{args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> "
           f"{os.getloadavg()[0]:.1f})\n")
-    print(tabulate(rows, headers=["prompts", "native tok/s", "request tok/s", "session tok/s",
-                                  "request / native", "session / native",
+    print(tabulate(rows, headers=["prompts", "native tok/s", "native+top-k tok/s",
+                                  "request tok/s", "session tok/s", "request / native",
+                                  "session / native", "session / native+top-k",
                                   "session / request"], tablefmt="github"))
 
 
