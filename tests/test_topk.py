@@ -93,6 +93,37 @@ def test_several_sequences_and_a_one_token_sequence():
     np.testing.assert_array_equal(back[2].values, seqs[2].values)
 
 
+def test_raw_prompt_logprobs_keep_engine_arrays_and_leave_other_requests_alone():
+    """The /v1/topk fast path (dual_sampling/vllm_plugin/raw_logprobs.py) on vLLM's own
+    LogprobsProcessor: a marked request stores the engine's arrays per chunk, an unmarked
+    one still gets vLLM's flat lists. The route's end-to-end values are checked against
+    transformers in test_topk_route_matches_transformers_reference."""
+    import torch
+    from vllm.logprobs import FlatLogprobs, create_prompt_logprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from dual_sampling.vllm_plugin.raw_logprobs import RawPromptLogprobs, install
+    assert install() and install()  # this vLLM has the methods; twice is harmless
+    rows = [  # two prefill chunks: (token ids, logprobs, ranks), actual token in column 0
+        (torch.tensor([[5, 5, 9], [7, 2, 7]]), torch.tensor([[-1., -1., -2.], [-3., -.5, -3.]]),
+         torch.tensor([1, 2])),
+        (torch.tensor([[4, 4, 1]]), torch.tensor([[-.1, -.1, -3.]]), torch.tensor([1]))]
+
+    def processor(container):
+        return LogprobsProcessor(tokenizer=None, logprobs=None, prompt_logprobs=container,
+                                 cumulative_logprob=None, num_logprobs=None,
+                                 num_prompt_logprobs=2)
+    raw = processor(RawPromptLogprobs())
+    flat = processor(create_prompt_logprobs(True))
+    for chunk in rows:
+        raw._update_prompt_logprobs(chunk)
+        flat._update_prompt_logprobs(chunk)
+    ids, logp = raw.prompt_logprobs.arrays()
+    assert ids.tolist() == [[5, 5, 9], [7, 2, 7], [4, 4, 1]] and logp.dtype == np.float32
+    assert isinstance(flat.prompt_logprobs, FlatLogprobs) and len(flat.prompt_logprobs) == 4
+    assert np.array_equal(np.asarray(flat.prompt_logprobs.token_ids), ids.ravel())
+
+
 @pytest.mark.parametrize("corrupt", [
     lambda b: b[:10], lambda b: b"XXXX" + b[4:], lambda b: b[:-4], lambda b: b + b"\0\0\0\0"])
 def test_malformed_bodies_raise_format_error(corrupt):

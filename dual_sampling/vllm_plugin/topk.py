@@ -14,6 +14,8 @@ path's cost) and `flat_logprobs=True` makes vLLM keep each request's prompt logp
 lists: position 0 is empty and every later position holds k+1 entries, the actual next
 token first, then the top k by decreasing logprob (`append_logprobs_for_next_position` in
 vllm/logprobs.py), so the lists reshape straight to (L-1, k+1) with no per-entry objects.
+Better still, raw_logprobs.py has the API server keep the engine's arrays as they arrive,
+with no per-position lists at all (the flat lists remain the fallback).
 
 Bad requests get a 4xx JSON error naming the sequence and the limit: k over the server's
 --max-logprobs, an empty batch or sequence, an id outside the vocabulary, a sequence that
@@ -33,8 +35,10 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling.topk_format import CONTENT_TYPE, EncodedTopk, encode_body, id_dtype_for_vocab
+from dual_sampling.vllm_plugin.raw_logprobs import RAW_KEY, RawPromptLogprobs, install
 
 router = APIRouter()
+install()  # prompt logprobs as arrays for this route (raw_logprobs.py)
 
 
 class TopkRequest(BaseModel):
@@ -86,8 +90,11 @@ async def _score(engine: Any, ids: list[int], params: SamplingParams, request_id
         final = output
     flat = final.prompt_logprobs
     n, width = len(ids) - 1, params.prompt_logprobs + 1
-    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
-    logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+    if isinstance(flat, RawPromptLogprobs):
+        token_ids, logprobs = flat.arrays()
+    else:  # raw_logprobs.install() did not apply to this vLLM
+        token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+        logprobs = np.asarray(flat.logprobs, dtype=np.float32)
     if token_ids.size != n * width:
         raise RuntimeError(f"{request_id}: the engine returned {token_ids.size} prompt logprobs "
                            f"for {n} positions x (k+1)={width}")
@@ -109,7 +116,8 @@ async def topk(body: TopkRequest, request: Request) -> Response:
         return _error(400, str(exc))
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=body.k,
                             detokenize=False, flat_logprobs=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=RequestOutputKind.FINAL_ONLY,
+                            extra_args={RAW_KEY: True})
     batch = uuid.uuid4().hex
     tasks = [asyncio.ensure_future(_score(engine, ids, params, f"topk-{batch}-{i}"))
              for i, ids in enumerate(body.sequences)]
