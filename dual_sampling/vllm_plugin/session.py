@@ -60,10 +60,12 @@ class _SendGate:
     vLLM's server turns each session's chunk into its own engine-core ADD message (input
     validation, then a ZMQ send), one session at a time on the event loop. The engine core,
     in its own process, starts a step with whatever has arrived, so a 32-session STEP ran as
-    about two engine steps of half the batch each (measured: 132 engine steps for 70
-    coordinator steps). The gate wraps the engine client's `add_request_async` (once per
-    server): the messages of a message's sessions are held until all of them are ready
-    (or `GATE_S` has passed), then sent together; any other request passes straight through.
+    about two engine steps of half the batch each (132 engine steps for 70 coordinator
+    steps). The gate wraps the engine client's `add_request_async` (once per server): the
+    messages of one OPEN or STEP are held until all are ready (or `GATE_S` has passed), then
+    sent back to back; any other request passes straight through. The engine core's input
+    gap (tuning.py) then takes them as one step. Measured at 32 sessions, 40 tokens: gap and
+    gate 40 to 44 engine steps, gap alone 59 to 61, gate alone about 78 (as stock).
     """
 
     def __init__(self, engine: Any) -> None:
