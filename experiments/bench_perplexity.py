@@ -7,7 +7,10 @@ Run from the repository root, with the package installed (`pip install -e .[test
 
 One run each, on the tiny theta model and the whole shipped corpus (about 146k tokens),
 over the same windows (context 1024, stride 512 by default):
-- this mode: `perplexity.run`, actual-token logprobs only (`prompt_logprobs=0`);
+- this mode: `perplexity.run`, actual-token logprobs only, through the plugin's binary
+  `/v1/topk` with k = 1 (what it picks on a server started by start_vllm.sh);
+- this mode on a stock server: the same windows through `/v1/completions` with
+  `prompt_logprobs=0` (JSON; the route it falls back to without the plugin);
 - stock JSON top-k: the same windows with `prompt_logprobs=20` (`VLLMClient.prompt_logprobs`),
   the same concurrency;
 - the transformers reference (`Reference.sliding_window_nll`, float32, in this process).
@@ -38,7 +41,8 @@ from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 REPO = Path(__file__).resolve().parent.parent
 TOPK = 20
 TARGET_VS_REFERENCE, TARGET_VS_TOPK, AGREEMENT = 1.0, 5.0, 1e-4
-MODE = "this mode (`prompt_logprobs=0`)"
+MODE = "this mode (`/v1/topk`, k=1, binary)"
+STOCK_ACTUAL = "this mode on a stock server (`prompt_logprobs=0`, JSON)"
 TOPK_JSON = f"stock JSON `prompt_logprobs={TOPK}`"
 REFERENCE = "transformers reference (float32, in-process)"
 
@@ -65,6 +69,20 @@ def run_mode(url: str, corpus: Path, args: argparse.Namespace) -> tuple[float, i
             wandb=WandbConfig(mode="disabled"), progress=False))
     overall = result["overall"]
     return overall["seconds"], overall["num_tokens"], overall["perplexity"]
+
+
+async def run_stock_actual(url: str, token_ids: list[int], args: argparse.Namespace
+                           ) -> tuple[float, int, float]:
+    """The mode's own windows through its stock-server route (`prompt_logprobs=0`, JSON)."""
+    windows = perplexity.plan_windows(len(token_ids), args.context_length, args.stride)
+    async with VLLMClient(url, name="model", timeout_s=600,
+                          max_connections=args.concurrency + 4) as client:
+        started = time.perf_counter()
+        nll = await perplexity.score_windows(client.actual_token_logprobs, token_ids, windows,
+                                             args.concurrency)
+        seconds = time.perf_counter() - started
+    tokens = sum(w.num_scored for w in windows)
+    return seconds, tokens, math.exp(float(nll.sum()) / tokens)
 
 
 async def run_topk_json(url: str, token_ids: list[int], args: argparse.Namespace
@@ -127,6 +145,7 @@ def main() -> None:
         token_ids = asyncio.run(tokenize(url, args.corpus))
         routes = {
             MODE: run_mode(url, args.corpus, args),
+            STOCK_ACTUAL: asyncio.run(run_stock_actual(url, token_ids, args)),
             TOPK_JSON: asyncio.run(run_topk_json(url, token_ids, args)),
             REFERENCE: run_reference(model_dir, token_ids, args),
         }

@@ -162,7 +162,7 @@ def reference(servers):
     (256, 256, True),  # no overlap
     (256, 64, True),
     (256, 100, False),  # corpus length not a multiple of the stride, no BOS
-    (2048, 1024, True),  # windows of exactly the server's max-model-len
+    (2048, 1024, True),  # windows of exactly the server's max-model-len: the stock route
 ])
 def test_perplexity_equals_transformers_reference(servers, reference, corpus, tmp_path,
                                                  context_length, stride, add_bos):
@@ -172,6 +172,8 @@ def test_perplexity_equals_transformers_reference(servers, reference, corpus, tm
                               add_special_tokens=add_bos)["input_ids"]
     assert (ids[0] == reference.tokenizer.bos_token_id) == add_bos
     total_nll, n_scored = reference.sliding_window_nll("theta", ids, context_length, stride)
+    # the plugin's binary route where a window leaves the generated slot free, else stock
+    assert result["route"].startswith("/v1/topk" if context_length < 2048 else "/v1/completions")
     got = result["corpora"][0]
     assert got["corpus_tokens"] == len(ids)
     assert got["num_tokens"] == n_scored

@@ -13,8 +13,12 @@ scored exactly once; with stride == context_length (no overlap) each window's fi
 goes unscored, as in the guide. Natural logs throughout: NLL in nats per token, perplexity
 = exp(mean NLL).
 
-Each window is one `/v1/completions` request asking for the actual tokens' logprobs only
-(`VLLMClient.actual_token_logprobs`), `ppl.concurrency` in flight. Before any window is
+Each window is one request for the actual tokens' logprobs only, `ppl.concurrency` in
+flight: on a server with this package's plugin, `/v1/topk` with k = 1, whose binary reply
+carries each actual token's float32 logprob with no JSON and no detokenising (windows must
+leave the one generated slot free: context_length < max-model-len); otherwise stock
+`/v1/completions` with `prompt_logprobs=0` (`VLLMClient.actual_token_logprobs`), which also
+takes windows of exactly max-model-len. Before any window is
 scored: the corpora are read (DataError names an empty or missing file), the server answers
 (ServerError after retries), `ppl.context_length` fits its max-model-len and it returns raw
 logprobs for a forced token (ServerMismatchError), and BOS exists when asked for.
@@ -26,21 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
 from dual_sampling import data
-from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.client import TOPK_PATH, ServerInfo, VLLMClient
 from dual_sampling.config import PerplexityParams, PerplexityRunConfig
 from dual_sampling.errors import ConfigError, DataError, ServerMismatchError
 from dual_sampling.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "perplexity.json"
 WINDOWS_FILE = "windows.jsonl"
@@ -80,7 +87,21 @@ def plan_windows(num_tokens: int, context_length: int, stride: int) -> list[Wind
     return windows
 
 
-async def score_windows(client: VLLMClient, token_ids: list[int], windows: list[Window],
+Scorer = Callable[[list[int]], Awaitable[np.ndarray]]
+
+
+def choose_scorer(client: VLLMClient, info: ServerInfo, context_length: int
+                  ) -> tuple[Scorer, str]:
+    """How windows get their actual-token logprobs `(L-1,)`, and the route's name."""
+    if info.serves(TOPK_PATH) and context_length < info.max_model_len:
+        async def binary(token_ids: list[int]) -> np.ndarray:
+            (seq,) = await client.prompt_topk_encoded([token_ids], 1, "fp16")
+            return seq.actual.astype(np.float64)  # exact float32, as the engine computed it
+        return binary, f"{TOPK_PATH} (k=1, binary)"
+    return client.actual_token_logprobs, "/v1/completions (prompt_logprobs=0)"
+
+
+async def score_windows(scorer: Scorer, token_ids: list[int], windows: list[Window],
                         concurrency: int, on_done: Optional[Callable[[int], None]] = None
                         ) -> np.ndarray:
     """Total NLL (nats) of each window's scored tokens, `(W,)`; `concurrency` requests in flight."""
@@ -88,7 +109,7 @@ async def score_windows(client: VLLMClient, token_ids: list[int], windows: list[
 
     async def score(window: Window) -> float:
         async with gate:
-            logp = await client.actual_token_logprobs(token_ids[window.begin:window.end])
+            logp = await scorer(token_ids[window.begin:window.end])
         # Row j of logp scores token begin + 1 + j.
         nll = -float(logp[window.score_from - window.begin - 1:].sum())
         if on_done is not None:
@@ -157,6 +178,8 @@ async def _run(config: PerplexityRunConfig) -> dict[str, Any]:
                         max_connections=params.concurrency + 4)
     async with client:
         info = await preflight(client, params)
+        scorer, route = choose_scorer(client, info, params.context_length)
+        log.info("scoring windows through %s", route)
         bos = info.bos_token_id if params.add_bos else None
         corpora = {path: await tokenize_corpus(client, path, text, bos)
                    for path, text in texts.items()}
@@ -170,7 +193,7 @@ async def _run(config: PerplexityRunConfig) -> dict[str, Any]:
             for path, token_ids in corpora.items():
                 windows = plans[path]
                 started = time.perf_counter()
-                nll_sums = await score_windows(client, token_ids, windows, params.concurrency,
+                nll_sums = await score_windows(scorer, token_ids, windows, params.concurrency,
                                                on_done=bar.update)  # (W,)
                 num_scored = np.array([w.num_scored for w in windows])  # (W,)
                 per_corpus.append({"corpus": path, "corpus_tokens": len(token_ids),
@@ -183,7 +206,7 @@ async def _run(config: PerplexityRunConfig) -> dict[str, Any]:
                 all_scored.append(num_scored)
             overall = summarize(np.concatenate(all_nll), np.concatenate(all_scored),
                                 sum(c["seconds"] for c in per_corpus))
-            result = {"model": info.model, "url": client.url,
+            result = {"model": info.model, "url": client.url, "route": route,
                       "context_length": params.context_length, "stride": params.stride,
                       "add_bos": params.add_bos, "corpora": per_corpus, "overall": overall}
             out.mkdir(parents=True, exist_ok=True)
