@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 TOKEN_ID_PREFIX = "token_id:"
 INFO_PATH = "/v1/dual_sampling/info"  # this package's plugin (dual_sampling/vllm_plugin/info.py)
+TOPK_PATH = "/v1/topk"  # the plugin's teacher top-k route (dual_sampling/vllm_plugin/topk.py)
 
 
 class _RetryableError(Exception):
@@ -396,8 +397,6 @@ async def check_same_tokenizer(a: VLLMClient, info_a: ServerInfo, b: VLLMClient,
             f"tokenizers ({'; '.join(problems)}). Dual sampling needs one shared vocabulary: "
             f"serve two models with the same tokenizer.")
 
-
-TOPK_PATH = "/v1/topk"
 
 
 def _is_missing_route(exc: ServerError) -> bool:

@@ -1,12 +1,14 @@
-"""Start and stop vLLM servers from Python through `start_vllm.sh` (tests, benchmarks).
+"""Start and stop vLLM servers through `start_vllm.sh`, read their metrics (tests, benchmarks).
 
     servers = Servers(run_dir=Path("/tmp/vllm"), models={"theta": a, "target": b})
     servers.start("theta", "target")   # free loopback ports, waits for /health
     servers.url("theta"); servers.kill("target"); servers.stop()
+    running, waiting = server_metrics(url, "vllm:num_requests_running", "vllm:num_requests_waiting")
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +17,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ENGINE_STEPS = "vllm:iteration_tokens_total_count"  # a vLLM counter: +1 per engine step
 START_SCRIPT = Path(__file__).resolve().parent.parent / "start_vllm.sh"
+
+
+def server_metrics(url: str, *names: str) -> tuple[float, ...]:
+    """Each named series of a vLLM server's Prometheus `/metrics`, summed over its labels."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return tuple(sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$",
+                                                  text, re.M))
+                 for name in names)
 
 
 def free_port() -> int:

@@ -32,12 +32,14 @@ from typing import Any, Optional
 
 import aiohttp
 import numpy as np
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
 from dual_sampling.errors import MalformedResponseError, ServerError
 
 log = logging.getLogger(__name__)
+
 
 class _ConnectionLost(Exception):
     """The socket closed, failed or timed out: retried by reconnecting."""
@@ -147,23 +149,31 @@ class _ServerSessions:
             self._replies.pop(msg_id, None)
 
     async def _with_retries(self, attempt: Any, what: str) -> Any:
-        for retry in range(self.max_retries + 1):
-            try:
-                async with self._lock:
-                    await self._connect()
-                    return await attempt()
-            except _ConnectionLost as exc:
-                await self._reset()
-                if retry == self.max_retries:
-                    raise ServerError(
-                        f"{self._where()}: {what} failed after {retry + 1} attempt(s): {exc}. "
-                        f"Check that the server is up (`./start_vllm.sh` prints its URL and "
-                        f"log) and not overloaded; raise `timeout_s`/`max_retries` for slow "
-                        f"servers.") from exc
-                delay = self.backoff_initial_s * 2 ** retry
-                log.warning("%s: %s failed (%s); reconnecting and reopening the sessions in "
-                            "%.1f s", self._where(), what, exc, delay)
-                await asyncio.sleep(delay)
+        """`attempt()` on a live connection; a lost one is dropped and retried (backoff
+        `backoff_initial_s` doubling), up to `max_retries` times, then `ServerError`."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_exponential(multiplier=self.backoff_initial_s, exp_base=2),
+            retry=retry_if_exception_type(_ConnectionLost), reraise=True,
+            before_sleep=lambda rs: log.warning(
+                "%s: %s failed (%s); reconnecting and reopening the sessions in %.1f s",
+                self._where(), what, rs.outcome.exception(), rs.next_action.sleep))
+        try:
+            async for attempt_state in retrying:
+                with attempt_state:
+                    try:
+                        async with self._lock:
+                            await self._connect()
+                            return await attempt()
+                    except _ConnectionLost:
+                        await self._reset()
+                        raise
+        except _ConnectionLost as exc:
+            raise ServerError(
+                f"{self._where()}: {what} failed after {self.max_retries + 1} attempt(s): "
+                f"{exc}. Check that the server is up (`./start_vllm.sh` prints its URL and "
+                f"log) and not overloaded; raise `timeout_s`/`max_retries` for slow "
+                f"servers.") from exc
         raise AssertionError("unreachable")
 
     # -- the transport's operations ------------------------------------------------------------

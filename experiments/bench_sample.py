@@ -118,6 +118,18 @@ def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int,
     return rows
 
 
+def run_speed_table(speed_table, args: argparse.Namespace, servers: Servers | None
+                    ) -> list[list]:
+    """`speed_table` over the URLs and options in `args`; then stops `servers` if given."""
+    try:
+        return asyncio.run(speed_table(args.theta_url, args.target_url,
+                                       [int(b) for b in args.batches.split(",")],
+                                       args.tokens, args.top_k, args.repeats))
+    finally:
+        if servers is not None:
+            servers.stop()
+
+
 def speed_arguments(doc: str, batches: str, repeats: int) -> argparse.ArgumentParser:
     """The command-line options every dual-vs-native speed benchmark takes."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -156,13 +168,7 @@ def print_speed(args: argparse.Namespace, models: dict[str, Path]) -> None:
         servers = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_sample_")), models=models)
         servers.start("theta", "target")
         args.theta_url, args.target_url = servers.url("theta"), servers.url("target")
-    try:
-        rows = asyncio.run(speed_table(args.theta_url, args.target_url,
-                                       [int(b) for b in args.batches.split(",")],
-                                       args.tokens, args.top_k, args.repeats))
-    finally:
-        if servers is not None:
-            servers.stop()
+    rows = run_speed_table(speed_table, args, servers)
     print(f"\n### Dual sampling vs native generation (top_k={args.top_k}, request transport)\n")
     print(tabulate(rows, headers=["prompts", "tokens each", "native tok/s", "dual tok/s",
                                   "dual / native", "coordinator outside server wait"],

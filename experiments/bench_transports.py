@@ -39,7 +39,8 @@ from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s, speed_arguments  # noqa: E402
+from bench_sample import (PROMPT_TOKENS, dual_tok_s, native_tok_s,  # noqa: E402
+                          run_speed_table, speed_arguments)
 
 
 async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
@@ -97,13 +98,7 @@ def main() -> None:
     elif not args.target_url:
         parser.error("give --target-url with --theta-url (or --one-server)")
     load_before = os.getloadavg()[0]
-    try:
-        rows = asyncio.run(speed_table(args.theta_url, args.target_url,
-                                       [int(b) for b in args.batches.split(",")],
-                                       args.tokens, args.top_k, args.repeats))
-    finally:
-        if servers is not None:
-            servers.stop()
+    rows = run_speed_table(speed_table, args, servers)
     setup = "one server for both roles" if args.one_server else "theta and target servers"
     print(f"\n### Dual sampling by transport vs native generation ({setup}, top_k="
           f"{args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import RequestTransport
-from dual_sampling.launch import Servers
+from dual_sampling.launch import ENGINE_STEPS, Servers, server_metrics
 from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
@@ -32,12 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, dual_tok_s, speed_arguments  # noqa: E402
 
 STOCK = {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_INPUT_GAP_S": ""}
-
-
-def engine_steps(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(
-        r"^vllm:iteration_tokens_total_count\{[^}]*\} (\S+)$", text, re.M))
 
 
 async def measure(pair: Servers, batch: int, n_tokens: int, top_k: int) -> dict[str, float]:
@@ -48,9 +40,9 @@ async def measure(pair: Servers, batch: int, n_tokens: int, top_k: int) -> dict[
         request = (await dual_tok_s(RequestTransport(theta, target), prompts, n_tokens,
                                     top_k))[0]
         async with SessionTransport(theta, target, timeout_s=600) as sessions:
-            before = engine_steps(theta.url)
+            before = server_metrics(theta.url, ENGINE_STEPS)[0]
             session = (await dual_tok_s(sessions, prompts, n_tokens, top_k))[0]
-            steps = (engine_steps(theta.url) - before) / n_tokens
+            steps = (server_metrics(theta.url, ENGINE_STEPS)[0] - before) / n_tokens
     return {"request": request, "session": session, "steps": steps}
 
 

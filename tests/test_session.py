@@ -7,12 +7,10 @@ killed mid-run, each server's /metrics reads zero running and zero waiting reque
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import aiohttp
 import numpy as np
@@ -22,6 +20,7 @@ from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import Coordinator, PromptItem, RequestTransport, SampleSettings
 from dual_sampling.errors import ServerError
+from dual_sampling.launch import server_metrics
 from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path
 
@@ -58,11 +57,7 @@ def test_malformed_frames_are_refused():
 # -- against real servers -----------------------------------------------------------------------
 def request_counts(url: str) -> tuple[float, float]:
     """(running, waiting) requests from the server's Prometheus text."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-
-    def gauge(name: str) -> float:
-        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
-    return gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")
+    return server_metrics(url, "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def wait_for_counts(servers, done, roles=ROLES, timeout_s: float = 60.0

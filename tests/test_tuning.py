@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import re
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from dual_sampling.errors import ConfigError
+from dual_sampling.launch import ENGINE_STEPS, server_metrics
 from dual_sampling.session_transport import SessionTransport
 from dual_sampling.vllm_plugin import tuning
 from test_session import clients, corpus_prompts, run_coordinator, settings
@@ -113,12 +112,6 @@ def test_spin_cap_applies_to_existing_readers(monkeypatch, tmp_path):
         context.destroy(linger=0)
 
 
-def _engine_steps(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(
-        r"^vllm:iteration_tokens_total_count\{[^}]*\} (\S+)$", text, re.M))
-
-
 @pytest.mark.server
 def test_one_engine_step_per_dual_sampling_step(servers):
     """8 sessions, 24 tokens each: the stock engine split most steps in two (measured
@@ -127,10 +120,12 @@ def test_one_engine_step_per_dual_sampling_step(servers):
         theta, target = clients(servers)
         async with theta, target:
             prompts = (await corpus_prompts(theta))[:4] * 2
-            before = {role: _engine_steps(servers.url(role)) for role in ("theta", "target")}
+            before = {role: server_metrics(servers.url(role), ENGINE_STEPS)[0]
+                      for role in ("theta", "target")}
             async with SessionTransport(theta, target) as transport:
                 await run_coordinator(transport, prompts, settings(8, 24, 1024))
-            after = {role: _engine_steps(servers.url(role)) for role in ("theta", "target")}
+            after = {role: server_metrics(servers.url(role), ENGINE_STEPS)[0]
+                     for role in ("theta", "target")}
         for role in after:
             steps = after[role] - before[role]
             assert 24 <= steps <= 1.4 * 24, f"{role}: {steps} engine steps for 24 tokens"
