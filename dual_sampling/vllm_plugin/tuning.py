@@ -15,7 +15,8 @@ servers every token slows down by an order of magnitude (docs/benchmarks.md).
 
 `DUAL_SAMPLING_SHM_MAX_PARK_S` (seconds, default 0.05): with the cap, how long a reader
 past its spin may sleep on the notify socket before it re-checks the ring buffer itself;
-see `cap_spin` (a lost wake-up used to stall requests for 5-20 s).
+see `cap_spin` (a lost wake-up used to stall requests for 5-20 s). 0: unbounded (the old,
+stalling cap; for comparisons only).
 
 `DUAL_SAMPLING_INPUT_GAP_S` (seconds): when the engine core wakes from idle for new input,
 keep reading its input queue until it has been quiet that long before it schedules a step.
@@ -81,7 +82,8 @@ def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
     after at most as long as it has already been idle (1 ms at least, `max_park` s at most):
     a lost notification costs about one step's time while busy, `max_park` after idling,
     and an idle reader wakes 1 / `max_park` times a second (0.06 CPU-s per 5 s idle, for a
-    whole server, measured). A `max_park` of 5 s or more is the stalling behaviour.
+    whole server, measured). `max_park` = 0 leaves the park unbounded: the stalling old cap,
+    kept only so that benchmarks and tests can show the difference.
     """
     if not compat.usable("shm_spin_cap"):
         return
@@ -92,7 +94,7 @@ def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
             if self.busy_loop_s > limit:  # instances made before this hook ran included
                 self.busy_loop_s = limit
             idle_s = time.monotonic() - self.last_read - self.busy_loop_s
-            if idle_s > 0:  # past the spin: bound the park
+            if idle_s > 0 and max_park > 0:  # past the spin: bound the park
                 park_ms = int(1000 * min(max(idle_s, 0.001), max_park))
                 timeout_ms = park_ms if timeout_ms is None else min(timeout_ms, park_ms)
             return original(self, timeout_ms)
