@@ -295,7 +295,7 @@ class ScoreParams:
     """Logprobs of given completions."""
 
     per_token: bool = True
-    """Write per-token `logp_*` lists and `completion_token_ids` (false: sums and means only)."""
+    """Write per-token `logp_*` lists and the token ids (false: sums and means only)."""
     batch_size: int = 32
     """(prompt, completion) sequences per request; a prompt's completions share a request."""
     concurrency: int = 4

@@ -146,6 +146,7 @@ def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_t
                 "completion": group.item.completions[c], "num_prompt_tokens": starts[s],
                 "num_tokens": int(lengths[s])}
             if per_token:
+                record["prompt_token_ids"] = group.prompt_ids
                 record["completion_token_ids"] = ids
                 record.update({f"logp_{name}": logp[name][s].tolist() for name in actual})
             for name in actual:
