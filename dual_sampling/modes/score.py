@@ -210,7 +210,7 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
         todo = [item for item in items if any((item.index, c) not in writer.done
                                               for c in range(len(item.completions)))]
         log.info("%d records, %d to score", len(items), len(todo))
-
+        tracker = Tracker(config)
         started = time.perf_counter()
         gate = asyncio.Semaphore(TOKENIZE_IN_FLIGHT)
 
@@ -245,7 +245,6 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
             log.info("%s: scoring through %s", name, routes[name])
 
         models = {f"{name}_model": info.model for name, info in infos.items()}
-        tracker = Tracker(config)
         bar = tqdm(total=sum(len(g.completion_ids) for g in groups), unit="seq", desc="score",
                    disable=not config.progress, dynamic_ncols=True)
         in_flight = asyncio.Semaphore(params.concurrency)
