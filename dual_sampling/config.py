@@ -1,10 +1,10 @@
 """Typed config schemas for the modes, registered in Hydra's ConfigStore.
 
-`conf/config.yaml` picks a mode (`mode=sample|topk|perplexity|score`); each `conf/mode/*.yaml`
-extends the schema stored here under the same group, so Hydra type-checks overrides at
-compose time, and `to_run_config` turns the composed config into these dataclasses, whose
-`__post_init__` calls each section's `check(key)`, which raises `ConfigError` naming the key
-and the bad value.
+`conf/config.yaml` picks a mode (`mode=sample|topk|perplexity|score`); each
+`conf/mode/*.yaml` extends the schema stored here under the same group, so Hydra type-checks
+overrides at compose time, and `to_run_config` turns the composed config into these
+dataclasses, whose `__post_init__` calls each section's `check(key)`, which raises
+`ConfigError` naming the key and the bad value.
 """
 from __future__ import annotations
 

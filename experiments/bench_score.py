@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.config import ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig, WandbConfig
+from dual_sampling.config import (ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig,
+                                  WandbConfig)
 from dual_sampling.data import read_score_items
 from dual_sampling.launch import Servers
 from dual_sampling.modes import score
@@ -144,7 +145,8 @@ def run_reference(model_dir: Path, records: list[dict], batch_size: int
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)  # (B, T, V)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            logp = torch.log_softmax(logits, -1)  # (B, T, V)
         for row, record in enumerate(batch):
             p, c = len(record["prompt_token_ids"]), record["completion_token_ids"]
             positions = torch.arange(p - 1, p - 1 + len(c))  # (m,)
@@ -172,7 +174,8 @@ def main() -> None:
     try:
         pairs = make_pairs(args.pairs, args.seed)
         records = asyncio.run(tokenize(args.theta_url, pairs))
-        ids_path, text_path = write_jsonl(tmp / "ids.jsonl", records), write_jsonl(tmp / "t.jsonl", pairs)
+        ids_path = write_jsonl(tmp / "ids.jsonl", records)
+        text_path = write_jsonl(tmp / "texts.jsonl", pairs)
         warm_up = write_jsonl(tmp / "warm_up.jsonl", records[:WARM_UP])
         run_mode(warm_up, args.theta_url, args.target_url, args)  # first shapes, imports
         routes = {

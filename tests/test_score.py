@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dual_sampling import scoring
-from dual_sampling.config import ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig, WandbConfig
+from dual_sampling.config import (ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig,
+                                  WandbConfig)
 from dual_sampling.data import read_score_items
 from dual_sampling.errors import DataError
 from dual_sampling.modes import score
