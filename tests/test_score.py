@@ -2,6 +2,7 @@
 servers, every score checked against transformers on the same weights."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import web
 from hypothesis import given, settings, strategies as st
 
 from dual_sampling import scoring
 from dual_sampling.config import (ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig,
                                   WandbConfig)
 from dual_sampling.data import read_score_items
-from dual_sampling.errors import DataError
+from dual_sampling.errors import DataError, ServerMismatchError
 from dual_sampling.modes import score
 from dual_sampling.modes.score import Group, plan_batches
 from dual_sampling.records import read_records
@@ -82,6 +84,43 @@ def test_samples_jsonl_reads_with_its_token_ids(tmp_path):
     (item,) = read_score_items(write_pairs(tmp_path / "samples.jsonl", [sample]))
     assert (item.prompt_token_ids, item.completion_token_ids) == ([0, 5], [[7, 8]])
     assert item.completions == [" there"] and not item.labels
+
+
+def test_servers_that_tokenise_differently_are_refused_before_scoring(tmp_path):
+    """Two fake servers alike in everything but the ids of the probe text."""
+    def answer(payload: dict):
+        async def handler(request: web.Request) -> web.Response:
+            return web.json_response(payload)
+        return handler
+
+    async def serve(probe_ids: list[int]) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_get("/v1/models", answer({"data": [{"id": "m", "max_model_len": 512}]}))
+        app.router.add_get("/v1/dual_sampling/info", answer(
+            {"bos_token_id": 0, "eos_token_ids": [1], "vocab_size": 16, "routes": []}))
+        app.router.add_post("/tokenize", answer({"tokens": probe_ids}))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def go() -> None:
+        (a, url_a), (b, url_b) = await serve([0, 3, 4]), await serve([0, 3, 5])
+        config = ScoreRunConfig(
+            output_dir=str(tmp_path / "out"), theta=ServerConfig(url=url_a),
+            target=ServerConfig(url=url_b),
+            data=ScoreDataConfig(path=str(write_pairs(tmp_path / "p.jsonl", [BOUNDARY]))),
+            wandb=WandbConfig(mode="disabled"), progress=False)
+        try:
+            await score._run(config)
+        finally:
+            await a.cleanup()
+            await b.cleanup()
+
+    with pytest.raises(ServerMismatchError, match="different tokenizers"):
+        asyncio.run(go())
+    assert not (tmp_path / "out" / "scores.jsonl").exists()
 
 
 # -- against the real servers ------------------------------------------------------------
