@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -266,10 +268,45 @@ def test_resume_after_a_kill_writes_each_record_once(servers, scored, tmp_path):
             first[(record["index"], record["completion_index"])], abs=SUM_TOLERANCE)
 
 
+def cli(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "dual_sampling", "mode=score", "progress=false",
+            "wandb.mode=offline", *overrides]
+
+
 def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dual_sampling", "mode=score", "progress=false",
-                           "wandb.mode=offline", *overrides],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cli(*overrides), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.server
+def test_sigkill_then_resume_scores_each_pair_exactly_once(servers, tmp_path):
+    """A real kill of the real entry point mid-run, one pair a request so the run is slow."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Prompt {i} about the standard library", "completions": [" yes", " no"]}
+        for i in range(300)])
+    out = tmp_path / "out"
+    args = (f"theta.url={servers.url('theta')}", f"target.url={servers.url('target')}",
+            f"data.path={pairs}", f"output_dir={out}", "score.batch_size=2",
+            "score.concurrency=1")
+    proc = subprocess.Popen(cli(*args), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    scores = out / "scores.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            scores.exists() and scores.read_bytes().count(b"\n") >= 40):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = scores.read_bytes().count(b"\n")
+    assert 40 <= partial < 600
+    with scores.open("ab") as fh:  # what a kill in the middle of a write leaves
+        fh.write(b'{"index": 299, "completion_index": 1, "prompt": "half')
+    done = run_cli(tmp_path, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = [(r["index"], r["completion_index"]) for r in read_records(scores)]
+    assert sorted(keys) == [(i, c) for i in range(300) for c in (0, 1)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_records"] == 600 and summary["sequences_this_run"] == 600 - partial
 
 
 @pytest.mark.server
