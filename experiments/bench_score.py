@@ -68,16 +68,10 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 
 
 async def tokenize(url: str, pairs: list[dict]) -> list[dict]:
-    """Token ids by the mode's rule (score.tokenize_item), one record per pair."""
+    """Token ids by the mode's rule (score.tokenize_items), one record per pair."""
     items = read_score_items(write_jsonl(Path(tempfile.mkdtemp()) / "p.jsonl", pairs))
     async with VLLMClient(url, name="theta") as client:
-        gate = asyncio.Semaphore(score.TOKENIZE_IN_FLIGHT)
-
-        async def one(item):
-            async with gate:
-                return await score.tokenize_item(item, client, chat_template=True)
-
-        groups = await asyncio.gather(*(one(item) for item in items))
+        groups = await score.tokenize_items(items, client, chat_template=True)
     return [{"prompt_token_ids": g.prompt_ids, "completion_token_ids": g.completion_ids[0]}
             for g in groups]
 

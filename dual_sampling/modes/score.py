@@ -33,7 +33,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -74,7 +74,8 @@ class Group:
         return len(self.prompt_ids) + max(map(len, self.completion_ids))
 
 
-async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool) -> Group:
+async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool,
+                        tokenize_completion: Callable[[str], Awaitable[list[int]]]) -> Group:
     """Prompt and completion ids as generation has them (given ids are used as they are)."""
     prompt_text = item.prompt.get("prompt")
     if "messages" in item.prompt:
@@ -84,9 +85,28 @@ async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool
         prompt_ids = (await tokenize_prompt(item.prompt, [client], chat_template)).prompt_ids
     completion_ids = item.completion_token_ids
     if completion_ids is None:
-        completion_ids = list(await asyncio.gather(
-            *(client.tokenize(text, add_special_tokens=False) for text in item.completions)))
+        completion_ids = list(await asyncio.gather(*map(tokenize_completion, item.completions)))
     return Group(item, prompt_text, prompt_ids, completion_ids)
+
+
+async def tokenize_items(items: list[ScoreItem], client: VLLMClient, chat_template: bool
+                         ) -> list[Group]:
+    """Every item tokenised, TOKENIZE_IN_FLIGHT at a time; each distinct completion text is
+    sent once (a label set repeats over thousands of prompts)."""
+    gate = asyncio.Semaphore(TOKENIZE_IN_FLIGHT)
+    completions: dict[str, asyncio.Future] = {}
+
+    def tokenize_completion(text: str) -> asyncio.Future:
+        if text not in completions:
+            completions[text] = asyncio.ensure_future(
+                client.tokenize(text, add_special_tokens=False))
+        return completions[text]
+
+    async def one(item: ScoreItem) -> Group:
+        async with gate:
+            return await tokenize_item(item, client, chat_template, tokenize_completion)
+
+    return list(await asyncio.gather(*map(one, items)))
 
 
 def skip_reason(group: Group, max_length: int, limit_owner: str) -> Optional[str]:
@@ -212,13 +232,7 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
         log.info("%d records, %d to score", len(items), len(todo))
         tracker = Tracker(config)
         started = time.perf_counter()
-        gate = asyncio.Semaphore(TOKENIZE_IN_FLIGHT)
-
-        async def tokenize(item: ScoreItem) -> Group:
-            async with gate:
-                return await tokenize_item(item, theta, config.data.chat_template)
-
-        groups = list(await asyncio.gather(*(tokenize(item) for item in todo)))
+        groups = await tokenize_items(todo, theta, config.data.chat_template)
         tokenize_s = time.perf_counter() - started
         check_vocab(groups, infos["theta"].vocab_size)
         owner = min(clients, key=lambda n: infos[n].max_model_len or 1 << 30)
