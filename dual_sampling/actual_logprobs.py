@@ -14,7 +14,7 @@ it, `(L-1,)` per sequence, without any top-k list:
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
@@ -27,8 +27,10 @@ STOCK_ROUTE = "/v1/completions (prompt_logprobs=0)"
 # loose enough for bf16 batch noise, far tighter than a processed mode's 0.0 or a raw logit.
 FORCED_LOGPROB_TOLERANCE = 0.05
 
-Scorer = Callable[[list[list[int]]], Awaitable[list[np.ndarray]]]
-"""Token-id sequences -> each one's actual-token logprobs `(L-1,)` float64, in order."""
+Scorer = Callable[[list[list[int]], Optional[list[int]]], Awaitable[list[np.ndarray]]]
+"""(token-id sequences, `rows_from` or None) -> each one's actual-token logprobs `(L-1,)`
+float64, in order. With `rows_from` (one per sequence) only the rows from there on are
+needed: the binary route leaves the earlier ones NaN where vLLM's prefix cache served them."""
 
 
 def choose_scorer(client: VLLMClient, info: ServerInfo, max_length: int, route: str = "auto"
@@ -47,12 +49,14 @@ def choose_scorer(client: VLLMClient, info: ServerInfo, max_length: int, route: 
                f"takes at most {info.max_model_len - 1} tokens there and a sequence has "
                f"{max_length}") + "; or use the stock route (`auto` picks it by itself).")
     if route != "stock" and binary_fits:
-        async def binary(sequences: list[list[int]]) -> list[np.ndarray]:
-            encoded = await client.prompt_topk_encoded(sequences, 1, "fp16")
+        async def binary(sequences: list[list[int]], rows_from: Optional[list[int]] = None
+                         ) -> list[np.ndarray]:
+            encoded = await client.prompt_topk_encoded(sequences, 1, "fp16", rows_from)
             return [seq.actual.astype(np.float64) for seq in encoded]  # exact float32 values
         return binary, TOPK_ROUTE
 
-    async def stock(sequences: list[list[int]]) -> list[np.ndarray]:
+    async def stock(sequences: list[list[int]], rows_from: Optional[list[int]] = None
+                    ) -> list[np.ndarray]:
         return list(await asyncio.gather(*(client.actual_token_logprobs(ids)
                                            for ids in sequences)))
     return stock, STOCK_ROUTE

@@ -268,6 +268,36 @@ def test_resume_after_a_kill_writes_each_record_once(servers, scored, tmp_path):
             first[(record["index"], record["completion_index"])], abs=SUM_TOLERANCE)
 
 
+@pytest.mark.server
+def test_a_long_shared_prompt_is_served_from_the_prefix_cache(servers, reference, tmp_path):
+    """Label sets behind a prompt of more than two KV blocks (128 tokens each on CPU): the
+    completions after the first read the prompt's blocks from the cache, same scores."""
+    from dual_sampling.launch import server_metrics
+    from dual_sampling.tiny_models import corpus_path
+    prompt = corpus_path().read_text(encoding="utf-8")[:900] + " Is that true? Answer:"
+    pairs = write_pairs(tmp_path / "p.jsonl", [
+        {"prompt": prompt, "completions": [" True", " False", " Not at all"]},
+        {"prompt": prompt + " Well,", "completions": [" yes", " no"]}])
+    url = servers.url("theta")
+    hits_before = server_metrics(url, "vllm:prefix_cache_hits_total")[0]
+    score.run(make_config(servers, pairs, tmp_path / "out", target=False))
+    hits = server_metrics(url, "vllm:prefix_cache_hits_total")[0] - hits_before
+    records = list(read_records(tmp_path / "out" / "scores.jsonl"))
+    assert len(records) == 5
+    prompt_lengths = {r["num_prompt_tokens"] for r in records}
+    assert min(prompt_lengths) > 256
+    assert all(p % 128 for p in prompt_lengths)  # a whole-block prompt would be scored again
+    # two whole blocks for each completion after the first of its set (more when the
+    # corpus's start is already cached, from this run's other set or an earlier test)
+    assert hits >= 256 * 3
+    for record in records:
+        ids = record["prompt_token_ids"] + record["completion_token_ids"]
+        p = record["num_prompt_tokens"]
+        want = reference.full_logprobs("theta", ids)[np.arange(p - 1, len(ids) - 1),
+                                                     record["completion_token_ids"]]
+        assert record["sum_logp_theta"] == pytest.approx(want.sum(), abs=SUM_TOLERANCE)
+
+
 def cli(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "dual_sampling", "mode=score", "progress=false",
             "wandb.mode=offline", *overrides]

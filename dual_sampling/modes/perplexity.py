@@ -93,7 +93,7 @@ async def score_windows(scorer: Scorer, token_ids: list[int], windows: list[Wind
 
     async def score(window: Window) -> float:
         async with gate:
-            (logp,) = await scorer([token_ids[window.begin:window.end]])
+            (logp,) = await scorer([token_ids[window.begin:window.end]], None)
         # Row j of logp scores token begin + 1 + j.
         nll = -float(logp[window.score_from - window.begin - 1:].sum())
         if on_done is not None:

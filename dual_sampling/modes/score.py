@@ -268,8 +268,10 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
 
         async def score(batch: list[Group]) -> None:
             sequences = [s for g in batch for s in g.sequences]
+            rows_from = [len(g.prompt_ids) - 1 for g in batch for _ in g.completion_ids]
             async with in_flight:
-                results = await asyncio.gather(*(scorer(sequences) for scorer in scorers.values()))
+                results = await asyncio.gather(*(scorer(sequences, rows_from)
+                                                 for scorer in scorers.values()))
             for record in batch_records(batch, dict(zip(scorers, results)), params.per_token,
                                         models):
                 if KEY(record) not in writer.done:
