@@ -15,6 +15,9 @@ Each request carries up to `score.batch_size` sequences, a prompt's completions 
 `score.concurrency` requests per server are in flight, and with a target each batch goes to
 both servers at once. Scores come from the actual tokens' logprobs only
 (dual_sampling.actual_logprobs: the binary `/v1/topk` with k = 1, or stock `prompt_logprobs=0`).
+The binary route is told each sequence's first completion row (`rows_from`), so vLLM's prefix
+cache serves prompts shared within a request (a label set) or across requests (a few-shot
+opening), in whole KV blocks.
 
 Before any scoring request: unreadable records (DataError naming file:line), servers that do
 not answer or tokenise differently (ServerError / ServerMismatchError), token ids outside the
