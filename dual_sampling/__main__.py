@@ -1,4 +1,4 @@
-"""Hydra entry point: `python -m dual_sampling mode=sample|topk|perplexity key=value ...`.
+"""Hydra entry point: `python -m dual_sampling mode=sample|topk|perplexity|score key=value ...`.
 
 Config errors (ConfigError) and every other DualSamplingError are printed as one clear
 line and exit with status 2, before any request when the config is at fault.

@@ -332,14 +332,20 @@ class VLLMClient:
         """
         return [seq.decode() for seq in await self.prompt_topk_encoded(sequences, k, fmt)]
 
-    async def prompt_topk_encoded(self, sequences: list[list[int]], k: int, fmt: str = "int8"
-                                  ) -> list[EncodedTopk]:
-        """As `prompt_topk`, in the stored form (quantised logprobs) that the cache keeps."""
+    async def prompt_topk_encoded(self, sequences: list[list[int]], k: int, fmt: str = "int8",
+                                  rows_from: Optional[list[int]] = None) -> list[EncodedTopk]:
+        """As `prompt_topk`, in the stored form (quantised logprobs) that the cache keeps.
+
+        `rows_from` (one per sequence): only rows from there on are needed; earlier ones may
+        come back NaN, and the server may serve shared prefixes from its prefix cache.
+        """
         check_format(fmt)
         if not getattr(self, "_topk_route_missing", False):
+            request = {"sequences": sequences, "k": k, "format": fmt}
+            if rows_from is not None:
+                request["rows_from"] = rows_from
             try:
-                body, _ = await self.request("POST", TOPK_PATH, {
-                    "sequences": sequences, "k": k, "format": fmt}, want="bytes")
+                body, _ = await self.request("POST", TOPK_PATH, request, want="bytes")
             except ServerError as exc:
                 if not _is_missing_route(exc):
                     raise

@@ -1,10 +1,10 @@
-"""Typed config schemas for the three modes, registered in Hydra's ConfigStore.
+"""Typed config schemas for the modes, registered in Hydra's ConfigStore.
 
-`conf/config.yaml` picks a mode (`mode=sample|topk|perplexity`); each `conf/mode/*.yaml`
-extends the schema stored here under the same group, so Hydra type-checks overrides at
-compose time, and `to_run_config` turns the composed config into these dataclasses, whose
-`__post_init__` calls each section's `check(key)`, which raises `ConfigError` naming the key
-and the bad value.
+`conf/config.yaml` picks a mode (`mode=sample|topk|perplexity|score`); each
+`conf/mode/*.yaml` extends the schema stored here under the same group, so Hydra type-checks
+overrides at compose time, and `to_run_config` turns the composed config into these
+dataclasses, whose `__post_init__` calls each section's `check(key)`, which raises
+`ConfigError` naming the key and the bad value.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dual_sampling.errors import ConfigError
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
 TRANSPORTS = ("auto", "request", "session")
 TOPK_DTYPES = ("int8", "fp16", "bf16")
+SCORE_ROUTES = ("auto", "topk", "stock")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -271,8 +272,66 @@ class PerplexityRunConfig(RunConfig):
     ppl: PerplexityParams = field(default_factory=PerplexityParams)
 
 
+@dataclass
+class ScoreDataConfig(ShardedInputConfig):
+    """(prompt, completion) records for score mode: one JSONL file."""
+
+    path: str = "???"
+    """JSONL: `prompt` (or chat `messages`, or `prompt_token_ids`) and `completion` (or a list
+    `completions`, or `completion_token_ids`); samples.jsonl of sample mode works as it is."""
+    prompt_field: str = "prompt"
+    chat_template: bool = True
+    """Render `messages` records with the model's chat template."""
+
+    def check(self, key: str) -> None:
+        _require(self.path not in ("", "???"), f"{key}.path", self.path,
+                 f"give the records to score: {key}.path=pairs.jsonl")
+        _require(Path(self.path).is_file(), f"{key}.path", self.path, "file not found")
+        super().check(key)
+
+
+@dataclass
+class ScoreParams:
+    """Logprobs of given completions."""
+
+    per_token: bool = True
+    """Write per-token `logp_*` lists and the token ids (false: sums and means only)."""
+    batch_size: int = 32
+    """(prompt, completion) sequences per request; a prompt's completions share a request."""
+    concurrency: int = 4
+    """Requests in flight per server."""
+    route: str = "auto"
+    """`topk`: the plugin's binary /v1/topk with k = 1; `stock`: /v1/completions with
+    prompt_logprobs=0 (any vLLM server); `auto`: topk where the server has it."""
+
+    def check(self, key: str) -> None:
+        _require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be >= 1")
+        _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
+        _require(self.route in SCORE_ROUTES, f"{key}.route", self.route,
+                 f"choose one of {SCORE_ROUTES}")
+
+
+@dataclass
+class ScoreRunConfig(RunConfig):
+    """`mode=score`: logprobs of given completions under theta and, optionally, the target."""
+
+    mode_name: str = "score"
+    theta: ServerConfig = field(default_factory=ServerConfig)
+    target: Optional[ServerConfig] = field(default_factory=lambda: ServerConfig(url=None))
+    """No URL (the default) scores under theta only; `target.url=...` adds the target and
+    `log_w`. None after the checks when there is no URL."""
+    data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
+    score: ScoreParams = field(default_factory=ScoreParams)
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.target.url is None:
+            self.target = None
+        super().__post_init__()
+
+
 SCHEMAS: dict[str, type[RunConfig]] = {
-    "sample": SampleRunConfig, "topk": TopkRunConfig, "perplexity": PerplexityRunConfig}
+    "sample": SampleRunConfig, "topk": TopkRunConfig, "perplexity": PerplexityRunConfig,
+    "score": ScoreRunConfig}
 
 
 def register_schemas() -> None:

@@ -1,4 +1,5 @@
-"""Input files: prompts for sample mode, texts or token-id sequences for topk and perplexity.
+"""Input files: prompts for sample mode, texts or token-id sequences for topk and perplexity,
+(prompt, completions) records for score mode.
 
 Accepted: JSONL (one object a line) or plain text (one item a non-empty line). Every
 problem raises DataError naming the file and line.
@@ -6,8 +7,9 @@ problem raises DataError naming the file and line.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from dual_sampling.errors import DataError
 
@@ -81,6 +83,93 @@ def read_sequences(path: str | Path, text_field: str = "text") -> list[str | lis
     if not items:
         raise DataError(f"input file {path} is empty: give a file with at least one sequence.")
     return items
+
+
+@dataclass
+class ScoreItem:
+    """One prompt and the completions to score after it, as read from a score-mode input."""
+
+    index: int
+    """Position in the file (before sharding): the output's `index`."""
+    where: str
+    """`file:line`, for messages."""
+    prompt: dict[str, Any]
+    """`{"index", "prompt"}` or `{"index", "messages"}`, as read_prompts gives them."""
+    prompt_token_ids: Optional[list[int]]
+    """Given ids (used as they are, no BOS added), or None to tokenise `prompt`."""
+    completions: list[Optional[str]]
+    """Completion texts (None where only ids were given)."""
+    completion_token_ids: Optional[list[list[int]]]
+    """Given ids per completion, or None to tokenise the texts."""
+    labels: bool
+    """Given as a list (`completions`, or a list of id lists): probabilities are normalised
+    over them."""
+
+
+def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[ScoreItem]:
+    """Score-mode records from a JSONL file; DataError naming file:line on a bad record.
+
+    Prompt: `prompt_token_ids` (a non-empty id list), else `prompt_field` (a non-empty
+    string), else chat `messages`. Completions: `completion_token_ids` (one id list, or a
+    list of them), else `completions` (a list of strings: the label case), else `completion`
+    (a string). Empty completions and records with no completion field are refused.
+    samples.jsonl of sample mode reads as it is (its token ids are used).
+    """
+    path = _check_file(path)
+    items = [_score_item(f"{path}:{number}", index, row, prompt_field)
+             for index, (number, row) in enumerate(_jsonl(path))]
+    if not items:
+        raise DataError(f"input file {path} holds no records: give a JSONL file with at least "
+                        f"one prompt and completion.")
+    return items
+
+
+def _score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
+    prompt_ids = _token_ids(where, "prompt_token_ids", row.get("prompt_token_ids"))
+    if isinstance(row.get(prompt_field), str) and row[prompt_field]:
+        prompt = {"index": index, "prompt": row[prompt_field]}
+    elif isinstance(row.get("messages"), list) and row["messages"]:
+        prompt = {"index": index, "messages": row["messages"]}
+    elif prompt_ids is not None:
+        prompt = {"index": index, "prompt": None}
+    else:
+        raise DataError(f"{where}: no non-empty `prompt_token_ids`, `{prompt_field}` string or "
+                        f"`messages` list; set `data.prompt_field` to the right key.")
+    given = row.get("completion_token_ids")
+    if isinstance(given, list) and given and all(isinstance(c, list) for c in given):
+        ids = [_token_ids(f"{where} completion {i}", "completion_token_ids", c)
+               for i, c in enumerate(given)]
+        texts = row.get("completions") if isinstance(row.get("completions"), list) else [None]
+        return ScoreItem(index, where, prompt, prompt_ids,
+                         texts if len(texts) == len(ids) else [None] * len(ids), ids, True)
+    if given is not None:
+        return ScoreItem(index, where, prompt, prompt_ids, [row.get("completion")],
+                         [_token_ids(where, "completion_token_ids", given)], False)
+    if "completions" in row:
+        texts = row["completions"]
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+            raise DataError(f"{where}: `completions` must be a non-empty list of strings.")
+        labels = True
+    elif isinstance(row.get("completion"), str):
+        texts, labels = [row["completion"]], False
+    else:
+        raise DataError(f"{where}: no `completion` string, `completions` list or "
+                        f"`completion_token_ids`: give each record the text(s) to score.")
+    for i, text in enumerate(texts):
+        if not text:
+            raise DataError(f"{where}: completion {i} is empty: there is nothing to score; "
+                            f"remove it or the record.")
+    return ScoreItem(index, where, prompt, prompt_ids, texts, None, labels)
+
+
+def _token_ids(where: str, key: str, value: Any) -> Optional[list[int]]:
+    """A non-empty list of int ids, None when absent; DataError otherwise."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and value and
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        raise DataError(f"{where}: `{key}` must be a non-empty list of token ids (ints >= 0).")
+    return value
 
 
 def read_corpus(path: str | Path) -> str:

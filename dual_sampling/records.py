@@ -1,7 +1,9 @@
 """Dataset records on disk: an append-only JSONL that resumes with every record exactly once.
 
-Each record carries a unique integer `index` (the prompt's position in the input). A run
-started again on the same file reads the indices already there, cuts off a half-written
+Each record carries a unique key: by default its integer `index` (the prompt's position in
+the input), or a tuple of integer fields (`RecordKey("index", "completion_index")`, one
+record per completion of a prompt). A run started again on the same file reads the keys
+already there, cuts off a half-written
 last line (a run killed mid-write), and appends only the missing records. A line is
 written with a single `write` on an O_APPEND descriptor, so a killed process leaves at
 most one partial line, which the next open removes.
@@ -12,7 +14,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterator
 
 from dual_sampling.errors import DataError
 
@@ -28,33 +31,51 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-class ResumableJsonlWriter:
-    """Exactly-once JSONL writer keyed by `index`.
+@dataclass(frozen=True)
+class RecordKey:
+    """A record's key from integer fields: an int for one field, a tuple of ints for several."""
 
-    `done` holds the indices already on disk after opening. `write` refuses an index it
-    has seen (a coordinator bug, never silently doubled). fsync runs at most every
+    fields: tuple[str, ...]
+
+    def __init__(self, *fields: str) -> None:
+        object.__setattr__(self, "fields", fields)
+
+    def __call__(self, record: dict[str, Any]) -> Hashable:
+        values = tuple(int(record[name]) for name in self.fields)
+        return values[0] if len(values) == 1 else values
+
+    def __str__(self) -> str:
+        return ", ".join(f"`{name}`" for name in self.fields)
+
+
+class ResumableJsonlWriter:
+    """Exactly-once JSONL writer keyed by `key` (a field name or a RecordKey; `index` by default).
+
+    `done` holds the keys already on disk after opening. `write` refuses a key it has seen
+    (a coordinator bug, never silently doubled). fsync runs at most every
     `fsync_every_s` seconds and at close, so a killed process loses nothing the kernel
     holds, and a power cut loses at most that window.
     """
 
-    def __init__(self, path: Path, key: str = "index", fsync_every_s: float = 1.0) -> None:
+    def __init__(self, path: Path, key: str | RecordKey = "index",
+                 fsync_every_s: float = 1.0) -> None:
         self.path = Path(path)
-        self.key = key
+        self.key = RecordKey(key) if isinstance(key, str) else key
         self.fsync_every_s = fsync_every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_partial_line()
-        self.done: set[int] = set()
+        self.done: set[Hashable] = set()
         for number, record in enumerate(read_records(self.path), start=1):
             try:
-                index = int(record[key])
+                done = self.key(record)
             except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.path}:{number}: record without an integer `{key}`; "
-                                f"this file was not written by dual_sampling: use a new "
-                                f"output_dir.") from exc
-            if index in self.done:
-                raise DataError(f"{self.path}:{number}: `{key}`={index} appears twice; the "
+                raise DataError(f"{self.path}:{number}: record without integer {self.key}; "
+                                f"this file was not written by this mode of dual_sampling: "
+                                f"use a new output_dir.") from exc
+            if done in self.done:
+                raise DataError(f"{self.path}:{number}: {self.key} = {done} appears twice; the "
                                 f"file was edited by hand: remove the duplicate line.")
-            self.done.add(index)
+            self.done.add(done)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
 
@@ -68,15 +89,15 @@ class ResumableJsonlWriter:
                 fh.truncate(end)
 
     def write(self, record: dict[str, Any]) -> None:
-        index = int(record[self.key])
-        if index in self.done:
-            raise DataError(f"{self.path}: record `{self.key}`={index} written twice.")
+        done = self.key(record)
+        if done in self.done:
+            raise DataError(f"{self.path}: record {self.key} = {done} written twice.")
         line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
         written = os.write(self._fd, line)
         if written != len(line):
             raise DataError(f"{self.path}: short write ({written} of {len(line)} bytes): "
                             f"is the disk full?")
-        self.done.add(index)
+        self.done.add(done)
         if time.monotonic() - self._last_sync >= self.fsync_every_s:
             os.fsync(self._fd)
             self._last_sync = time.monotonic()

@@ -35,14 +35,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
 from dual_sampling import data
-from dual_sampling.client import TOPK_PATH, ServerInfo, VLLMClient
+from dual_sampling.actual_logprobs import Scorer, check_raw_logprobs, choose_scorer
+from dual_sampling.client import ServerInfo, VLLMClient
 from dual_sampling.config import PerplexityParams, PerplexityRunConfig
 from dual_sampling.errors import ConfigError, DataError, ServerMismatchError
 from dual_sampling.tracking import Tracker
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "perplexity.json"
 WINDOWS_FILE = "windows.jsonl"
-# A forced token's logprob and the same token's prompt logprob come from the same logits;
-# loose enough for bf16 batch noise, far tighter than a processed mode's 0.0 or a raw logit.
-FORCED_LOGPROB_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -87,20 +85,6 @@ def plan_windows(num_tokens: int, context_length: int, stride: int) -> list[Wind
     return windows
 
 
-Scorer = Callable[[list[int]], Awaitable[np.ndarray]]
-
-
-def choose_scorer(client: VLLMClient, info: ServerInfo, context_length: int
-                  ) -> tuple[Scorer, str]:
-    """How windows get their actual-token logprobs `(L-1,)`, and the route's name."""
-    if info.serves(TOPK_PATH) and context_length < info.max_model_len:
-        async def binary(token_ids: list[int]) -> np.ndarray:
-            (seq,) = await client.prompt_topk_encoded([token_ids], 1, "fp16")
-            return seq.actual.astype(np.float64)  # exact float32, as the engine computed it
-        return binary, f"{TOPK_PATH} (k=1, binary)"
-    return client.actual_token_logprobs, "/v1/completions (prompt_logprobs=0)"
-
-
 async def score_windows(scorer: Scorer, token_ids: list[int], windows: list[Window],
                         concurrency: int, on_done: Optional[Callable[[int], None]] = None
                         ) -> np.ndarray:
@@ -109,7 +93,7 @@ async def score_windows(scorer: Scorer, token_ids: list[int], windows: list[Wind
 
     async def score(window: Window) -> float:
         async with gate:
-            logp = await scorer(token_ids[window.begin:window.end])
+            (logp,) = await scorer([token_ids[window.begin:window.end]], None)
         # Row j of logp scores token begin + 1 + j.
         nll = -float(logp[window.score_from - window.begin - 1:].sum())
         if on_done is not None:
@@ -141,15 +125,7 @@ async def preflight(client: VLLMClient, params: PerplexityParams) -> ServerInfo:
         raise ConfigError(
             f"config key `ppl.add_bos` = True is invalid: the model server at {client.url} "
             f"names no BOS token. Set ppl.add_bos=false.")
-    probe = await client.tokenize("Perplexity is the exponential of the mean NLL.",
-                                  add_special_tokens=False)
-    forced = await client.actual_token_logprobs(probe)  # (L-1,) last one forced
-    prompted = await client.actual_token_logprobs(probe + probe[:1])  # (L,)
-    if not abs(forced[-1] - prompted[-2]) <= FORCED_LOGPROB_TOLERANCE:
-        raise ServerMismatchError(
-            f"the model server at {client.url} gives a forced token logprob {forced[-1]:.4f} "
-            f"where its prompt logprob is {prompted[-2]:.4f}: it does not return raw logprobs "
-            f"for generated tokens. Restart it with the default --logprobs-mode raw_logprobs.")
+    await check_raw_logprobs(client)
     return info
 
 

@@ -2,7 +2,7 @@
 
 Request JSON:
     {"sequences": [[ids...], ...], "k": 128, "format": "int8" | "fp16" | "bf16",
-     "response": "binary" | "json"}
+     "response": "binary" | "json", "rows_from": [r, ...] (optional)}
 `format` defaults to int8, `response` to binary. The binary body (content type
 `application/x-dual-sampling-topk; version=1`) and the error bound of each format are
 documented in `dual_sampling/topk_format.py`; the JSON form (for debugging) holds the same
@@ -17,6 +17,16 @@ vllm/logprobs.py), so the lists reshape straight to (L-1, k+1) with no per-entry
 Better still, raw_logprobs.py has the API server keep the engine's arrays as they arrive,
 with no per-position lists at all (the flat lists remain the fallback).
 
+`rows_from` (one row per sequence, e.g. the first completion row in score mode) says which
+rows the caller needs; the rows before it may come back NaN (ids 0). vLLM never reads its
+prefix cache for a request with prompt logprobs unless told it may
+(`SamplingParams.skip_reading_prefix_cache`, whose default skips because cached positions
+get no prompt logprobs); with `rows_from` the route tells it so, and a sequence whose first
+`rows_from + 1` tokens equal an earlier sequence's in the request starts once that one is
+done, so a prompt shared by several completions is computed once when it spans whole KV
+blocks. A sequence that found more of itself cached than `rows_from` allows (its needed
+rows were not computed) is scored again without the cache.
+
 Bad requests get a 4xx JSON error naming the sequence and the limit: k over the server's
 --max-logprobs, an empty batch or sequence, an id outside the vocabulary, a sequence that
 leaves no room for the one generated token within --max-model-len, an unknown format (422).
@@ -25,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -46,6 +56,7 @@ class TopkRequest(BaseModel):
     k: int
     format: Literal["int8", "fp16", "bf16"] = "int8"
     response: Literal["binary", "json"] = "binary"
+    rows_from: Optional[list[int]] = None
 
 
 class BadTopkRequest(Exception):
@@ -67,6 +78,9 @@ def _check(body: TopkRequest, vocab_size: int, max_logprobs: int, max_model_len:
                              f"--max-logprobs or ask for fewer.")
     if not body.sequences:
         raise BadTopkRequest("`sequences` is empty: send at least one token-id sequence.")
+    if body.rows_from is not None and len(body.rows_from) != len(body.sequences):
+        raise BadTopkRequest(f"`rows_from` has {len(body.rows_from)} entries for "
+                             f"{len(body.sequences)} sequences: give one per sequence.")
     for index, seq in enumerate(body.sequences):
         if not seq:
             raise BadTopkRequest(f"sequence {index} is empty: every sequence needs >= 1 token.")
@@ -75,6 +89,9 @@ def _check(body: TopkRequest, vocab_size: int, max_logprobs: int, max_model_len:
                 f"sequence {index} has {len(seq)} tokens; with --max-model-len={max_model_len} "
                 f"this server scores at most {max_model_len - 1} (one slot stays for the "
                 f"generated token): truncate it.")
+        if body.rows_from is not None and not 0 <= body.rows_from[index] < len(seq) - 1:
+            raise BadTopkRequest(f"rows_from[{index}] = {body.rows_from[index]} is outside the "
+                                 f"sequence's rows [0, {len(seq) - 1}).")
         lo, hi = min(seq), max(seq)
         if lo < 0 or hi >= vocab_size:
             raise BadTopkRequest(f"sequence {index} holds token id {lo if lo < 0 else hi}, "
@@ -83,7 +100,8 @@ def _check(body: TopkRequest, vocab_size: int, max_logprobs: int, max_model_len:
 
 async def _score(engine: Any, ids: list[int], params: SamplingParams, request_id: str
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat prompt logprobs of one sequence: `token_ids (L-1, k+1)`, `logprobs (L-1, k+1)`."""
+    """Flat prompt logprobs of one sequence: `token_ids (L-1, k+1)`, `logprobs (L-1, k+1)`;
+    rows before the prefix-cache hit (only where `params` reads the cache) are NaN, ids 0."""
     final = None
     async for output in engine.generate({"prompt_token_ids": ids}, params,
                                         request_id=request_id):
@@ -99,9 +117,24 @@ async def _score(engine: Any, ids: list[int], params: SamplingParams, request_id
         raise RuntimeError(f"{request_id}: the engine returned {token_ids.size} prompt logprobs "
                            f"for {n} positions x (k+1)={width}")
     token_ids, logprobs = token_ids.reshape(n, width), logprobs.reshape(n, width)
-    if not np.array_equal(token_ids[:, 0], ids[1:]):
+    cached = final.num_cached_tokens or 0  # rows before it were never computed
+    token_ids[:cached], logprobs[:cached] = 0, np.nan
+    if not np.array_equal(token_ids[cached:, 0], ids[cached + 1:]):
         raise RuntimeError(f"{request_id}: column 0 of the flat prompt logprobs is not the "
                            f"actual next token; this vLLM version lays them out differently")
+    return token_ids, logprobs
+
+
+async def _score_from(engine: Any, ids: list[int], rows_from: int, params: SamplingParams,
+                      cached_params: SamplingParams, request_id: str,
+                      after: Optional[asyncio.Future]) -> tuple[np.ndarray, np.ndarray]:
+    """`_score` reading the prefix cache once `after` (the sequence sharing this one's first
+    rows_from + 1 tokens) is done; again without the cache if a needed row was cached."""
+    if after is not None:
+        await asyncio.wait([after])
+    token_ids, logprobs = await _score(engine, ids, cached_params, request_id)
+    if np.isnan(logprobs[rows_from:, 0]).any():
+        token_ids, logprobs = await _score(engine, ids, params, request_id + "-uncached")
     return token_ids, logprobs
 
 
@@ -118,9 +151,20 @@ async def topk(body: TopkRequest, request: Request) -> Response:
                             detokenize=False, flat_logprobs=True,
                             output_kind=RequestOutputKind.FINAL_ONLY,
                             extra_args={RAW_KEY: True})
+    cached_params = params.clone()
+    cached_params.skip_reading_prefix_cache = False
     batch = uuid.uuid4().hex
-    tasks = [asyncio.ensure_future(_score(engine, ids, params, f"topk-{batch}-{i}"))
-             for i, ids in enumerate(body.sequences)]
+    tasks, firsts = [], {}
+    for i, ids in enumerate(body.sequences):
+        request_id = f"topk-{batch}-{i}"
+        if body.rows_from is None:
+            tasks.append(asyncio.ensure_future(_score(engine, ids, params, request_id)))
+            continue
+        prefix = tuple(ids[:body.rows_from[i] + 1])
+        tasks.append(asyncio.ensure_future(_score_from(
+            engine, ids, body.rows_from[i], params, cached_params, request_id,
+            firsts.get(prefix))))
+        firsts.setdefault(prefix, tasks[-1])
     try:
         scored = await asyncio.gather(*tasks)
     except VLLMClientError as exc:

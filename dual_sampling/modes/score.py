@@ -1,0 +1,311 @@
+"""`mode=score`: logprobs of given completions under theta and, optionally, the target.
+
+    python -m dual_sampling mode=score theta.url=http://127.0.0.1:8000 \
+        [target.url=http://127.0.0.1:8001] data.path=pairs.jsonl output_dir=runs/score
+
+Input (data.read_score_items): per record a prompt (text, chat `messages` or
+`prompt_token_ids`) and one `completion`, a list `completions` (the label case), or
+`completion_token_ids`; samples.jsonl of sample mode is read as it is. Tokenised as
+generation does: prompt = tokenize(prompt) with the server's special tokens (BOS), or the chat
+template for `messages`; completion = tokenize(completion) without special tokens; the
+sequence is the two id lists concatenated, so the completion's first token is conditioned on
+the whole prompt and never merges with the prompt's last.
+
+Each request carries up to `score.batch_size` sequences, a prompt's completions together;
+`score.concurrency` requests per server are in flight, and with a target each batch goes to
+both servers at once. Scores come from the actual tokens' logprobs only
+(dual_sampling.actual_logprobs: the binary `/v1/topk` with k = 1, or stock `prompt_logprobs=0`).
+The binary route is told each sequence's first completion row (`rows_from`), so vLLM's prefix
+cache serves prompts shared within a request (a label set) or across requests (a few-shot
+opening), in whole KV blocks.
+
+Before any scoring request: unreadable records (DataError naming file:line), servers that do
+not answer or tokenise differently (ServerError / ServerMismatchError), token ids outside the
+vocabulary (DataError). A record whose longest sequence does not fit the server's
+max-model-len is skipped and named in the summary, never truncated.
+
+Writes `output_dir/scores.jsonl`, one record per (index, completion_index), resumable exactly
+once, and `output_dir/summary.json` (also printed, and in W&B).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from dual_sampling import data, mixture, scoring
+from dual_sampling.actual_logprobs import STOCK_ROUTE, Scorer, check_raw_logprobs, choose_scorer
+from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
+from dual_sampling.config import ScoreParams, ScoreRunConfig, ServerConfig
+from dual_sampling.data import ScoreItem
+from dual_sampling.errors import DataError
+from dual_sampling.modes.sample import format_summary, tokenize_prompt
+from dual_sampling.records import RecordKey, ResumableJsonlWriter, read_records
+from dual_sampling.tracking import Tracker
+
+log = logging.getLogger(__name__)
+SCORES_FILE = "scores.jsonl"
+SUMMARY_FILE = "summary.json"
+KEY = RecordKey("index", "completion_index")
+TOKENIZE_IN_FLIGHT = 32  # /tokenize requests in flight (cheap, served by the API process)
+TABLE_ROWS = 32
+
+
+@dataclass
+class Group:
+    """A prompt's completions, tokenised: one scored sequence per completion."""
+
+    item: ScoreItem
+    prompt_text: Optional[str]
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [self.prompt_ids + ids for ids in self.completion_ids]
+
+    @property
+    def longest(self) -> int:
+        return len(self.prompt_ids) + max(map(len, self.completion_ids))
+
+
+async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool,
+                        tokenize_completion: Callable[[str], Awaitable[list[int]]]) -> Group:
+    """Prompt and completion ids as generation has them (given ids are used as they are)."""
+    prompt_text = item.prompt.get("prompt")
+    if "messages" in item.prompt:
+        prompt_text = json.dumps(item.prompt["messages"], ensure_ascii=False)
+    prompt_ids = item.prompt_token_ids
+    if prompt_ids is None:
+        prompt_ids = (await tokenize_prompt(item.prompt, [client], chat_template)).prompt_ids
+    completion_ids = item.completion_token_ids
+    if completion_ids is None:
+        completion_ids = list(await asyncio.gather(*map(tokenize_completion, item.completions)))
+    return Group(item, prompt_text, prompt_ids, completion_ids)
+
+
+async def tokenize_items(items: list[ScoreItem], client: VLLMClient, chat_template: bool
+                         ) -> list[Group]:
+    """Every item tokenised, TOKENIZE_IN_FLIGHT at a time; each distinct completion text is
+    sent once (a label set repeats over thousands of prompts)."""
+    gate = asyncio.Semaphore(TOKENIZE_IN_FLIGHT)
+    completions: dict[str, asyncio.Future] = {}
+
+    def tokenize_completion(text: str) -> asyncio.Future:
+        if text not in completions:
+            completions[text] = asyncio.ensure_future(
+                client.tokenize(text, add_special_tokens=False))
+        return completions[text]
+
+    async def one(item: ScoreItem) -> Group:
+        async with gate:
+            return await tokenize_item(item, client, chat_template, tokenize_completion)
+
+    return list(await asyncio.gather(*map(one, items)))
+
+
+def skip_reason(group: Group, max_length: int, limit_owner: str) -> Optional[str]:
+    """Why a group cannot be scored as it is, or None."""
+    if not group.prompt_ids:
+        return "the prompt tokenises to no tokens (nothing to condition the first token on)"
+    if not all(group.completion_ids):
+        return "a completion tokenises to no tokens"
+    if group.longest > max_length:
+        return (f"prompt + completion is {group.longest} tokens, over the {max_length} that "
+                f"{limit_owner} takes; shorten it or raise the server's --max-model-len")
+    return None
+
+
+def check_vocab(groups: list[Group], vocab_size: Optional[int]) -> None:
+    """DataError naming the record when a given token id is outside the vocabulary."""
+    if vocab_size is None:
+        return
+    for group in groups:
+        top = max(max(ids, default=0) for ids in [group.prompt_ids, *group.completion_ids])
+        if top >= vocab_size:
+            raise DataError(f"{group.item.where}: token id {top} is outside the servers' "
+                            f"vocabulary [0, {vocab_size}): these ids come from another "
+                            f"tokenizer; give texts instead, or score with matching models.")
+
+
+def plan_batches(groups: list[Group], batch_size: int) -> list[list[Group]]:
+    """Consecutive groups, up to `batch_size` sequences a batch; a group is never split."""
+    batches: list[list[Group]] = []
+    size = 0
+    for group in groups:
+        if not batches or size + len(group.completion_ids) > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(group)
+        size += len(group.completion_ids)
+    return batches
+
+
+def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_token: bool,
+                  models: dict[str, str]) -> list[dict[str, Any]]:
+    """One record per (prompt, completion) of a batch from each model's actual-token
+    logprobs (one `(L-1,)` array per sequence, in batch order)."""
+    starts = [len(g.prompt_ids) for g in batch for _ in g.completion_ids]
+    lengths = np.array([len(ids) for g in batch for ids in g.completion_ids])  # (S,)
+    group_sizes = np.array([len(g.completion_ids) for g in batch])  # (G,)
+    logp, sums, probs = {}, {}, {}
+    for name, rows in actual.items():
+        logp[name] = [scoring.completion_rows(a, p) for a, p in zip(rows, starts)]
+        sums[name] = scoring.sequence_sums(lengths, np.concatenate(logp[name]))  # (S,)
+        probs[name] = scoring.normalise_within_groups(sums[name], group_sizes)  # (S,)
+    records, s = [], 0
+    for group in batch:
+        for c, ids in enumerate(group.completion_ids):
+            record: dict[str, Any] = {
+                "index": group.item.index, "completion_index": c, "prompt": group.prompt_text,
+                "completion": group.item.completions[c], "num_prompt_tokens": starts[s],
+                "num_tokens": int(lengths[s])}
+            if per_token:
+                record["prompt_token_ids"] = group.prompt_ids
+                record["completion_token_ids"] = ids
+                record.update({f"logp_{name}": logp[name][s].tolist() for name in actual})
+            for name in actual:
+                record[f"sum_logp_{name}"] = float(sums[name][s])
+                record[f"mean_logp_{name}"] = float(sums[name][s] / lengths[s])
+            if len(actual) == 2:
+                record["log_w"] = record["sum_logp_target"] - record["sum_logp_theta"]
+            if group.item.labels:
+                record.update({f"label_prob_{name}": float(probs[name][s]) for name in actual})
+            records.append({**record, **models})
+            s += 1
+    return records
+
+
+def summarize(path: Path, names: list[str]) -> dict[str, Any]:
+    """Over every record in the scores file: counts, mean NLL per model, log_w and its ESS."""
+    records = list(read_records(path))
+    if not records:
+        return {"num_records": 0}
+    tokens = int(sum(r["num_tokens"] for r in records))
+    summary: dict[str, Any] = {"num_records": len(records),
+                               "num_prompts": len({r["index"] for r in records}),
+                               "num_tokens": tokens}
+    for name in names:
+        summary[f"mean_nll_{name}"] = -sum(r[f"sum_logp_{name}"] for r in records) / tokens
+    if len(names) == 2:
+        log_w = np.array([r["log_w"] for r in records])  # (N,)
+        summary["mean_log_w"] = float(log_w.mean())
+        summary["ess_fraction"] = float(mixture.effective_sample_size(log_w)) / len(records)
+    return summary
+
+
+def run(config: ScoreRunConfig) -> dict[str, Any]:
+    return asyncio.run(_run(config))
+
+
+def _client(server: ServerConfig, name: str, params: ScoreParams) -> VLLMClient:
+    return VLLMClient(server.url, name=name, model=server.model, timeout_s=server.timeout_s,
+                      max_retries=server.max_retries,
+                      max_connections=params.concurrency * params.batch_size + TOKENIZE_IN_FLIGHT)
+
+
+async def _run(config: ScoreRunConfig) -> dict[str, Any]:
+    params = config.score
+    items = data.read_score_items(config.data.path, config.data.prompt_field)
+    items = data.shard(items, config.data.shard_index, config.data.num_shards)
+    if config.data.limit is not None:
+        items = items[:config.data.limit]
+    out = Path(config.output_dir)
+    servers = {"theta": config.theta, **({"target": config.target} if config.target else {})}
+    clients = {name: _client(server, name, params) for name, server in servers.items()}
+    theta = clients["theta"]
+    async with AsyncExitStack() as stack:
+        for client in clients.values():
+            await stack.enter_async_context(client)
+        infos: dict[str, ServerInfo] = dict(zip(clients, await asyncio.gather(
+            *(c.describe() for c in clients.values()))))
+        if "target" in clients:
+            await check_same_tokenizer(theta, infos["theta"], clients["target"], infos["target"])
+        writer = ResumableJsonlWriter(out / SCORES_FILE, key=KEY)
+        todo = [item for item in items if any((item.index, c) not in writer.done
+                                              for c in range(len(item.completions)))]
+        log.info("%d records, %d to score", len(items), len(todo))
+        tracker = Tracker(config)
+        started = time.perf_counter()
+        groups = await tokenize_items(todo, theta, config.data.chat_template)
+        tokenize_s = time.perf_counter() - started
+        check_vocab(groups, infos["theta"].vocab_size)
+        owner = min(clients, key=lambda n: infos[n].max_model_len or 1 << 30)
+        max_length = infos[owner].max_model_len or 1 << 30
+        if params.route == "topk":
+            max_length -= 1  # the binary route keeps one slot for the generated token
+        skipped = []
+        for group in groups:
+            reason = skip_reason(group, max_length, f"the {owner} server at {clients[owner].url}")
+            if reason is not None:
+                skipped.append({"index": group.item.index, "where": group.item.where,
+                                "reason": reason})
+                log.warning("skipping %s: %s", group.item.where, reason)
+        skipped_indices = {s["index"] for s in skipped}
+        groups = [g for g in groups if g.item.index not in skipped_indices]
+
+        longest = max((g.longest for g in groups), default=2)
+        scorers: dict[str, Scorer] = {}
+        routes: dict[str, str] = {}
+        for name, client in clients.items():
+            scorers[name], routes[name] = choose_scorer(client, infos[name], longest, params.route)
+            if routes[name] == STOCK_ROUTE:
+                await check_raw_logprobs(client)
+            log.info("%s: scoring through %s", name, routes[name])
+
+        models = {f"{name}_model": info.model for name, info in infos.items()}
+        bar = tqdm(total=sum(len(g.completion_ids) for g in groups), unit="seq", desc="score",
+                   disable=not config.progress, dynamic_ncols=True)
+        in_flight = asyncio.Semaphore(params.concurrency)
+        counters = {"tokens": 0, "sequences": 0}
+        table: list[dict[str, Any]] = []
+        scoring_started = time.perf_counter()
+
+        async def score(batch: list[Group]) -> None:
+            sequences = [s for g in batch for s in g.sequences]
+            rows_from = [len(g.prompt_ids) - 1 for g in batch for _ in g.completion_ids]
+            async with in_flight:
+                results = await asyncio.gather(*(scorer(sequences, rows_from)
+                                                 for scorer in scorers.values()))
+            for record in batch_records(batch, dict(zip(scorers, results)), params.per_token,
+                                        models):
+                if KEY(record) not in writer.done:
+                    writer.write(record)
+                    counters["tokens"] += record["num_tokens"]
+                    counters["sequences"] += 1
+                    if len(table) < TABLE_ROWS:
+                        table.append(record)
+            bar.update(len(sequences))
+
+        try:
+            await asyncio.gather(*(score(b) for b in plan_batches(groups, params.batch_size)))
+        finally:
+            writer.close()
+            bar.close()
+        scoring_s = time.perf_counter() - scoring_started
+        elapsed = time.perf_counter() - started
+        summary = summarize(out / SCORES_FILE, list(clients))
+        summary.update({
+            "sequences_this_run": counters["sequences"], "tokens_this_run": counters["tokens"],
+            "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "scoring_tokens_per_s": counters["tokens"] / scoring_s if scoring_s > 0 else 0.0,
+            "tokenize_s": tokenize_s, "seconds": elapsed,
+            **{f"route_{name}": route for name, route in routes.items()},
+            "num_skipped": len(skipped), "dataset": str(out / SCORES_FILE)})
+        (out / SUMMARY_FILE).write_text(json.dumps({**summary, "skipped": skipped}, indent=2))
+        columns = ["index", "completion_index", "num_tokens",
+                   *(f"sum_logp_{name}" for name in clients),
+                   *(["log_w"] if len(clients) == 2 else [])]
+        tracker.table("scores", columns, [[r[c] for c in columns] for r in table])
+        tracker.summary(summary)
+        tracker.finish()
+    print(format_summary(summary))
+    return {**summary, "skipped": skipped}
