@@ -227,7 +227,9 @@ def test_first_token_frequencies_match_the_tempered_reference(servers, tiny_mode
         token = seq.completion_ids[0]
         counts[position[token]] += 1
         assert seq.tokens["logp_q"][0] == pytest.approx(log_q[position[token]], abs=2e-3)
-        assert seq.tokens["logp_theta"][0] == pytest.approx(logp_theta[token], abs=2e-3)
+        # untempered: the model's logprob (its k-th when outside its top-k, missing=kth)
+        assert seq.tokens["logp_theta"][0] == pytest.approx(
+            cand.logp_theta[0, position[token]], abs=2e-3)
     expected = np.exp(log_q) * n
     big = expected >= 5  # pool the rare candidates into one bin
     observed = np.r_[counts[big], counts[~big].sum()]
