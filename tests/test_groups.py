@@ -279,6 +279,8 @@ def test_group_dataset_records_groups_file_and_summary(group_run):
     assert summary["n"] == 3 and summary["temperature"] == 0.5
     assert summary["groups_complete"] == 4 and summary["num_prompts"] == 4
     assert 1 / 3 <= summary["mean_group_ess_theta_fraction"] <= 1
+    blob = b"".join(f.read_bytes() for f in out.rglob("run-*.wandb"))
+    assert b"report/alpha_histogram" in blob and b"report/log_weights_ess" in blob  # W&B images
 
 
 @pytest.mark.server

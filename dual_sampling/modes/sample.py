@@ -146,9 +146,10 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
     """Run one coordinator per replica pair over the shared queue.
 
     A pair pulls prompts as its slots free up, so the least-loaded pair takes the next
-    one, and a prompt stays on its pair until it finishes. When a pair fails (a server
-    error after retries), its unfinished prompts go back in the queue and restart, from
-    their first token, on the pairs still alive; with none left the error is raised.
+    one, and a sample stays on its pair until it finishes. When a pair fails (a server
+    error after retries), its unfinished samples (not those of their groups already
+    written) go back in the queue and restart, from their first token, on the pairs still
+    alive; with none left the error is raised.
     """
     alive, done = list(pairs), []
     while True:
@@ -163,7 +164,7 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
             if isinstance(result, ServerError):
                 queue.requeue(coordinator.unfinished)
                 failed.append((pair, result))
-                log.warning("replica pair %s + %s failed (%s); %d prompts restart on the "
+                log.warning("replica pair %s + %s failed (%s); %d samples restart on the "
                             "others", pair[0].url, pair[1].url, result,
                             len(coordinator.unfinished))
             elif isinstance(result, BaseException):
