@@ -14,9 +14,9 @@ size, transport or resume.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
 
