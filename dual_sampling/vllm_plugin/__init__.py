@@ -13,6 +13,13 @@ from argparse import Namespace
 from typing import Any
 
 ROUTE_MODULES = ("info", "topk", "session")
+ROUTE_FEATURES = {"session": "sessions"}  # route module -> the compat feature it needs
+
+
+def route_modules() -> list[str]:
+    """The route modules this vLLM can serve (compat.py: a missing private name drops one)."""
+    from dual_sampling.vllm_plugin import compat
+    return [m for m in ROUTE_MODULES if m not in ROUTE_FEATURES or compat.usable(ROUTE_FEATURES[m])]
 
 
 class DualSamplingPlugin:
@@ -22,7 +29,7 @@ class DualSamplingPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: Any) -> None:
-        for module in ROUTE_MODULES:
+        for module in route_modules():
             app.include_router(importlib.import_module(f"{__name__}.{module}").router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -35,5 +42,6 @@ def make_plugin() -> DualSamplingPlugin:
 
 def register_general() -> None:
     """The `vllm.general_plugins` hook: runs in every vLLM process named by VLLM_PLUGINS."""
-    from dual_sampling.vllm_plugin import tuning
+    from dual_sampling.vllm_plugin import compat, tuning
+    compat.warn_if_unpinned()
     tuning.register()
