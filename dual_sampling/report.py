@@ -26,7 +26,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -37,6 +37,8 @@ from dual_sampling.records import read_records
 SAMPLES_FILE, SUMMARY_FILE = "samples.jsonl", "summary.json"
 REPORT_FILE, FIGURES_DIR = "report.html", "report_files"
 OVERRIDE_FILES = (".hydra/overrides.yaml", "overrides.yaml")
+# overrides that say where a run ran, not what it sampled: never "swept"
+PLUMBING = re.compile(r"^(output_dir|progress|wandb\..*|.*\.(url|timeout_s|max_retries))$")
 JOB_MARKERS = (SAMPLES_FILE, SUMMARY_FILE, ".hydra", "overrides.yaml")
 TABLE_KEYS = ("num_sequences", "num_tokens", "mean_alpha", "mean_kl_q_theta",
               "mean_kl_q_target", "mean_coverage_theta", "mean_coverage_target",
@@ -143,19 +145,22 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Override keys whose values differ between runs (output_dir aside), in first-seen order."""
-    keys = dict.fromkeys(k for run in runs for k in run.overrides if k != "output_dir")
-    return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+    """Override keys with different values in the runs that set them (where-it-ran keys
+    such as output_dir and URLs aside), in first-seen order."""
+    keys = dict.fromkeys(k for run in runs for k in run.overrides if not PLUMBING.match(k))
+    return [k for k in keys if len({run.overrides[k] for run in runs if k in run.overrides}) > 1]
 
 
 def _label(runs: list[Run]) -> None:
+    """Legend names: the folder (with its parent where two share a name), and the swept
+    values while there are at most two (the table has them all)."""
     swept = swept_keys(runs)
     names = [run.path.name for run in runs]
     for run in runs:
         name = run.path.name if names.count(run.path.name) == 1 else \
             f"{run.path.parent.name}/{run.path.name}"
-        values = ", ".join(f"{k.split('.')[-1]}={run.overrides.get(k, '-')}" for k in swept)
-        run.label = f"{name} ({values})" if values else name
+        values = ", ".join(f"{k}={run.overrides.get(k, '-')}" for k in swept)
+        run.label = f"{name} ({values})" if values and len(swept) <= 2 else name
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def _coverage(runs: list[Run], path: Path) -> Path:
                         color=line[0].get_color() if line else None,
                         label=None if line else run.label)
         ax.set(title=f"{model}: mass of its top-k", xlabel="k", ylabel="mean coverage",
-               ylim=(0, 1.02))
+               ylim=(0, 1.02), xlim=(0, None))
     return _save(fig, path)
 
 
@@ -224,8 +229,8 @@ def _log_weights(runs: list[Run], path: Path) -> Path:
         ax.set(title=f"log w_{model} - max (sequence)", xlabel="nats", ylabel="sequences")
     if with_groups:
         ax = axes[2]
-        for run in runs:
-            rows = groups.group_weights(run.records, run.summary.get("n", 1))
+        for run in (run for run in runs if run.summary.get("n", 1) > 1):
+            rows = groups.group_weights(run.records, run.summary["n"])
             for model in groups.MODELS:
                 ax.hist([r[f"ess_{model}_fraction"] for r in rows], bins=np.linspace(0, 1, 21),
                         histtype="step", label=f"{run.label}: {model}")
@@ -251,23 +256,24 @@ def _as_number(value: Optional[str]) -> Optional[float]:
 
 
 def _against(runs: list[Run], key: str, path: Path) -> Path:
-    """Summary figures against one swept key; runs sharing the other swept values are joined."""
+    """Summary figures against one swept key: a line through the runs that share the other
+    swept values where the key is numeric, points where it is not ("-": not set)."""
     others = [k for k in swept_keys(runs) if k != key]
-    values = [run.overrides.get(key) for run in runs]
-    numeric = all(_as_number(v) is not None for v in values)
-    ticks = sorted(set(values), key=lambda v: _as_number(v) if numeric else str(v))
-    x_of: Callable[[Optional[str]], float] = (lambda v: _as_number(v)) if numeric \
-        else (lambda v: float(ticks.index(v)))
+    value = {id(run): run.overrides.get(key, "-") for run in runs}
+    numeric = all(_as_number(v) is not None for v in value.values())
+    ticks = sorted(set(value.values()), key=lambda v: _as_number(v) if numeric else v)
+    x = {i: _as_number(v) if numeric else float(ticks.index(v)) for i, v in value.items()}
     series: dict[str, list[Run]] = {}
     for run in runs:
-        series.setdefault(", ".join(f"{k}={run.overrides.get(k)}" for k in others), []).append(run)
+        series.setdefault(", ".join(f"{k}={run.overrides.get(k, '-')}" for k in others),
+                          []).append(run)
     fig, axes = _figure(3, math.ceil(len(SWEEP_KEYS) / 3))
     for ax, metric in zip(axes, SWEEP_KEYS):
         for name, members in series.items():
-            members = sorted(members, key=lambda r: x_of(r.overrides.get(key)))
-            ax.plot([x_of(r.overrides.get(key)) for r in members],
-                    [r.summary.get(metric) if r.summary.get(metric) is not None else np.nan
-                     for r in members], "o-", label=name or None)
+            members = sorted(members, key=lambda r: x[id(r)])
+            ax.plot([x[id(r)] for r in members],
+                    [np.nan if r.summary.get(metric) is None else r.summary[metric]
+                     for r in members], "o-" if numeric else "o", label=name or None)
         if not numeric:
             ax.set_xticks(range(len(ticks)), ticks)
         ax.set(title=metric, xlabel=key)
@@ -275,8 +281,11 @@ def _against(runs: list[Run], key: str, path: Path) -> Path:
 
 
 def make_figures(runs: list[Run], folder: Path) -> list[Path]:
-    """Write every figure of these runs as PNG files in `folder`; their paths, in order."""
+    """Write every figure of these runs as PNG files in `folder` (replacing the figures of
+    an earlier report there); their paths, in order."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
     figures = [
         _alpha_histogram(runs, folder / "alpha_histogram.png"),
         _by_position(runs, folder / "alpha_by_position.png", ("alpha",), "alpha"),
