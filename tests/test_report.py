@@ -127,6 +127,22 @@ def test_sweep_report_table_figures_and_a_skipped_job(tmp_path):
     assert set(figures) == {sweep / src for src in page.images}
 
 
+def test_hydra_multirun_layout_reads_hydra_overrides(tmp_path):
+    """Hydra's own layout: <sweep>/multirun.yaml, <sweep>/0, 1, ... each with .hydra/."""
+    sweep = tmp_path / "multirun"
+    for job, temperature in enumerate(("0.5", "2.0", "1.0")):
+        run = fake_run(sweep / str(job), fake_records(3, 1, seed=job))
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text(
+            f"- mode=sample\n- sample.temperature={temperature}\n- hydra.verbose=true\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    report.write_report([sweep], sweep)
+    page = read_page(sweep)
+    assert [row["sample.temperature"] for row in page.rows] == ["0.5", "2.0", "1.0"]
+    assert "hydra.verbose" not in (sweep / "report.html").read_text()
+    assert any("against_sample.temperature" in src for src in page.images)
+
+
 def test_coverage_by_k_and_by_position_against_direct_formulas():
     records = fake_records(3, 1, seed=4)
     probs = np.array([np.exp(c["logp_theta"]) for r in records for c in r["candidates"]])
