@@ -62,13 +62,22 @@ class Run:
 
 # -- finding and reading runs ------------------------------------------------------------------
 def _read_overrides(job: Path) -> dict[str, str]:
-    """`key=value` overrides a job was started with (Hydra's, or those sample mode keeps)."""
+    """`key=value` overrides a job was started with (Hydra's, or those sample mode keeps).
+
+    Raises DataError naming the file when it is not a YAML list."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     for name in OVERRIDE_FILES:
         if (job / name).is_file():
-            items = OmegaConf.to_container(OmegaConf.load(job / name))
-            return dict(str(item).lstrip("+~").split("=", 1) for item in items or []
+            try:
+                items = OmegaConf.to_container(OmegaConf.load(job / name))
+            except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+                raise DataError(f"{job / name}: unreadable ({exc})") from exc
+            if not isinstance(items, list):
+                raise DataError(f"{job / name}: not a list of key=value overrides")
+            return dict(str(item).lstrip("+~").split("=", 1) for item in items
                         if "=" in str(item) and not str(item).startswith("hydra"))
     return {}
 
@@ -97,16 +106,18 @@ def _load(job: Path, run: Run) -> Optional[str]:
     run.records = list(read_records(job / SAMPLES_FILE))
     if not run.records:
         return f"{SAMPLES_FILE} holds no complete record"
-    saved = json.loads((job / SUMMARY_FILE).read_text()) if (job / SUMMARY_FILE).is_file() else {}
-    n = int(saved.get("n") or max(r.get("sample_index", 0) for r in run.records) + 1)
     try:
+        saved = json.loads((job / SUMMARY_FILE).read_text()) if (job / SUMMARY_FILE).is_file() \
+            else {}
+        n = int(saved.get("n") or max(r.get("sample_index", 0) for r in run.records) + 1)
         run.summary = sample_stats.summarize(run.records, n)
         run.summary.update({key: saved[key] for key in ("tokens_per_s", "transport", "top_k",
                                                         "temperature") if key in saved})
         run.summary["n"] = n
-    except (KeyError, TypeError, ValueError) as exc:
-        return (f"{SAMPLES_FILE} records lack or garble a field ({type(exc).__name__}: "
-                f"{exc}): not written by this version of dual_sampling's sample mode")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return (f"the {SAMPLES_FILE} records or {SUMMARY_FILE} lack or garble a field "
+                f"({type(exc).__name__}: {exc}): not written by this version of "
+                f"dual_sampling's sample mode")
     return None
 
 
@@ -128,8 +139,9 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
                             f"sample run's output_dir (where {SAMPLES_FILE} is) or a Hydra "
                             f"multirun directory.")
         for job in jobs:
-            run = Run(path=job, overrides=_read_overrides(job))
+            run = Run(path=job, overrides={})
             try:
+                run.overrides = _read_overrides(job)
                 reason = _load(job, run)
             except DataError as exc:
                 reason = str(exc)

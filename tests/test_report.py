@@ -153,6 +153,18 @@ def test_coverage_by_k_and_by_position_against_direct_formulas():
     assert np.isnan(sample_stats.by_position(records, "kl_q_target")[0])  # all null there
 
 
+def test_unreadable_summary_or_overrides_skip_the_job_by_name(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "job0", fake_records(2, 1, seed=0), ["sample.top_k=5"])
+    (fake_run(sweep / "job1", fake_records(2, 1, seed=1)) / "summary.json").write_text("{")
+    (fake_run(sweep / "job2", fake_records(2, 1, seed=2)) / "overrides.yaml").write_text("a: [")
+    report.write_report([sweep], sweep)
+    text = (sweep / "report.html").read_text()
+    assert len(read_page(sweep).rows) == 1
+    assert "job1</code>: the samples.jsonl records or summary.json" in text
+    assert "job2/overrides.yaml: unreadable" in text
+
+
 def test_half_written_last_line_is_a_note_not_a_crash(tmp_path):
     run = fake_run(tmp_path / "run", fake_records(3, 1, seed=1))
     with (run / "samples.jsonl").open("ab") as fh:
@@ -176,6 +188,7 @@ def with_samples(text: str):
     (with_samples(""), "no complete record"),
     (with_samples('{"index": 0}\n'), "lack or garble"),
     (with_samples('{"index": 0}\nnot json\n'), ":2: not a JSON"),
+    (with_samples('[1, 2]\n'), "lack or garble"),
 ])
 def test_bad_run_dirs_give_one_clear_error(tmp_path, make, message):
     path = make(tmp_path)
