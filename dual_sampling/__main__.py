@@ -12,12 +12,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dual_sampling.config import register_schemas, to_run_config
 from dual_sampling.errors import DualSamplingError
 
 log = logging.getLogger("dual_sampling")
+OVERRIDES_FILE = "overrides.yaml"
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # root conf/ links here
 
 register_schemas()
@@ -31,11 +32,22 @@ def _sweep_output_dir(output_dir: str) -> str:
     return output_dir
 
 
+def _keep_overrides(output_dir: str) -> None:
+    """Save the command-line overrides in output_dir where Hydra's `.hydra/overrides.yaml`
+    is elsewhere (an explicit output_dir): the report reads a sweep's values from them."""
+    hc = HydraConfig.get()
+    if Path(output_dir).resolve() != Path(hc.runtime.output_dir).resolve():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(list(hc.overrides.task)),
+                       Path(output_dir) / OVERRIDES_FILE)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run_config = to_run_config(cfg)
         run_config.output_dir = _sweep_output_dir(run_config.output_dir)
+        _keep_overrides(run_config.output_dir)
         from dual_sampling.modes import run_mode
         run_mode(run_config)
     except DualSamplingError as exc:

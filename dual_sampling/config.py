@@ -8,6 +8,7 @@ dataclasses, whose `__post_init__` calls each section's `check(key)`, which rais
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -134,6 +135,15 @@ class SampleParams:
     any vLLM server), or `auto` (session when every server has the plugin's session route)."""
     record_candidates: bool = False
     """Also store both servers' top-k lists per token (large; for audits and tests)."""
+    n: int = 1
+    """Completions per prompt (a group, for GRPO/RLOO, best-of-n, preference pairs): records
+    `(index, sample_index)` for sample_index in [0, n), each from its own seeded stream."""
+    temperature: float = 1.0
+    """Each token is drawn from q_T = q*^(1/T) / sum q*^(1/T) over the merged candidates, with
+    alpha* the Chernoff point of the untempered pair; `logp_q` is log q_T of the token, and
+    `logp_theta`/`logp_target` stay untempered. 1 reproduces untempered datasets exactly."""
+    report: bool = True
+    """Write `output_dir/report.html` (plots of the whole dataset) at the end of the run."""
 
     def check(self, key: str) -> None:
         _require(self.top_k >= 1, f"{key}.top_k", self.top_k, "must be >= 1")
@@ -145,6 +155,9 @@ class SampleParams:
         _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
         _require(self.transport in TRANSPORTS, f"{key}.transport", self.transport,
                  f"choose one of {TRANSPORTS}")
+        _require(self.n >= 1, f"{key}.n", self.n, "must be >= 1")
+        _require(math.isfinite(self.temperature) and self.temperature > 0,
+                 f"{key}.temperature", self.temperature, "must be a finite number > 0")
 
 
 @dataclass

@@ -2,25 +2,43 @@
 
 Each step sends every active sequence to both servers at once (one batched request per
 server, the two in parallel), merges the two top-k candidate sets, solves alpha* per row
-(or uses a fixed alpha), samples each row's next token from q* with that sequence's own
-random generator, and retires finished sequences, whose slots new prompts take at the
-next step. Detokenising and writing a finished record run as tasks beside the loop.
+(or uses a fixed alpha), samples each row's next token from q* tempered to q*^(1/T) with
+that sequence's own random generator, and retires finished sequences, whose slots new
+sequences take at the next step. A prompt gives `n` sequences (its group), one per
+sample_index. Detokenising and writing a finished record run as tasks beside the loop.
 
-Reproducibility: sequence i draws its uniforms from `Generator(PCG64([seed, i]))`, so the
-tokens depend on the seed and the servers' answers only, not on batching or resume.
+Reproducibility: sample s of prompt i draws its uniforms from `sequence_rng(seed, i, s)`,
+so the tokens depend on the seed and the servers' answers only, not on batching, group
+size, transport or resume.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 import numpy as np
 
 from dual_sampling import mixture
 from dual_sampling.client import VLLMClient
+
+
+def sequence_seed(seed: int, index: int, sample_index: int) -> list[int]:
+    """Entropy of sample `sample_index` of prompt `index`: one stream per (prompt, sample).
+
+    Sample 0 keeps `[seed, index]`, the stream of every dataset written before groups (for
+    every seed, however large), so n = 1 reproduces those token for token; sample s >= 1
+    uses `[seed, index, s]`. A fused engine seeds its per-request generator from the same.
+    """
+    return [seed, index] if sample_index == 0 else [seed, index, sample_index]
+
+
+def sequence_rng(seed: int, index: int, sample_index: int) -> np.random.Generator:
+    """The generator whose `random()` gives the uniforms of one sequence, one per token."""
+    return np.random.Generator(np.random.PCG64(sequence_seed(seed, index, sample_index)))
 
 
 class Transport(Protocol):
@@ -67,11 +85,12 @@ class RequestTransport:
 
 @dataclass
 class PromptItem:
-    """A prompt ready to generate from."""
+    """A prompt ready to generate from, and which samples of its group are still to do."""
 
     index: int
     prompt: str
     prompt_ids: list[int]
+    sample_indices: tuple[int, ...] = (0,)
 
 
 class PromptQueue:
@@ -120,9 +139,14 @@ TOKEN_FIELDS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "k
 
 @dataclass
 class Sequence:
-    """One prompt being completed; per-token lists grow by one each step."""
+    """One sample of a prompt being completed; per-token lists grow by one each step.
+
+    `key` names it to the transport: unique among the coordinator's sequences.
+    """
 
     item: PromptItem
+    sample_index: int
+    key: int
     rng: np.random.Generator
     completion_ids: list[int] = field(default_factory=list)
     tokens: dict[str, list] = field(default_factory=lambda: {f: [] for f in TOKEN_FIELDS})
@@ -147,6 +171,7 @@ class SampleSettings:
     stop: tuple[str, ...] = ()
     seed: int = 0
     record_candidates: bool = False
+    temperature: float = 1.0
 
 
 @dataclass
@@ -187,34 +212,41 @@ class Coordinator:
     async def run(self, prompts: AsyncIterator[PromptItem]) -> None:
         """Generate until `prompts` is exhausted and every sequence is finished.
 
-        On an error, `self.unfinished` lists the prompts taken but not yet handed to
-        `on_finished` successfully (so a caller can give them to another replica).
+        A prompt's samples (`item.sample_indices`) take free slots one by one, so a group
+        may span steps. On an error, `self.unfinished` lists the samples taken but not yet
+        handed to `on_finished` successfully, one PromptItem per sample (so a caller can
+        give them to another replica without doubling the rest of their group).
         """
         s = self.settings
         active: list[Sequence] = []
-        writers: dict[asyncio.Task, PromptItem] = {}
+        waiting: list[tuple[PromptItem, int]] = []  # samples of the last prompt taken
+        writers: dict[asyncio.Task, Sequence] = {}
+        keys = itertools.count()
         exhausted = False
         start = time.perf_counter()
         self.unfinished: list[PromptItem] = []
         try:
             while True:
-                while not exhausted and len(active) < s.concurrency:
-                    try:
-                        item = await anext(prompts)
-                    except StopAsyncIteration:
-                        exhausted = True
-                        break
-                    rng = np.random.Generator(np.random.PCG64([s.seed, item.index]))
-                    active.append(Sequence(item=item, rng=rng))
+                while len(active) < s.concurrency and (waiting or not exhausted):
+                    if not waiting:
+                        try:
+                            item = await anext(prompts)
+                        except StopAsyncIteration:
+                            exhausted = True
+                            break
+                        waiting = [(item, sample) for sample in item.sample_indices]
+                    item, sample = waiting.pop(0)
+                    active.append(Sequence(item=item, sample_index=sample, key=next(keys),
+                                           rng=sequence_rng(s.seed, item.index, sample)))
                 if not active:
                     break
                 finished = await self._step(active)
                 if finished:
-                    await self.transport.release([seq.item.index for seq in finished])
+                    await self.transport.release([seq.key for seq in finished])
                 for seq in finished:
                     active.remove(seq)
                     task = asyncio.create_task(self.on_finished(seq))
-                    writers[task] = seq.item
+                    writers[task] = seq
                     task.add_done_callback(
                         lambda t: writers.pop(t, None)
                         if not t.cancelled() and t.exception() is None else None)
@@ -224,14 +256,15 @@ class Coordinator:
             for task in writers:
                 task.cancel()
             await asyncio.gather(*writers, return_exceptions=True)
-            self.unfinished = [seq.item for seq in active] + [
-                item for task, item in writers.items() if task.cancelled() or task.exception()]
+            failed = [seq for task, seq in writers.items() if task.cancelled() or task.exception()]
+            waiting += [(seq.item, seq.sample_index) for seq in active + failed]
+            self.unfinished = [replace(item, sample_indices=(sample,)) for item, sample in waiting]
             raise
         finally:
             self.total_s += time.perf_counter() - start
 
     @staticmethod
-    def _raise_failed_writer(writers: dict[asyncio.Task, PromptItem]) -> None:
+    def _raise_failed_writer(writers: dict[asyncio.Task, Sequence]) -> None:
         for task in writers:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
@@ -240,7 +273,7 @@ class Coordinator:
         s = self.settings
         t0 = time.perf_counter()
         ids_theta, logp_theta, ids_target, logp_target = await self.transport.step(
-            [seq.item.index for seq in active], [seq.context for seq in active],
+            [seq.key for seq in active], [seq.context for seq in active],
             s.top_k)  # each (B, k)
         t1 = time.perf_counter()
         cand = mixture.merge_topk(ids_theta, logp_theta, ids_target, logp_target,
@@ -249,7 +282,8 @@ class Coordinator:
             alpha = mixture.solve_alpha(cand.logp_theta, cand.logp_target)  # (B,)
         else:
             alpha = np.full(len(active), s.alpha)
-        log_q = mixture.log_mixture(cand.logp_theta, cand.logp_target, alpha)  # (B, M)
+        log_q = mixture.temper(mixture.log_mixture(cand.logp_theta, cand.logp_target, alpha),
+                               s.temperature)  # (B, M) what the token is drawn from
         uniforms = np.array([seq.rng.random() for seq in active])  # (B,)
         choice = mixture.inverse_cdf(log_q, uniforms)  # (B,)
         rows = np.arange(len(active))

@@ -11,6 +11,9 @@ alpha* in [0, 1] minimises the convex log Z(alpha). Its derivatives are
 
 so an interior alpha* is where the two KLs are equal (the Chernoff point).
 
+Sampling at a temperature T draws from q_T = q^(1/T) / sum q^(1/T) over the same
+candidates (`temper`); alpha* stays the Chernoff point of the untempered pair.
+
 Conventions, shared by every function here (none returns NaN):
 - Each model is normalised over its own finite entries of the candidate set; the KLs are
   those of these candidate-set distributions.
@@ -308,6 +311,25 @@ def inverse_cdf(log_q, uniforms):
     return np.minimum(idx, last)
 
 
+def temper(log_q, temperature):
+    """log q_T = log(q^(1/T) / sum q^(1/T)) over the last axis: the tempered distribution.
+
+    log_q: (..., K) normalised log-probabilities (as log_mixture returns), -inf allowed;
+    temperature: scalar or broadcastable to (...), each > 0. T < 1 sharpens q, T > 1 flattens
+    it over q's support (a -inf entry stays -inf). At T = 1 everywhere log_q is returned
+    unchanged, so sampling at T = 1 is bit for bit sampling from q. Raises ValueError on a
+    temperature that is not a finite number > 0.
+    """
+    log_q = _check_logp("log_q", log_q)
+    temperature = np.asarray(temperature, dtype=np.float64)
+    if not (np.isfinite(temperature) & (temperature > 0)).all():
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if (temperature == 1).all():
+        return log_q
+    t = np.broadcast_to(temperature, log_q.shape[:-1])[..., None]  # (..., 1)
+    return _normalise(log_q / t)  # (..., K)
+
+
 def sample(log_q, rng):
     """Draw one index per row of log_q (..., K) with uniforms from rng (a numpy Generator)."""
     return inverse_cdf(log_q, rng.random(np.shape(log_q)[:-1]))
@@ -367,3 +389,15 @@ def effective_sample_size(log_w):
 def ess_fraction(log_w):
     """effective_sample_size / N, in [1/N, 1] (0 where every weight is 0)."""
     return effective_sample_size(log_w) / np.shape(log_w)[-1]
+
+
+def normalised_weights(log_w):
+    """Self-normalised importance weights w / sum w over the last axis of log_w (..., N).
+
+    The weights a group of N samples of one prompt carries (GRPO/RLOO-style estimators):
+    each in [0, 1], summing to 1; a -inf log weight gets 0, and an all -inf slice all 0.
+    """
+    log_w = _check_logp("log_w", log_w)
+    log_total = _logsumexp(log_w)[..., None]  # (..., 1)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(log_total), np.exp(log_w - log_total), 0.0)

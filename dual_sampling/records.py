@@ -1,10 +1,9 @@
 """Dataset records on disk: an append-only JSONL that resumes with every record exactly once.
 
 Each record carries a unique key: by default its integer `index` (the prompt's position in
-the input), or a tuple of integer fields (`RecordKey("index", "completion_index")`, one
-record per completion of a prompt). A run started again on the same file reads the keys
-already there, cuts off a half-written
-last line (a run killed mid-write), and appends only the missing records. A line is
+the input); `FieldsKey(("index", "sample_index"))` makes a compound key. A run started again
+on the same file reads the keys already there, cuts off a half-written last line (a run
+killed mid-write), and appends only the missing records. A line is
 written with a single `write` on an O_APPEND descriptor, so a killed process leaves at
 most one partial line, which the next open removes.
 """
@@ -13,68 +12,81 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Hashable, Iterator
 
 from dual_sampling.errors import DataError
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the complete records of a JSONL file (a partial last line is skipped)."""
+    """Yield the complete records of a JSONL file (a partial last line is skipped).
+
+    Raises DataError naming the file and line on a complete line that is not JSON.
+    """
     if not path.exists():
         return
     with path.open("rb") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             if not line.endswith(b"\n"):
                 return
-            yield json.loads(line)
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not a JSON record ({exc.msg}); the file "
+                                f"was edited or corrupted: remove or fix that line.") from exc
 
 
 @dataclass(frozen=True)
-class RecordKey:
-    """A record's key from integer fields: an int for one field, a tuple of ints for several."""
+class FieldsKey:
+    """A record's key from integer fields: an int for one name, a tuple of ints for several.
 
-    fields: tuple[str, ...]
+    `defaults` gives a field's value where a record lacks it (a file written before the
+    field existed). A missing or non-integer field raises KeyError, TypeError or ValueError.
+    """
 
-    def __init__(self, *fields: str) -> None:
-        object.__setattr__(self, "fields", fields)
+    names: tuple[str, ...]
+    defaults: tuple[tuple[str, int], ...] = ()
 
     def __call__(self, record: dict[str, Any]) -> Hashable:
-        values = tuple(int(record[name]) for name in self.fields)
+        defaults = dict(self.defaults)
+        values = tuple(int(record[n] if n in record or n not in defaults else defaults[n])
+                       for n in self.names)
         return values[0] if len(values) == 1 else values
 
     def __str__(self) -> str:
-        return ", ".join(f"`{name}`" for name in self.fields)
+        return ", ".join(self.names)
 
 
 class ResumableJsonlWriter:
-    """Exactly-once JSONL writer keyed by `key` (a field name or a RecordKey; `index` by default).
+    """Exactly-once JSONL writer keyed by `key(record)` (default: the integer `index`).
 
     `done` holds the keys already on disk after opening. `write` refuses a key it has seen
-    (a coordinator bug, never silently doubled). fsync runs at most every
-    `fsync_every_s` seconds and at close, so a killed process loses nothing the kernel
-    holds, and a power cut loses at most that window.
+    (a coordinator bug, never silently doubled). fsync runs at most every `fsync_every_s`
+    seconds and at close, so a killed process loses nothing the kernel holds, and a power
+    cut loses at most that window.
     """
 
-    def __init__(self, path: Path, key: str | RecordKey = "index",
+    def __init__(self, path: Path, key: FieldsKey = FieldsKey(("index",)),
                  fsync_every_s: float = 1.0) -> None:
         self.path = Path(path)
-        self.key = RecordKey(key) if isinstance(key, str) else key
+        self.key = key
+        self.key_name = str(key)
         self.fsync_every_s = fsync_every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_partial_line()
         self.done: set[Hashable] = set()
         for number, record in enumerate(read_records(self.path), start=1):
             try:
-                done = self.key(record)
+                done = key(record)
             except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.path}:{number}: record without integer {self.key}; "
-                                f"this file was not written by this mode of dual_sampling: "
-                                f"use a new output_dir.") from exc
+                raise DataError(f"{self.path}:{number}: record without an integer "
+                                f"`{self.key_name}`; this file was not written by "
+                                f"dual_sampling: use a new output_dir.") from exc
             if done in self.done:
-                raise DataError(f"{self.path}:{number}: {self.key} = {done} appears twice; the "
-                                f"file was edited by hand: remove the duplicate line.")
+                raise DataError(f"{self.path}:{number}: `{self.key_name}`={done} appears "
+                                f"twice; the file was edited by hand: remove the duplicate "
+                                f"line.")
             self.done.add(done)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
@@ -91,7 +103,7 @@ class ResumableJsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         done = self.key(record)
         if done in self.done:
-            raise DataError(f"{self.path}: record {self.key} = {done} written twice.")
+            raise DataError(f"{self.path}: record `{self.key_name}`={done} written twice.")
         line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
         written = os.write(self._fd, line)
         if written != len(line):

@@ -47,6 +47,11 @@ class Tracker:
         if self.enabled:
             self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
+    def images(self, paths: dict[str, Path]) -> None:
+        """Log image files (e.g. the report's PNG figures) under these names."""
+        if self.enabled and paths:
+            self.run.log({name: self._wandb.Image(str(path)) for name, path in paths.items()})
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled:
             for key, value in values.items():

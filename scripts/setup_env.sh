@@ -22,4 +22,15 @@ fi
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 python -c "import vllm, transformers, dual_sampling" \
   || { echo "setup_env.sh: the environment does not import; see the errors above" >&2; exit 1; }
+# Headless Chromium shows the HTML report in one test (tests/test_report.py): Debian's
+# package, installed when missing and this shell may install system packages (root + apt).
+if [[ ! -x /usr/bin/chromium ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing chromium (apt-get; log: $LOG)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >>"$LOG" 2>&1 || { tail -n 20 "$LOG" >&2; echo "setup_env.sh: apt-get install chromium failed" >&2; exit 1; }
+  else
+    echo "setup_env.sh: no /usr/bin/chromium and no root apt-get: the report's browser test will skip" >&2
+  fi
+fi
 echo "environment ready: $(pwd)/.venv"

@@ -2,17 +2,17 @@
 of log Z, a dict-based top-k merge, direct formulas, and sampling frequencies."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.optimize import brentq
-from scipy.special import logsumexp
+from scipy.special import logsumexp, softmax
 from scipy.stats import chisquare
 
 from dual_sampling.mixture import (
     MISSING_POLICIES, effective_sample_size, ess_fraction, inverse_cdf, log_importance_weights,
-    log_mixture, log_partition, merge_topk, sample, solve_alpha, token_diagnostics,
-    topk_coverage)
+    log_mixture, log_partition, merge_topk, normalised_weights, sample, solve_alpha, temper,
+    token_diagnostics, topk_coverage)
 
 NEG_INF = -np.inf
 FINITE = st.floats(-30.0, 5.0)
@@ -435,3 +435,48 @@ def test_effective_sample_size():
     np.testing.assert_allclose(effective_sample_size(log_w - 1e4), direct, rtol=1e-9)
     np.testing.assert_allclose(ess_fraction(log_w), direct / 50, rtol=1e-12)
     assert np.all((effective_sample_size(log_w) >= 1) & (effective_sample_size(log_w) <= 50))
+
+
+# temperature and group weights ----------------------------------------------------------------
+
+@SETTINGS
+@given(pair=pairs(), temperature=st.floats(0.05, 20.0))
+def test_temper_is_the_softmax_of_log_q_over_t(pair, temperature):
+    log_q = log_mixture(*pair, solve_alpha(*pair))
+    assume(np.isfinite(log_q).any())
+    tempered = temper(log_q, temperature)
+    support = np.isfinite(log_q)
+    assert (np.isfinite(tempered) == support).all()  # the support never changes
+    want = softmax(log_q[support] / temperature)  # scipy, closed form
+    np.testing.assert_allclose(np.exp(tempered[support]), want, rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(temper(temper(log_q, temperature), 2.0),
+                               temper(log_q, 2.0 * temperature), atol=1e-9)
+
+
+def test_temper_limits_rows_and_errors():
+    log_q = np.array([np.log([0.5, 0.3, 0.2]), np.log([0.1, 0.1, 0.8])])
+    log_q = np.concatenate([log_q, np.full((2, 1), NEG_INF)], axis=1)
+    np.testing.assert_array_equal(temper(log_q, 1.0), log_q)  # T = 1: bit for bit
+    np.testing.assert_allclose(np.exp(temper(log_q, 1e-3)), [[1, 0, 0, 0], [0, 0, 1, 0]],
+                               atol=1e-12)
+    np.testing.assert_allclose(np.exp(temper(log_q, 1e6)), [[1 / 3] * 3 + [0]] * 2, atol=1e-5)
+    per_row = temper(log_q, np.array([0.5, 2.0]))  # (B,) temperatures
+    np.testing.assert_allclose(per_row[1], temper(log_q[1], 2.0))
+    np.testing.assert_allclose(np.exp(per_row[0]), np.array([25, 9, 4, 0]) / 38)
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            temper(log_q, bad)
+
+
+def test_sampling_at_temperature_half_matches_q_squared():
+    q = np.random.default_rng(11).dirichlet(np.ones(6))
+    n = 100_000
+    idx = sample(np.tile(temper(np.log(q), 0.5), (n, 1)), np.random.default_rng(12))
+    assert chisquare(np.bincount(idx, minlength=6), q ** 2 / np.sum(q ** 2) * n).pvalue > 1e-3
+
+
+def test_normalised_weights():
+    log_w = np.array([[0.0, np.log(3.0)], [NEG_INF, -5.0], [NEG_INF, NEG_INF]])
+    np.testing.assert_allclose(normalised_weights(log_w), [[0.25, 0.75], [0, 1], [0, 0]])
+    np.testing.assert_allclose(normalised_weights(np.array([-1e4, -1e4 + np.log(3)])),
+                               [0.25, 0.75])

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dual_sampling.errors import DataError
-from dual_sampling.records import RecordKey, ResumableJsonlWriter, read_records
+from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 
 
 @settings(max_examples=40, deadline=None)
@@ -47,7 +47,7 @@ def test_foreign_file_is_refused_with_its_name(tmp_path):
 def test_compound_key_resumes_per_completion(tmp_path):
     """One record per (index, completion_index): a prompt half written resumes its missing half."""
     path = tmp_path / "scores.jsonl"
-    key = RecordKey("index", "completion_index")
+    key = FieldsKey(("index", "completion_index"))
     with ResumableJsonlWriter(path, key=key) as writer:
         writer.write({"index": 0, "completion_index": 0})
         writer.write({"index": 0, "completion_index": 1})
@@ -57,9 +57,9 @@ def test_compound_key_resumes_per_completion(tmp_path):
     with ResumableJsonlWriter(path, key=key) as writer:
         assert writer.done == {(0, 0), (0, 1), (1, 0)}
         writer.write({"index": 1, "completion_index": 1})
-        with pytest.raises(DataError, match=r"`index`, `completion_index` = \(0, 1\) written twice"):
+        with pytest.raises(DataError, match=r"`index, completion_index`=\(0, 1\) written twice"):
             writer.write({"index": 0, "completion_index": 1})
     foreign = tmp_path / "other.jsonl"
     foreign.write_text(json.dumps({"index": 2}) + "\n")
-    with pytest.raises(DataError, match="without integer `index`, `completion_index`"):
+    with pytest.raises(DataError, match="without an integer `index, completion_index`"):
         ResumableJsonlWriter(foreign, key=key)

@@ -6,9 +6,12 @@
 Each role also takes a list of replicas of its model (`theta.url=[u1,u2]`): prompts are
 spread over replica pairs and restart on another pair when theirs fails.
 
-Before the first token both servers must answer, agree on the tokenizer and allow top_k
-logprobs. A run started again with the same output_dir skips the prompts already written.
-The summary (all records in the file) goes to `output_dir/summary.json`, W&B and stdout.
+Each prompt gets `sample.n` completions, one record per (index, sample_index). Before the
+first token both servers must answer, agree on the tokenizer and allow top_k logprobs. A
+run started again with the same output_dir skips the samples already written. The summary
+(all records in the file) goes to `output_dir/summary.json`, W&B and stdout; with n > 1 the
+group weights go to `output_dir/groups.jsonl` (dual_sampling/groups.py), and with
+`sample.report=true` the plots to `output_dir/report.html` (dual_sampling/report.py).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from dual_sampling import data, mixture
+from dual_sampling import data, groups, report, sample_stats
 from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
 from dual_sampling.config import SampleRunConfig, ServerConfig
 from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
@@ -33,12 +36,15 @@ from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, Req
 from dual_sampling.errors import ServerError, ServerMismatchError
 from dual_sampling.session_format import PATH as SESSION_PATH
 from dual_sampling.session_transport import SessionTransport
-from dual_sampling.records import ResumableJsonlWriter, read_records
+from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+GROUPS_FILE = "groups.jsonl"
+# files written before groups have no sample_index: each of their records is sample 0
+SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),))
 
 
 def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLMClient]:
@@ -65,12 +71,15 @@ async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: 
     return infos
 
 
-def sequence_record(seq: Sequence, completion: str, models: dict[str, str]) -> dict[str, Any]:
-    """One dataset row: the prompt, the completion, per-token and per-sequence values."""
+def sequence_record(seq: Sequence, completion: str, run_fields: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """One dataset row: the prompt, the completion, per-token and per-sequence values, and
+    `run_fields` (model names, temperature)."""
     tokens = seq.tokens
     sums = {name: _sum(tokens[name]) for name in ("logp_theta", "logp_target", "logp_q")}
     record = {
-        "index": seq.item.index, "prompt": seq.item.prompt, "completion": completion,
+        "index": seq.item.index, "sample_index": seq.sample_index,
+        "prompt": seq.item.prompt, "completion": completion,
         "prompt_token_ids": seq.item.prompt_ids, "completion_token_ids": seq.completion_ids,
         "finish_reason": seq.finish_reason, "num_tokens": len(seq.completion_ids),
         **tokens,
@@ -79,7 +88,7 @@ def sequence_record(seq: Sequence, completion: str, models: dict[str, str]) -> d
         "log_w_theta": _diff(sums["logp_theta"], sums["logp_q"]),
         "log_w_target": _diff(sums["logp_target"], sums["logp_q"]),
         "mean_alpha": float(np.mean(tokens["alpha"])),
-        **models,
+        **run_fields,
     }
     if seq.candidates:
         record["candidates"] = seq.candidates
@@ -93,36 +102,6 @@ def _sum(values: list[Optional[float]]) -> Optional[float]:
 
 def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a - b
-
-
-def summarize(path: Path) -> dict[str, Any]:
-    """Run summary over every record in the dataset file."""
-    records = list(read_records(path))
-    if not records:
-        return {"num_sequences": 0}
-
-    def column(name: str) -> np.ndarray:
-        return np.array([np.nan if v is None else v for r in records for v in r[name]])
-
-    def log_w(name: str) -> np.ndarray:
-        return np.array([-np.inf if r[name] is None else r[name] for r in records])
-
-    n = len(records)
-    ess_theta = float(mixture.effective_sample_size(log_w("log_w_theta")))
-    ess_target = float(mixture.effective_sample_size(log_w("log_w_target")))
-    return {
-        "num_sequences": n,
-        "num_tokens": int(sum(r["num_tokens"] for r in records)),
-        "mean_alpha": float(np.nanmean(column("alpha"))),
-        "mean_kl_q_theta": float(np.nanmean(column("kl_q_theta"))),
-        "mean_kl_q_target": float(np.nanmean(column("kl_q_target"))),
-        "mean_coverage_theta": float(np.nanmean(column("coverage_theta"))),
-        "mean_coverage_target": float(np.nanmean(column("coverage_target"))),
-        "ess_theta": ess_theta, "ess_theta_fraction": ess_theta / n,
-        "ess_target": ess_target, "ess_target_fraction": ess_target / n,
-        "finish_reasons": {k: sum(r["finish_reason"] == k for r in records)
-                           for k in sorted({r["finish_reason"] for r in records})},
-    }
 
 
 def choose_transport(transport: str, infos: list[ServerInfo]) -> bool:
@@ -147,13 +126,15 @@ async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
     for client in clients:
         try:
             if "messages" not in prompt:
-                return PromptItem(prompt["index"], prompt["prompt"],
-                                  await client.tokenize(prompt["prompt"]))
-            if chat_template:
-                return PromptItem(prompt["index"], json.dumps(prompt["messages"], ensure_ascii=False),
-                                  await client.tokenize_chat(prompt["messages"]))
-            text = "\n".join(m.get("content", "") for m in prompt["messages"])
-            return PromptItem(prompt["index"], text, await client.tokenize(text))
+                text, ids = prompt["prompt"], await client.tokenize(prompt["prompt"])
+            elif chat_template:
+                text = json.dumps(prompt["messages"], ensure_ascii=False)
+                ids = await client.tokenize_chat(prompt["messages"])
+            else:
+                text = "\n".join(m.get("content", "") for m in prompt["messages"])
+                ids = await client.tokenize(text)
+            return PromptItem(prompt["index"], text, ids,
+                              tuple(prompt.get("sample_indices", (0,))))
         except ServerError as exc:
             error = exc
     raise error  # type: ignore[misc]
@@ -165,9 +146,10 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
     """Run one coordinator per replica pair over the shared queue.
 
     A pair pulls prompts as its slots free up, so the least-loaded pair takes the next
-    one, and a prompt stays on its pair until it finishes. When a pair fails (a server
-    error after retries), its unfinished prompts go back in the queue and restart, from
-    their first token, on the pairs still alive; with none left the error is raised.
+    one, and a sample stays on its pair until it finishes. When a pair fails (a server
+    error after retries), its unfinished samples (not those of their groups already
+    written) go back in the queue and restart, from their first token, on the pairs still
+    alive; with none left the error is raised.
     """
     alive, done = list(pairs), []
     while True:
@@ -182,7 +164,7 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
             if isinstance(result, ServerError):
                 queue.requeue(coordinator.unfinished)
                 failed.append((pair, result))
-                log.warning("replica pair %s + %s failed (%s); %d prompts restart on the "
+                log.warning("replica pair %s + %s failed (%s); %d samples restart on the "
                             "others", pair[0].url, pair[1].url, result,
                             len(coordinator.unfinished))
             elif isinstance(result, BaseException):
@@ -216,20 +198,24 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         info_theta, info_target = infos[0], infos[len(thetas)]
         use_sessions = choose_transport(params.transport, infos)
         max_model_len = min(info_theta.max_model_len or 1 << 30, info_target.max_model_len or 1 << 30)
-        writer = ResumableJsonlWriter(out / SAMPLES_FILE)
-        todo = [p for p in prompts if p["index"] not in writer.done]
-        log.info("%d prompts, %d already in %s, %d to go on %d replica pair(s)", len(prompts),
-                 len(prompts) - len(todo), out / SAMPLES_FILE, len(todo), len(pairs))
+        writer = ResumableJsonlWriter(out / SAMPLES_FILE, key=SAMPLE_KEY)
+        todo = [{**p, "sample_indices": missing} for p in prompts if (missing := [
+            s for s in range(params.n) if (p["index"], s) not in writer.done])]
+        total, remaining = len(prompts) * params.n, sum(len(p["sample_indices"]) for p in todo)
+        log.info("%d prompts x n=%d samples, %d already in %s, %d to go on %d replica "
+                 "pair(s)", len(prompts), params.n, total - remaining, out / SAMPLES_FILE,
+                 remaining, len(pairs))
         tracker = Tracker(config)
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
+        bar = tqdm(total=total, initial=total - remaining, unit="sample",
                    desc="sample", disable=not config.progress, dynamic_ncols=True)
-        models = {"theta_model": info_theta.model, "target_model": info_target.model}
+        run_fields = {"theta_model": info_theta.model, "target_model": info_target.model,
+                      "temperature": params.temperature}
         settings = SampleSettings(
             top_k=params.top_k, max_tokens=params.max_tokens, alpha=params.alpha,
             missing=params.missing, concurrency=params.concurrency,
             eos_token_ids=info_theta.eos_token_ids, max_model_len=max_model_len,
             vocab_size=info_theta.vocab_size, stop=tuple(params.stop), seed=config.seed,
-            record_candidates=params.record_candidates)
+            record_candidates=params.record_candidates, temperature=params.temperature)
         table_rows: list[list[Any]] = []
         started = time.perf_counter()
         counters = {"steps": 0, "tokens": 0}
@@ -255,10 +241,11 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         def make_coordinator(theta: VLLMClient, target: VLLMClient) -> Coordinator:
             async def on_finished(seq: Sequence) -> None:
                 completion = await theta.detokenize(seq.completion_ids)
-                writer.write(sequence_record(seq, completion, models))
+                writer.write(sequence_record(seq, completion, run_fields))
                 if len(table_rows) < 32:
-                    table_rows.append([seq.item.index, seq.item.prompt, completion,
-                                       float(np.mean(seq.tokens["alpha"])), seq.finish_reason])
+                    table_rows.append([seq.item.index, seq.sample_index, seq.item.prompt,
+                                       completion, float(np.mean(seq.tokens["alpha"])),
+                                       seq.finish_reason])
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{tokens_per_s():.0f}")
 
@@ -279,8 +266,12 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         wait_s = sum(c.wait_s for c in coordinators)
         total_s = sum(c.total_s for c in coordinators)
-        summary = summarize(out / SAMPLES_FILE)
+        records = list(read_records(out / SAMPLES_FILE))
+        summary = sample_stats.summarize(records, params.n)
+        if params.n > 1:
+            groups.write_groups(out / GROUPS_FILE, groups.group_weights(records, params.n))
         summary.update({
+            "top_k": params.top_k, "n": params.n, "temperature": params.temperature,
             "tokens_this_run": counters["tokens"],
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
             "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,
@@ -289,8 +280,11 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
             "dataset": str(out / SAMPLES_FILE),
         })
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        tracker.table("samples", ["index", "prompt", "completion", "mean_alpha", "finish_reason"],
-                      table_rows)
+        tracker.table("samples", ["index", "sample_index", "prompt", "completion", "mean_alpha",
+                                  "finish_reason"], table_rows)
+        if params.report:
+            figures = report.write_report([out], out)
+            tracker.images({f"report/{path.stem}": path for path in figures})
         tracker.summary(summary)
         tracker.finish()
     print(format_summary(summary))

@@ -48,13 +48,13 @@ from dual_sampling.config import ScoreParams, ScoreRunConfig, ServerConfig
 from dual_sampling.data import ScoreItem
 from dual_sampling.errors import DataError
 from dual_sampling.modes.sample import format_summary, tokenize_prompt
-from dual_sampling.records import RecordKey, ResumableJsonlWriter, read_records
+from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "scores.jsonl"
 SUMMARY_FILE = "summary.json"
-KEY = RecordKey("index", "completion_index")
+KEY = FieldsKey(("index", "completion_index"))
 TOKENIZE_IN_FLIGHT = 32  # /tokenize requests in flight (cheap, served by the API process)
 TABLE_ROWS = 32
 
