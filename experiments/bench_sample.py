@@ -24,10 +24,11 @@ import numpy as np
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport, SampleSettings,
+from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings,
                                        Transport)
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.transports.request import RequestTransport
 
 PROMPT_TOKENS = 32
 

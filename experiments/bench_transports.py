@@ -32,11 +32,11 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import RequestTransport
 from dual_sampling.launch import Servers
 from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.transports.request import RequestTransport
+from dual_sampling.transports.session import SessionTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import (PROMPT_TOKENS, dual_tok_s, native_tok_s,  # noqa: E402

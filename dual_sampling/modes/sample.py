@@ -28,13 +28,14 @@ from tqdm import tqdm
 from dual_sampling import data, mixture
 from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
 from dual_sampling.config import SampleRunConfig, ServerConfig
-from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
-                                       SampleSettings, Sequence, StepStats)
+from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, SampleSettings,
+                                       Sequence, StepStats)
 from dual_sampling.errors import ServerError, ServerMismatchError
 from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.session_transport import SessionTransport
 from dual_sampling.records import ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
+from dual_sampling.transports.request import RequestTransport
+from dual_sampling.transports.session import SessionTransport
 
 log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
