@@ -99,7 +99,7 @@ class Sequence:
     """One prompt being completed; per-token lists grow by one each step."""
 
     item: PromptItem
-    rng: np.random.Generator
+    rng: Optional[np.random.Generator] = None  # the per-token transports' uniforms (not fused)
     completion_ids: list[int] = field(default_factory=list)
     tokens: dict[str, list] = field(default_factory=lambda: {f: [] for f in TOKEN_FIELDS})
     candidates: list[dict[str, list]] = field(default_factory=list)

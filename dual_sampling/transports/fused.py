@@ -1,0 +1,142 @@
+"""The fused transport: whole completions from one server holding both models.
+
+    coordinator = FusedCoordinator(client, FusedSettings(...), on_finished)
+    await coordinator.run(prompts)        # prompts: an async iterator of PromptItem
+
+A fused server (start_vllm.sh --fused; dual_sampling/vllm_plugin/fused_*.py) runs pi_theta
+and pi_t in one vLLM engine and samples every token inside vLLM's decode loop from the
+exact q* over the full vocabulary, recording each token's diagnostics in the engine. So
+nothing happens per token here: each prompt is one POST to the server's fused route, which
+returns the completion with its per-token alpha, logprobs, KLs and entropy; vLLM batches
+all requests in flight (`concurrency` of them) continuously.
+
+Reproducibility: prompt i is sampled with the seed `prompt_seed(seed, i)` (one uniform
+per token from (seed, position), drawn in the engine), so its tokens depend on the seed,
+the prompt and the weights only: not on batching, replicas, retries or resume. Failures are
+the client's (`VLLMClient`: retries on connection errors and 5xx, then `ServerError`);
+a retried request gives the same tokens.
+
+Same contract as `dual_sampling.coordinator.Coordinator` for modes/sample.py: `run`,
+`unfinished` (prompts taken but not handed to `on_finished` when `run` raised), `wait_s`,
+`total_s`, `transport.aclose()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import numpy as np
+
+from dual_sampling.client import VLLMClient
+from dual_sampling.coordinator import TOKEN_FIELDS, PromptItem, Sequence, StepStats
+from dual_sampling.errors import MalformedResponseError
+
+PATH = "/v1/dual_sampling/fused/generate"  # dual_sampling/vllm_plugin/fused_route.py
+EXACT = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
+         "entropy_q")  # what the server returns per token; q* covers the whole vocabulary
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The engine-side seed of prompt `index` in a run seeded `seed` (63 bits)."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
+@dataclass
+class FusedSettings:
+    max_tokens: int
+    alpha: Optional[float]
+    concurrency: int
+    max_model_len: int
+    temperature: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+class FusedCoordinator:
+    """Keeps `concurrency` prompts in flight on one fused server; see the module docstring."""
+
+    def __init__(self, client: VLLMClient, settings: FusedSettings,
+                 on_finished: Callable[[Sequence], Awaitable[None]],
+                 on_step: Optional[Callable[[StepStats], None]] = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.on_finished = on_finished
+        self.on_step = on_step
+        self.transport = self  # what modes/sample.generate closes
+        self.wait_s = 0.0
+        self.total_s = 0.0
+        self.tokens_generated = 0
+        self.unfinished: list[PromptItem] = []
+
+    async def aclose(self) -> None:
+        return None
+
+    async def run(self, prompts: AsyncIterator[PromptItem]) -> None:
+        taken: dict[int, PromptItem] = {}
+        start = time.perf_counter()
+        self.unfinished = []
+
+        async def worker() -> None:
+            async for item in prompts:
+                taken[item.index] = item
+                await self.on_finished(await self._complete(item))
+                taken.pop(item.index)
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.settings.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            self.unfinished = list(taken.values())
+            raise
+        finally:
+            self.total_s += time.perf_counter() - start
+
+    async def _complete(self, item: PromptItem) -> Sequence:
+        s = self.settings
+        room = max(1, min(s.max_tokens, s.max_model_len - len(item.prompt_ids)))
+        t0 = time.perf_counter()
+        reply = await self.client.request("POST", PATH, {
+            "prompts": [item.prompt_ids], "seeds": [prompt_seed(s.seed, item.index)],
+            "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
+            "stop": list(s.stop)})
+        wait_s = time.perf_counter() - t0
+        self.wait_s += wait_s
+        seq = self._sequence(item, reply)
+        n = len(seq.completion_ids)
+        self.tokens_generated += n
+        if self.on_step is not None:
+            tokens = seq.tokens
+            self.on_step(StepStats(
+                batch=n, alpha=np.asarray(tokens["alpha"]),
+                kl_q_theta=np.asarray(tokens["kl_q_theta"]),
+                kl_q_target=np.asarray(tokens["kl_q_target"]),
+                coverage_theta=np.ones(n), coverage_target=np.ones(n), wait_s=wait_s,
+                step_s=time.perf_counter() - t0))
+        return seq
+
+    def _sequence(self, item: PromptItem, reply: dict) -> Sequence:
+        """The coordinator's Sequence of one reply: coverage 1 and in-top-k true per token."""
+        where = f"{self.client.name} server at {self.client.url} (POST {PATH})"
+        try:
+            result = reply["results"][0]
+            ids = [int(t) for t in result["token_ids"]]
+            exact = {name: [float(v) for v in result[name]] for name in EXACT}
+            finish = result["finish_reason"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise MalformedResponseError(f"{where} answered without a readable result: "
+                                         f"{str(reply)[:200]}") from exc
+        if not ids or any(len(values) != len(ids) for values in exact.values()):
+            raise MalformedResponseError(f"{where} returned {len(ids)} tokens with per-token "
+                                         f"lists of other lengths")
+        full = {"coverage_theta": 1.0, "coverage_target": 1.0, "in_topk_theta": True,
+                "in_topk_target": True}
+        tokens = {name: exact[name] if name in exact else [full[name]] * len(ids)
+                  for name in TOKEN_FIELDS}
+        return Sequence(item=item, completion_ids=ids, tokens=tokens,
+                        finish_reason="stop" if finish == "stop" else "length")
