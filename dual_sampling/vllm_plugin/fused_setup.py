@@ -9,8 +9,8 @@ the composite architecture (fused_model.py) and the target's path, so nothing is
 disk and theta's tokenizer and generation config are the server's.
 
 Guards:
-- one tokenizer: the same vocabulary, added tokens and BOS/EOS ids in both checkpoints
-  (a target without tokenizer files is taken to use theta's);
+- one tokenizer: the same vocabulary, BOS/EOS/pad ids and ids for a probe text in both
+  checkpoints (a target without tokenizer files is taken to use theta's);
 - vocabulary sizes may differ only by padding: both models' output rows cover every
   tokenizer id; ids past the tokenizer's vocabulary are never sampled;
 - one KV-cache layout: vLLM gives both stacks' attention layers one block table and one
@@ -32,6 +32,7 @@ CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused_model.py reads
 EXTRA_KEY = "dual_sampling_fused"  # SamplingParams.extra_args key of fused requests
 SAMPLER = "dual_sampling.vllm_plugin.fused_sampler:FusedSampler"
 WORKER_EXTENSION = "dual_sampling.vllm_plugin.fused_state.FusedWorkerExtension"
+PROBE = "Hello, world! 123 <s> \u00fcn\u00ef\n\tdef f(x): return x ** 2  # \u65e5\u672c"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -67,6 +68,9 @@ def _check_tokenizers(theta: Path, target: Path) -> int:
         return len(tok_theta)
     tok_target = AutoTokenizer.from_pretrained(target)
     problems = []
+    ids_theta, ids_target = tok_theta.encode(PROBE), tok_target.encode(PROBE)
+    if ids_theta != ids_target:
+        problems.append(f"ids for {PROBE!r}: {ids_theta[:12]} vs {ids_target[:12]}")
     if tok_theta.get_vocab() != tok_target.get_vocab():
         problems.append(f"vocabularies differ ({len(tok_theta)} vs {len(tok_target)} tokens)")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
