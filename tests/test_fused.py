@@ -73,6 +73,11 @@ def encode(reference, text: str) -> list[int]:
 # -- against transformers ---------------------------------------------------------------------
 @pytest.mark.server
 def test_every_position_matches_the_full_vocabulary_reference(fused_server, reference):
+    """alpha within 1e-5 of scipy's Chernoff point on transformers' logprobs, or within what
+    float32 forward noise allows: engine and transformers logprobs differ by ~1e-6, which
+    moves g = E_q[logp_target - logp_theta] by up to ~2e-6 and alpha* by that over
+    Var_q[d] (1e-4 at the flattest positions here). The engine's own alpha is exact for its
+    own inputs: the two KLs it reports are equal to 1e-6 * Var_q[d]."""
     prompts = [encode(reference, p) for p in PROMPTS[:3]]
     results = generate(fused_server, prompts, [11, 12, 13], max_tokens=16)
     checked = 0
@@ -83,8 +88,11 @@ def test_every_position_matches_the_full_vocabulary_reference(fused_server, refe
         for t, token in enumerate(result["token_ids"]):
             a, b = full_theta[len(prompt) - 1 + t], full_target[len(prompt) - 1 + t]
             alpha = chernoff_alpha(a, b)
-            assert abs(result["alpha"][t] - alpha) < 1e-5
             log_q = mixture.log_mixture(a, b, alpha)
+            q, d = np.exp(log_q), b - a
+            var = q @ (d * d) - (q @ d) ** 2  # (log Z)'' at alpha*
+            assert abs(result["alpha"][t] - alpha) <= max(1e-5, 2e-6 / var)
+            assert abs(result["kl_q_theta"][t] - result["kl_q_target"][t]) <= 1e-6 * var
             diag = mixture.token_diagnostics(a, b, log_q)
             assert token < VOCAB
             np.testing.assert_allclose(
@@ -207,7 +215,7 @@ def test_auto_picks_fused_and_writes_the_same_schema(first_run):
     check_dataset(out, len(PROMPTS))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["transport"] == "fused" and summary["mean_coverage_theta"] == 1.0
-    assert "transport: fused" in done.stderr
+    assert "transport: fused" in done.stdout + done.stderr
 
 
 @pytest.mark.server
