@@ -19,7 +19,8 @@
 # and print the tail of its log. PYTHON picks the interpreter (default: python).
 # The plugin also tunes vLLM's engine for a per-token loop (dual_sampling/vllm_plugin/
 # tuning.py): DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and, with --cpu,
-# DUAL_SAMPLING_SHM_SPIN_S (default 0.001); set either to an empty value to turn it off.
+# DUAL_SAMPLING_SHM_SPIN_S (default 0.001; a parked reader re-checks within
+# DUAL_SAMPLING_SHM_MAX_PARK_S, default 0.05); set either to an empty value to turn it off.
 set -euo pipefail
 
 RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
@@ -34,7 +35,7 @@ declare -A MODEL PORT GPUS
 ROLES=()
 EXTRA=()
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set -e/{/^set -e/d;p}' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 stop_servers() {
   local stopped=0

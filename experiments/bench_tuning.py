@@ -2,19 +2,23 @@
 
     python experiments/bench_tuning.py [--batches 32] [--tokens 64] [--repeats 2]
 
-Starts two theta/target pairs of vLLM CPU servers with start_vllm.sh: one stock (both
-tunings off: DUAL_SAMPLING_SHM_SPIN_S= DUAL_SAMPLING_INPUT_GAP_S=) and one with
-start_vllm.sh's defaults (shared-memory spin capped at 1 ms, 0.5 ms input gap). Then, taking
-turns between the pairs in each repeat, it measures dual sampling through each transport
-and counts the theta engine's steps per generated token (vLLM's
-`vllm:iteration_tokens_total` counter; 1.0 is one engine step per coordinator step).
-Prints one table with the tuned / stock ratios.
+Starts three theta/target pairs of vLLM CPU servers with start_vllm.sh: stock (both tunings
+off: DUAL_SAMPLING_SHM_SPIN_S= DUAL_SAMPLING_INPUT_GAP_S=), the old spin cap (1 ms spin,
+then parked until vLLM's 5 s re-check: DUAL_SAMPLING_SHM_MAX_PARK_S=0) and start_vllm.sh's
+defaults (1 ms spin, park bounded by the idle time and 50 ms, 0.5 ms input gap). Taking turns
+between the pairs in each repeat, it measures dual sampling through each transport, counts
+the theta engine's steps per generated token (vLLM's `vllm:iteration_tokens_total` counter;
+1.0 is one engine step per coordinator step), and times 20 single-prompt generation requests
+(64 tokens, logprobs=20) sent one at a time with 0.1 s idle between: the stall a lost
+wake-up causes shows in their maximum. Prints one table with ratios to stock.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -29,7 +33,23 @@ from dual_sampling.transports.session import SessionTransport
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, dual_tok_s, speed_arguments  # noqa: E402
 
-STOCK = {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_INPUT_GAP_S": ""}
+SETTINGS = {"stock": {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_INPUT_GAP_S": ""},
+            "old cap": {"DUAL_SAMPLING_SHM_MAX_PARK_S": "0"},
+            "tuned": {}}
+LATENCY_REQUESTS = 20
+
+
+async def single_request_latency(theta: VLLMClient) -> list[float]:
+    """Seconds per single-prompt request, one at a time with idle gaps (when readers park)."""
+    body = {"model": "theta", "prompt": list(range(5, 37)), "max_tokens": 64,
+            "ignore_eos": True, "logprobs": 20}
+    times = []
+    for _ in range(LATENCY_REQUESTS):
+        started = time.perf_counter()
+        await theta.request("POST", "/v1/completions", body)
+        times.append(time.perf_counter() - started)
+        await asyncio.sleep(0.1)
+    return times
 
 
 async def measure(pair: Servers, batch: int, n_tokens: int, top_k: int) -> dict[str, float]:
@@ -43,48 +63,55 @@ async def measure(pair: Servers, batch: int, n_tokens: int, top_k: int) -> dict[
             before = server_metrics(theta.url, ENGINE_STEPS)[0]
             session = (await dual_tok_s(sessions, prompts, n_tokens, top_k))[0]
             steps = (server_metrics(theta.url, ENGINE_STEPS)[0] - before) / n_tokens
-    return {"request": request, "session": session, "steps": steps}
+        latency = await single_request_latency(theta)
+    return {"request": request, "session": session, "steps": steps,
+            "latency_median": statistics.median(latency), "latency_max": max(latency)}
+
+
+def best_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Fastest throughput and fewest steps over repeats; latencies over all repeats (worst max)."""
+    return {"request": max(r["request"] for r in runs), "session": max(r["session"] for r in runs),
+            "steps": min(r["steps"] for r in runs),
+            "latency_median": statistics.median(r["latency_median"] for r in runs),
+            "latency_max": max(r["latency_max"] for r in runs)}
 
 
 def main() -> None:
     args = speed_arguments(__doc__, batches="32", repeats=2).parse_args()
     models = ensure_tiny_models()
-    pairs = {"stock": Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_stock_")), models,
-                              env=STOCK),
-             "tuned": Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_tuned_")), models)}
+    pairs = {name: Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_")), models, env=env)
+             for name, env in SETTINGS.items()}
     load_before = os.getloadavg()[0]
     rows = []
     try:
         for pair in pairs.values():
             pair.start("theta", "target")
         for batch in [int(b) for b in args.batches.split(",")]:
-            best = {name: {"request": 0.0, "session": 0.0, "steps": float("inf")}
-                    for name in pairs}
+            runs: dict[str, list] = {name: [] for name in pairs}
             for pair in pairs.values():  # warm-up
                 asyncio.run(measure(pair, batch, 4, args.top_k))
             for _ in range(args.repeats):
                 for name, pair in pairs.items():
-                    got = asyncio.run(measure(pair, batch, args.tokens, args.top_k))
-                    best[name] = {"request": max(best[name]["request"], got["request"]),
-                                  "session": max(best[name]["session"], got["session"]),
-                                  "steps": min(best[name]["steps"], got["steps"])}
-            stock, tuned = best["stock"], best["tuned"]
-            rows.append([batch, f"{stock['request']:.0f}", f"{tuned['request']:.0f}",
-                         f"{tuned['request'] / stock['request']:.2f}x",
-                         f"{stock['session']:.0f}", f"{tuned['session']:.0f}",
-                         f"{tuned['session'] / stock['session']:.2f}x",
-                         f"{stock['steps']:.2f}", f"{tuned['steps']:.2f}"])
+                    runs[name].append(asyncio.run(measure(pair, batch, args.tokens, args.top_k)))
+            stock = best_of(runs["stock"])
+            for name in pairs:
+                got = best_of(runs[name])
+                rows.append([batch, name, f"{got['request']:.0f}",
+                             f"{got['request'] / stock['request']:.2f}x",
+                             f"{got['session']:.0f}", f"{got['session'] / stock['session']:.2f}x",
+                             f"{got['steps']:.2f}", f"{got['latency_median']:.3f}",
+                             f"{got['latency_max']:.3f}"])
     finally:
         for pair in pairs.values():
             pair.stop()
-    print(f"\n### Engine tunings: stock vs tuned vLLM CPU server pairs (top_k={args.top_k}, "
-          f"{args.tokens} tokens per prompt, best of {args.repeats}; {os.cpu_count()} CPUs, "
-          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
-    print(tabulate(rows, headers=["prompts", "request stock tok/s", "request tuned tok/s",
-                                  "request tuned / stock", "session stock tok/s",
-                                  "session tuned tok/s", "session tuned / stock",
-                                  "engine steps per token, stock",
-                                  "engine steps per token, tuned"], tablefmt="github"))
+    print(f"\n### Engine tunings: stock, old spin cap and tuned vLLM CPU server pairs "
+          f"(top_k={args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
+    print(tabulate(rows, headers=["prompts", "servers", "request tok/s", "request / stock",
+                                  "session tok/s", "session / stock",
+                                  "engine steps per token",
+                                  f"single request s, median of {LATENCY_REQUESTS}",
+                                  "single request s, max"], tablefmt="github"))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,10 @@ def test_input_gap_gathers_a_burst_into_one_engine_step(monkeypatch):
     assert time.monotonic() - started < 0.05
 
 
-def test_spin_cap_applies_to_existing_readers(monkeypatch, tmp_path):
+def test_spin_cap_applies_to_existing_readers_and_bounds_the_park(monkeypatch, tmp_path):
+    """Past the capped spin a reader sleeps on its notify socket, but never longer than it
+    has been idle (and `max_park`): a lost notification then costs milliseconds, where the
+    stock 5 s re-check stalled requests for 5-20 s."""
     import zmq
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
     monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)
@@ -100,14 +103,19 @@ def test_spin_cap_applies_to_existing_readers(monkeypatch, tmp_path):
                                notify_address=f"ipc://{tmp_path}/notify")
         assert reader.busy_loop_s == 1
         stock_wait = SpinCondition.wait
-        tuning.cap_spin(0.001)
-        tuning.cap_spin(0.001)
+        tuning.cap_spin(0.001, max_park=0.05)
+        tuning.cap_spin(0.001, max_park=0.05)
         assert SpinCondition.wait._dual_sampling_original is stock_wait
+        reader.record_read()
         time.sleep(0.01)
         started = time.monotonic()
-        reader.wait(timeout_ms=20)  # past the cap: sleeps on the socket until the timeout
+        reader.wait(timeout_ms=2000)  # no notification ever comes (a lost one)
         assert reader.busy_loop_s == 0.001
-        assert time.monotonic() - started >= 0.015
+        assert 0.005 <= time.monotonic() - started < 0.03  # parked about as long as idle
+        time.sleep(0.2)
+        started = time.monotonic()
+        reader.wait(timeout_ms=None)  # long idle: parks max_park, not forever
+        assert 0.04 <= time.monotonic() - started < 0.2
     finally:
         context.destroy(linger=0)
 

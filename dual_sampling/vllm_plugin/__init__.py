@@ -4,8 +4,8 @@ Registered under vLLM's `vllm.endpoint_plugins` entry-point group (see pyproject
 loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.sh sets it).
 Each module in `ROUTE_MODULES` exposes a FastAPI `router`. `register_general` is the
 `vllm.general_plugins` hook, which vLLM runs in every process of a server (API server,
-engine core, workers): the engine tunings (tuning.py) and the composite two-model class of fused
-servers (fused_model.py), registered by name so that importing it waits for a fused server.
+engine core, workers): the engine tunings (tuning.py) and the composite two-model class of
+fused servers (fused_model.py), registered by name: it is imported only by a fused server.
 """
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from argparse import Namespace
 from typing import Any
 
 ROUTE_MODULES = ("info", "topk", "session", "fused_route")
+ROUTE_FEATURES = {"session": "sessions"}  # route module -> the compat feature it needs
+
+
+def route_modules() -> list[str]:
+    """The route modules this vLLM can serve (compat.py: a missing private name drops one)."""
+    from dual_sampling.vllm_plugin import compat
+    return [m for m in ROUTE_MODULES if m not in ROUTE_FEATURES or compat.usable(ROUTE_FEATURES[m])]
 
 
 class DualSamplingPlugin:
@@ -23,7 +30,7 @@ class DualSamplingPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: Any) -> None:
-        for module in ROUTE_MODULES:
+        for module in route_modules():
             app.include_router(importlib.import_module(f"{__name__}.{module}").router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -38,8 +45,9 @@ def register_general() -> None:
     """The `vllm.general_plugins` hook: runs in every vLLM process named by VLLM_PLUGINS."""
     from vllm import ModelRegistry
 
-    from dual_sampling.vllm_plugin import tuning
+    from dual_sampling.vllm_plugin import compat, tuning
     from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE
+    compat.warn_if_unpinned()
     tuning.register()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(

@@ -12,7 +12,7 @@ import importlib
 
 from fastapi import APIRouter, Request
 
-from dual_sampling.vllm_plugin import ROUTE_MODULES
+from dual_sampling.vllm_plugin import route_modules
 from dual_sampling.vllm_plugin.fused_route import is_fused
 
 router = APIRouter()
@@ -26,7 +26,7 @@ def _as_list(value: object) -> list[int]:
 
 def plugin_routes() -> list[str]:
     package = __name__.rsplit(".", 1)[0]
-    return sorted(route.path for module in ROUTE_MODULES
+    return sorted(route.path for module in route_modules()
                   for route in importlib.import_module(f"{package}.{module}").router.routes)
 
 

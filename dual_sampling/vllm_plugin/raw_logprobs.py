@@ -18,6 +18,8 @@ import logging
 
 import numpy as np
 
+from dual_sampling.vllm_plugin import compat
+
 RAW_KEY = "dual_sampling_raw_prompt_logprobs"
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,11 @@ def _array(values) -> np.ndarray:
 
 
 def install() -> bool:
-    try:
-        from vllm.v1.engine.logprobs import LogprobsProcessor
-        make = LogprobsProcessor.from_new_request.__func__
-        update = LogprobsProcessor._update_prompt_logprobs
-    except (ImportError, AttributeError) as exc:
-        log.warning("dual_sampling: raw prompt logprobs unavailable in this vLLM (%s); "
-                    "routes use the flat lists", exc)
-        return False
+    if not compat.usable("raw_prompt_logprobs"):
+        return False  # the routes read the flat lists
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    make = LogprobsProcessor.from_new_request.__func__
+    update = LogprobsProcessor._update_prompt_logprobs
     if getattr(update, "_dual_sampling", False):
         return True
 

@@ -47,6 +47,7 @@ from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling import session_format as wire
+from dual_sampling.vllm_plugin import compat
 
 router = APIRouter()
 
@@ -75,7 +76,9 @@ class _SendGate:
         self.core.add_request_async = self._add
 
     @classmethod
-    def of(cls, state: Any, engine: Any) -> "_SendGate":
+    def of(cls, state: Any, engine: Any) -> "_SendGate | _NoGate":
+        if not compat.usable("session_gate"):
+            return _NoGate()
         gate = getattr(state, "dual_sampling_gate", None)
         if gate is None or gate.core is not engine.engine_core:
             gate = state.dual_sampling_gate = cls(engine)
@@ -105,6 +108,13 @@ class _SendGate:
         held, batch["held"] = batch["held"], []
         for request in held:
             await self.send(request)
+
+
+class _NoGate:
+    """Where this vLLM lacks what the gate wraps: messages go as they come (stock)."""
+
+    def expect(self, request_ids: list[str]) -> None:
+        return None
 
 
 class SessionRefused(Exception):

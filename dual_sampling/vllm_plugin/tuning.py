@@ -13,6 +13,11 @@ few cores (two vLLM CPU servers on a small machine), one server's spinning proce
 the cores the other needs for its forward pass, and a loop that alternates between the two
 servers every token slows down by an order of magnitude (docs/benchmarks.md).
 
+`DUAL_SAMPLING_SHM_MAX_PARK_S` (seconds, default 0.05): with the cap, how long a reader
+past its spin may sleep on the notify socket before it re-checks the ring buffer itself;
+see `cap_spin` (a lost wake-up used to stall requests for 5-20 s). 0: unbounded (the old,
+stalling cap; for comparisons only).
+
 `DUAL_SAMPLING_INPUT_GAP_S` (seconds): when the engine core wakes from idle for new input,
 keep reading its input queue until it has been quiet that long before it schedules a step.
 A dual-sampling step sends one small request per session (vLLM makes each streaming-input
@@ -26,10 +31,16 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 
 from dual_sampling.errors import ConfigError
+from dual_sampling.vllm_plugin import compat
+
 SPIN_ENV = "DUAL_SAMPLING_SHM_SPIN_S"
 GAP_ENV = "DUAL_SAMPLING_INPUT_GAP_S"
+PARK_ENV = "DUAL_SAMPLING_SHM_MAX_PARK_S"
+MAX_PARK_S = 0.05
+"""Default of PARK_ENV: longest a parked shm reader waits before re-checking the ring buffer."""
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ def seconds_from_env(name: str) -> float | None:
     return value
 
 
-def _patch(owner: type, name: str, make: callable, setting: float) -> None:
+def _patch(owner: type, name: str, make: callable, setting: object) -> None:
     """Replace `owner.name` by `make(original)`, once per process (vLLM may call us twice)."""
     current = getattr(owner, name)
     if getattr(current, "_dual_sampling_setting", None) == setting:
@@ -61,20 +72,40 @@ def _patch(owner: type, name: str, make: callable, setting: float) -> None:
     setattr(owner, name, patched)
 
 
-def cap_spin(limit: float) -> None:
+def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
+    """Spin at most `limit` s after a read, then park on the notify socket for a bounded time.
+
+    vLLM's writer wakes a parked reader with a zmq PUB/SUB notification that can be lost
+    (vLLM bounds the damage by re-checking the ring buffer every 5 s); with vLLM's 1 s spin a
+    reader is rarely parked when it matters, with a short spin it often is, and a lost
+    notification stalled whole requests for 5, 10 or 20 s. So a parked reader re-checks
+    after at most as long as it has already been idle (1 ms at least, `max_park` s at most):
+    a lost notification costs about one step's time while busy, `max_park` after idling,
+    and an idle reader wakes 1 / `max_park` times a second (0.06 CPU-s per 5 s idle, for a
+    whole server, measured). `max_park` = 0 leaves the park unbounded: the stalling old cap,
+    kept only so that benchmarks and tests can show the difference.
+    """
+    if not compat.usable("shm_spin_cap"):
+        return
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
     def make(original):
         def wait(self, timeout_ms: int | None = None) -> None:
             if self.busy_loop_s > limit:  # instances made before this hook ran included
                 self.busy_loop_s = limit
+            idle_s = time.monotonic() - self.last_read - self.busy_loop_s
+            if idle_s > 0 and max_park > 0:  # past the spin: bound the park
+                park_ms = int(1000 * min(max(idle_s, 0.001), max_park))
+                timeout_ms = park_ms if timeout_ms is None else min(timeout_ms, park_ms)
             return original(self, timeout_ms)
         return wait
 
-    _patch(SpinCondition, "wait", make, limit)
+    _patch(SpinCondition, "wait", make, (limit, max_park))
 
 
 def gather_input(gap: float) -> None:
+    if not compat.usable("input_gap"):
+        return
     from vllm.v1.engine.core import EngineCoreProc
 
     def make(original):
@@ -97,8 +128,9 @@ def gather_input(gap: float) -> None:
 def register() -> None:
     """The `vllm.general_plugins` hook."""
     limit, gap = seconds_from_env(SPIN_ENV), seconds_from_env(GAP_ENV)
+    max_park = seconds_from_env(PARK_ENV)
     if limit is not None:
-        cap_spin(limit)
+        cap_spin(limit, MAX_PARK_S if max_park is None else max_park)
     if gap:
         gather_input(gap)
     if limit is not None or gap:

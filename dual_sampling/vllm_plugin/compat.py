@@ -1,0 +1,125 @@
+"""Every private vLLM name this plugin wraps, checked before it is touched.
+
+The plugin patches vLLM internals that carry no stability promise (tuning.py, session.py's
+send gate, raw_logprobs.py). Each feature lists the names it needs in `PRIVATE`, with the
+leading parameters a callable must take. `usable(feature)` checks them and, when one is
+missing or changed, logs one warning naming it and returns False, so the caller leaves vLLM
+stock (the feature is a speed-up; stock behaviour gives the same outputs).
+tests/test_compat.py checks every entry against the installed vLLM, so an upgrade fails one
+clear test. `warn_if_unpinned()` logs once per process when the running vLLM is not
+`PINNED_VLLM`, the version pyproject.toml pins and the tests pass on.
+
+To try another vLLM: install it, run `python -m dual_sampling.vllm_plugin.compat` (lists
+what is missing), then the test suite.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+PINNED_VLLM = "0.32.0"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Private:
+    """One private vLLM name: `module`, a dotted `name` in it, the parameters it must take."""
+
+    module: str
+    name: str
+    params: tuple[str, ...] = ()
+    """Leading parameter names, in order (empty: only that the name exists)."""
+
+    def problem(self) -> Optional[str]:
+        """None when the name resolves with those parameters; else what is wrong."""
+        where = f"{self.module}.{self.name}"
+        try:
+            obj = importlib.import_module(self.module)
+            for part in self.name.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            return f"{where} is missing ({exc})"
+        if self.params:
+            func = getattr(obj, "_dual_sampling_original", obj)  # already wrapped by us
+            try:
+                names = tuple(inspect.signature(func).parameters)
+            except (TypeError, ValueError):
+                return f"{where} has no readable signature"
+            if names[:len(self.params)] != self.params:
+                return f"{where} takes {names}, expected {self.params} first"
+        return None
+
+
+SHM = "vllm.distributed.device_communicators.shm_broadcast"
+PRIVATE: dict[str, tuple[Private, ...]] = {
+    "shm_spin_cap": (  # tuning.cap_spin
+        Private(SHM, "SpinCondition.__init__", ("self", "is_reader", "context", "notify_address",
+                                                "busy_loop_s")),
+        Private(SHM, "SpinCondition.wait", ("self", "timeout_ms")),
+        Private(SHM, "SpinCondition.record_read", ("self",)),
+    ),
+    "input_gap": (  # tuning.gather_input
+        Private("vllm.v1.engine.core", "EngineCoreProc._process_input_queue", ("self",)),
+        Private("vllm.v1.engine.core", "EngineCoreProc._handle_client_request",
+                ("self", "request_type", "request")),
+        Private("vllm.v1.engine.core", "EngineCoreProc.has_work", ("self",)),
+    ),
+    "session_gate": (  # session._SendGate
+        Private("vllm.v1.engine.core_client", "AsyncMPClient.add_request_async",
+                ("self", "request")),
+        Private("vllm.v1.engine", "EngineCoreRequest.external_req_id"),
+    ),
+    "raw_prompt_logprobs": (  # raw_logprobs.install
+        Private("vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request",
+                ("tokenizer", "request")),
+        Private("vllm.v1.engine.logprobs", "LogprobsProcessor._update_prompt_logprobs",
+                ("self", "prompt_logprobs_tensors")),
+    ),
+    "sessions": (  # session.py: streaming-input requests
+        Private("vllm.engine.protocol", "StreamingInput"),
+        Private("vllm.inputs.engine", "tokens_input"),
+    ),
+}
+
+
+def problems(feature: str) -> list[str]:
+    """What is missing or changed among `feature`'s private names (empty: all fine)."""
+    return [p for p in (entry.problem() for entry in PRIVATE[feature]) if p]
+
+
+@functools.cache
+def usable(feature: str) -> bool:
+    """True when every private name of `feature` is as expected; else one warning, False."""
+    found = problems(feature)
+    if found:
+        log.warning("dual_sampling: %s left stock in vLLM %s (tested on %s): %s", feature,
+                    vllm_version(), PINNED_VLLM, "; ".join(found))
+    return not found
+
+
+def vllm_version() -> str:
+    import vllm
+    return getattr(vllm, "__version__", "unknown")
+
+
+@functools.cache
+def warn_if_unpinned() -> bool:
+    """Log once when the running vLLM is not the pinned one; True when it is."""
+    running = vllm_version().split("+")[0]
+    if running != PINNED_VLLM:
+        log.warning("dual_sampling: running vLLM %s; this package is tested on %s. Run "
+                    "`python -m dual_sampling.vllm_plugin.compat` to see what it wraps.",
+                    running, PINNED_VLLM)
+    return running == PINNED_VLLM
+
+
+if __name__ == "__main__":
+    print(f"vLLM {vllm_version()} (pinned: {PINNED_VLLM})")
+    for name in PRIVATE:
+        found = problems(name)
+        print(f"{name}: {'ok' if not found else 'MISSING: ' + '; '.join(found)}")
