@@ -33,7 +33,7 @@ from dual_sampling.transports.request import RequestTransport
 PROMPT_TOKENS = 32
 
 
-async def _prompts(tokens: list[list[int]]):
+async def prompt_items(tokens: list[list[int]]):
     for i, ids in enumerate(tokens):
         yield PromptItem(i, "", ids)
 
@@ -61,7 +61,7 @@ async def dual_tok_s(transport: Transport, prompts: list[list[int]], n_tokens: i
                               concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
     coordinator = Coordinator(transport, settings, keep)
     started = time.perf_counter()
-    await coordinator.run(_prompts(prompts))
+    await coordinator.run(prompt_items(prompts))
     elapsed = time.perf_counter() - started
     return coordinator.tokens_generated / elapsed, 1.0 - coordinator.wait_s / elapsed
 

@@ -53,6 +53,7 @@ class FusedSettings:
     temperature: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    ignore_eos: bool = False  # every completion max_tokens long (benchmarks)
 
 
 class FusedCoordinator:
@@ -104,7 +105,7 @@ class FusedCoordinator:
         reply = await self.client.request("POST", PATH, {
             "prompts": [item.prompt_ids], "seeds": [prompt_seed(s.seed, item.index)],
             "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
-            "stop": list(s.stop)})
+            "stop": list(s.stop), "ignore_eos": s.ignore_eos})
         wait_s = time.perf_counter() - t0
         self.wait_s += wait_s
         seq = self._sequence(item, reply)
