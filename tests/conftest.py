@@ -63,7 +63,9 @@ def fused_server(fused_models, tmp_path_factory) -> Servers:
     """One fused server (theta + padded target in one engine), up for the whole session."""
     if shutil.which("curl") is None:
         pytest.fail("start_vllm.sh needs curl: apt-get install curl")
-    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_fused"), models=dict(fused_models))
+    # a small step budget, so that a long prompt is prefilled in chunks (a test covers it)
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_fused"), models=dict(fused_models),
+                     extra=("--max-model-len", "2048", "--max-num-batched-tokens", "512"))
     server.start_fused()
     yield server
     server.stop()

@@ -105,6 +105,22 @@ def test_every_position_matches_the_full_vocabulary_reference(fused_server, refe
 
 
 @pytest.mark.server
+def test_a_prompt_prefilled_in_chunks_matches_the_reference(fused_server, reference):
+    """1200 prompt tokens over a 512-token step budget: the engine samples (and discards)
+    at the end of each partial prefill; the records must hold only the real tokens."""
+    from dual_sampling.tiny_models import corpus_path
+    prompt = encode(reference, corpus_path().read_text()[:20000])[:1200]
+    result = generate(fused_server, [prompt], [5], max_tokens=6)[0]
+    ids = prompt + result["token_ids"]
+    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+    for t, token in enumerate(result["token_ids"]):
+        a, b = (f[len(prompt) - 1 + t] for f in full)
+        np.testing.assert_allclose([result["logp_theta"][t], result["logp_target"][t]],
+                                   [a[token], b[token]], atol=1e-3)
+        assert abs(result["alpha"][t] - chernoff_alpha(a, b)) < 1e-3
+
+
+@pytest.mark.server
 def test_sampled_tokens_follow_q_star(fused_server, reference):
     prompt = encode(reference, "The module")
     n = 3000

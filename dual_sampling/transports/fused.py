@@ -67,7 +67,9 @@ class FusedCoordinator:
         self.on_finished = on_finished
         self.on_step = on_step
         self.transport = self  # what modes/sample.generate closes
-        self.wait_s = 0.0
+        self.wait_s = 0.0  # wall time with at least one request in flight
+        self._in_flight = 0
+        self._busy_since = 0.0
         self.total_s = 0.0
         self.tokens_generated = 0
         self.unfinished: list[PromptItem] = []
@@ -102,12 +104,19 @@ class FusedCoordinator:
         s = self.settings
         room = max(1, min(s.max_tokens, s.max_model_len - len(item.prompt_ids)))
         t0 = time.perf_counter()
-        reply = await self.client.request("POST", PATH, {
-            "prompts": [item.prompt_ids], "seeds": [prompt_seed(s.seed, item.index)],
-            "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
-            "stop": list(s.stop), "ignore_eos": s.ignore_eos})
+        if self._in_flight == 0:
+            self._busy_since = t0
+        self._in_flight += 1
+        try:
+            reply = await self.client.request("POST", PATH, {
+                "prompts": [item.prompt_ids], "seeds": [prompt_seed(s.seed, item.index)],
+                "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
+                "stop": list(s.stop), "ignore_eos": s.ignore_eos})
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.wait_s += time.perf_counter() - self._busy_since
         wait_s = time.perf_counter() - t0
-        self.wait_s += wait_s
         seq = self._sequence(item, reply)
         n = len(seq.completion_ids)
         self.tokens_generated += n

@@ -159,5 +159,5 @@ class FusedSampler(LogitsProcessor):
             "token": token, "alpha": alpha[sel],
             "logp_theta": a[sel].gather(1, at)[:, 0], "logp_target": b[sel].gather(1, at)[:, 0],
             "logp_q": log_sampled.gather(1, at)[:, 0], **diag}
-        fused_state.append([r.tag for r in picked],
-                           {name: value.tolist() for name, value in columns.items()})
+        fused_state.put([r.tag for r in picked], steps.tolist(),
+                        {name: value.tolist() for name, value in columns.items()})

@@ -47,12 +47,16 @@ def open_record(tag: str) -> None:
     _removed_at.pop(tag, None)
 
 
-def append(tags: list[str], columns: dict[str, list]) -> None:
-    """One token per tag: `columns[name][i]` is the value of FIELDS[name] for tags[i]."""
-    for i, tag in enumerate(tags):
+def put(tags: list[str], steps: list[int], columns: dict[str, list]) -> None:
+    """Token `steps[i]` (its position in the completion) of each tags[i]; `columns[name][i]`
+    is its value of FIELDS[name]. Entries from that position on are replaced: a step whose
+    token vLLM discarded (a partial prefill, a step past the end) is overwritten by the
+    step that counts, which has the same position."""
+    for i, (tag, step) in enumerate(zip(tags, steps)):
         record = _records.get(tag)
         if record is not None:
             for name in FIELDS:
+                del record[name][step:]
                 record[name].append(columns[name][i])
 
 
