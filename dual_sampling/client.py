@@ -47,6 +47,7 @@ class ServerInfo:
     vocab_size: Optional[int]
     has_plugin: bool
     routes: tuple[str, ...] = ()  # the paths this package's plugin serves there
+    fused: bool = False  # serves theta and target in one engine (start_vllm.sh --fused)
 
     def serves(self, path: str) -> bool:
         return path in self.routes
@@ -172,7 +173,8 @@ class VLLMClient:
             return {"bos_token_id": facts["bos_token_id"],
                     "eos_token_ids": tuple(facts["eos_token_ids"]),
                     "vocab_size": facts["vocab_size"], "has_plugin": True,
-                    "routes": tuple(facts.get("routes", ()))}
+                    "routes": tuple(facts.get("routes", ())),
+                    "fused": bool(facts.get("fused", False))}
         except ServerError:
             pass
         try:

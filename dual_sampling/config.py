@@ -20,7 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from dual_sampling.errors import ConfigError
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
-TRANSPORTS = ("auto", "request", "session")
+TRANSPORTS = ("auto", "request", "session", "fused")
+DEFAULT_TOP_K = 20
 TOPK_DTYPES = ("int8", "fp16", "bf16")
 SCORE_ROUTES = ("auto", "topk", "stock")
 
@@ -117,8 +118,9 @@ class PromptDataConfig(ShardedInputConfig):
 class SampleParams:
     """How each token is chosen."""
 
-    top_k: int = 20
-    """Next-token candidates asked of each server per step."""
+    top_k: Optional[int] = None
+    """Next-token candidates asked of each server per step (request, session; None: 20).
+    Must stay unset with the fused transport, whose q* covers the full vocabulary."""
     max_tokens: int = 64
     """Completion length cap."""
     alpha: Optional[float] = None
@@ -130,9 +132,12 @@ class SampleParams:
     stop: list[str] = field(default_factory=list)
     """Stop strings, checked on the detokenised completion."""
     transport: str = "auto"
-    """How a step reaches the servers: `session` (resident vLLM sessions over one WebSocket
-    per server; needs this package's plugin), `request` (a /v1/completions request per step;
-    any vLLM server), or `auto` (session when every server has the plugin's session route)."""
+    """How a step reaches the servers: `fused` (both models in one vLLM engine started with
+    start_vllm.sh --fused at theta.url; whole completions from the exact full-vocabulary q*;
+    target.url unused), `session` (resident vLLM sessions over one WebSocket per server;
+    needs this package's plugin), `request` (a /v1/completions request per step; any vLLM
+    server), or `auto` (fused when theta.url serves the fused model, else session when every
+    server has the plugin's session route, else request)."""
     record_candidates: bool = False
     """Also store both servers' top-k lists per token (large; for audits and tests)."""
     n: int = 1
@@ -146,7 +151,11 @@ class SampleParams:
     """Write `output_dir/report.html` (plots of the whole dataset) at the end of the run."""
 
     def check(self, key: str) -> None:
-        _require(self.top_k >= 1, f"{key}.top_k", self.top_k, "must be >= 1")
+        _require(self.top_k is None or self.top_k >= 1, f"{key}.top_k", self.top_k,
+                 "must be >= 1 (or null: 20)")
+        _require(self.top_k is None or self.transport != "fused", f"{key}.top_k", self.top_k,
+                 f"has no meaning with {key}.transport=fused (q* covers the full vocabulary): "
+                 f"remove it")
         _require(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "must be >= 1")
         _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha,
                  "must be null (solve per token) or in [0, 1]")
@@ -158,6 +167,11 @@ class SampleParams:
         _require(self.n >= 1, f"{key}.n", self.n, "must be >= 1")
         _require(math.isfinite(self.temperature) and self.temperature > 0,
                  f"{key}.temperature", self.temperature, "must be a finite number > 0")
+
+    @property
+    def k(self) -> int:
+        """top_k with its default: the candidates a per-token transport asks for."""
+        return DEFAULT_TOP_K if self.top_k is None else self.top_k
 
 
 @dataclass

@@ -23,7 +23,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
 import numpy as np
 
 from dual_sampling import mixture
-from dual_sampling.client import VLLMClient
 
 
 def sequence_seed(seed: int, index: int, sample_index: int) -> list[int]:
@@ -58,29 +57,6 @@ class Transport(Protocol):
 
     async def aclose(self) -> None:
         """Close connections; server-side state of unreleased sequences is freed."""
-
-
-class RequestTransport:
-    """A `/v1/completions` request per step and server, the whole batch in one request.
-
-    Stateless: every step re-sends each whole context (vLLM's prefix cache saves most of
-    the recomputation), so it works with any stock vLLM server.
-    """
-
-    def __init__(self, theta: VLLMClient, target: VLLMClient) -> None:
-        self.theta, self.target = theta, target
-
-    async def step(self, keys: list[int], contexts: list[list[int]], k: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
-            self.theta.next_token_topk(contexts, k), self.target.next_token_topk(contexts, k))
-        return ids_theta, logp_theta, ids_target, logp_target
-
-    async def release(self, keys: list[int]) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass
@@ -147,7 +123,7 @@ class Sequence:
     item: PromptItem
     sample_index: int
     key: int
-    rng: np.random.Generator
+    rng: Optional[np.random.Generator] = None  # the per-token transports' uniforms (not fused)
     completion_ids: list[int] = field(default_factory=list)
     tokens: dict[str, list] = field(default_factory=lambda: {f: [] for f in TOKEN_FIELDS})
     candidates: list[dict[str, list]] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
     servers = Servers(run_dir=Path("/tmp/vllm"), models={"theta": a, "target": b})
     servers.start("theta", "target")   # free loopback ports, waits for /health
+    servers.start_fused()              # role "fused": both models in one engine
     servers.url("theta"); servers.kill("target"); servers.stop()
     running, waiting = server_metrics(url, "vllm:num_requests_running", "vllm:num_requests_waiting")
 """
@@ -40,7 +41,7 @@ def free_port() -> int:
 class Servers:
     """vLLM CPU servers started by start_vllm.sh in one run dir; roles map to ports.
 
-    Roles are start_vllm.sh's: `theta`, `target` and `model`.
+    Roles are start_vllm.sh's: `theta`, `target`, `model` and `fused` (start_fused).
     """
 
     run_dir: Path
@@ -55,11 +56,21 @@ class Servers:
 
     def start(self, *roles: str) -> None:
         """Start the roles (together) and wait until each answers; RuntimeError if not."""
-        args = ["bash", str(START_SCRIPT), "--cpu", "--run-dir", str(self.run_dir),
-                "--max-logprobs", str(self.max_logprobs), "--timeout", "900"]
+        args = []
         for role in roles:
             self.ports.setdefault(role, free_port())
             args += [f"--{role}", str(self.models[role]), f"--{role}-port", str(self.ports[role])]
+        self._script(args)
+
+    def start_fused(self) -> None:
+        """Start the `fused` role: theta and target in one engine (start_vllm.sh --fused)."""
+        self.ports.setdefault("fused", free_port())
+        self._script(["--fused", "--theta", str(self.models["theta"]), "--target",
+                      str(self.models["target"]), "--port", str(self.ports["fused"])])
+
+    def _script(self, role_args: list[str]) -> None:
+        args = ["bash", str(START_SCRIPT), "--cpu", "--run-dir", str(self.run_dir),
+                "--max-logprobs", str(self.max_logprobs), "--timeout", "900", *role_args]
         env = {**os.environ, "PYTHON": sys.executable, **self.env}
         done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)
         if done.returncode != 0:

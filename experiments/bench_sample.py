@@ -24,15 +24,16 @@ import numpy as np
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport, SampleSettings,
+from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings,
                                        Transport)
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.transports.request import RequestTransport
 
 PROMPT_TOKENS = 32
 
 
-async def _prompts(tokens: list[list[int]]):
+async def prompt_items(tokens: list[list[int]]):
     for i, ids in enumerate(tokens):
         yield PromptItem(i, "", ids)
 
@@ -60,7 +61,7 @@ async def dual_tok_s(transport: Transport, prompts: list[list[int]], n_tokens: i
                               concurrency=len(prompts), eos_token_ids=(), max_model_len=2048)
     coordinator = Coordinator(transport, settings, keep)
     started = time.perf_counter()
-    await coordinator.run(_prompts(prompts))
+    await coordinator.run(prompt_items(prompts))
     elapsed = time.perf_counter() - started
     return coordinator.tokens_generated / elapsed, 1.0 - coordinator.wait_s / elapsed
 

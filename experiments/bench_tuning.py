@@ -26,10 +26,10 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import RequestTransport
 from dual_sampling.launch import ENGINE_STEPS, Servers, server_metrics
-from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.transports.request import RequestTransport
+from dual_sampling.transports.session import SessionTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, dual_tok_s, speed_arguments  # noqa: E402

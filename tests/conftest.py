@@ -33,3 +33,39 @@ def servers(tiny_models, tmp_path_factory) -> Servers:
     pair.start("theta", "target")
     yield pair
     pair.stop()
+
+
+@pytest.fixture(scope="session")
+def fused_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """theta, and the tiny target with its vocabulary padded from 1024 to 1088 output rows
+    (zero rows, as checkpoints pad them): the fused server must never sample a padded id."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    padded = tmp_path_factory.mktemp("padded_target")
+    for item in Path(tiny_models["target"]).iterdir():
+        if item.is_file() and item.name != "model.safetensors":
+            shutil.copy(item, padded / item.name)
+    weights = load_file(Path(tiny_models["target"]) / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = weights[name]
+        weights[name] = torch.cat([rows, torch.zeros(64, rows.shape[1], dtype=rows.dtype)])
+    save_file(weights, padded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((padded / "config.json").read_text())
+    config["vocab_size"] = 1088
+    (padded / "config.json").write_text(json.dumps(config, indent=2))
+    return {"theta": Path(tiny_models["theta"]), "target": padded}
+
+
+@pytest.fixture(scope="session")
+def fused_server(fused_models, tmp_path_factory) -> Servers:
+    """One fused server (theta + padded target in one engine), up for the whole session."""
+    if shutil.which("curl") is None:
+        pytest.fail("start_vllm.sh needs curl: apt-get install curl")
+    # a small step budget, so that a long prompt is prefilled in chunks (a test covers it)
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_fused"), models=dict(fused_models),
+                     extra=("--max-model-len", "2048", "--max-num-batched-tokens", "512"))
+    server.start_fused()
+    yield server
+    server.stop()

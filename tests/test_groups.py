@@ -17,9 +17,10 @@ import pytest
 from scipy.stats import chisquare
 
 from dual_sampling import groups, mixture
-from dual_sampling.coordinator import (Coordinator, PromptItem, RequestTransport,
-                                       SampleSettings, sequence_rng, sequence_seed)
+from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings, sequence_rng,
+                                       sequence_seed)
 from dual_sampling.records import read_records
+from dual_sampling.transports.request import RequestTransport
 
 VOCAB = 40
 
@@ -163,7 +164,7 @@ def server_clients(servers):
 
 async def _coordinate(servers, transport_name: str, s: SampleSettings,
                       items: list[PromptItem]) -> dict:
-    from dual_sampling.session_transport import SessionTransport
+    from dual_sampling.transports.session import SessionTransport
     theta, target = server_clients(servers)
     finished = {}
 

@@ -15,7 +15,7 @@ import pytest
 
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import Coordinator
-from dual_sampling.session_transport import SessionTransport
+from dual_sampling.transports.session import SessionTransport
 from test_session import _items, clients, corpus_prompts, settings
 
 IDLE_S = 0.1  # between requests: long enough for every reader to be parked

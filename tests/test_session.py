@@ -18,11 +18,12 @@ import pytest
 
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, PromptItem, RequestTransport, SampleSettings
+from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
 from dual_sampling.errors import ServerError
 from dual_sampling.launch import server_metrics
-from dual_sampling.session_transport import SessionTransport
 from dual_sampling.tiny_models import corpus_path
+from dual_sampling.transports.request import RequestTransport
+from dual_sampling.transports.session import SessionTransport
 
 ROLES = ("theta", "target")
 # Different prompt lengths under a small coordinator max_model_len make sequences finish at
@@ -203,7 +204,7 @@ CLIENT = textwrap.dedent("""
     import asyncio, sys
     from dual_sampling.client import VLLMClient
     from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
-    from dual_sampling.session_transport import SessionTransport
+    from dual_sampling.transports.session import SessionTransport
 
     async def main(theta_url, target_url):
         theta, target = VLLMClient(theta_url, name="theta"), VLLMClient(target_url, name="target")

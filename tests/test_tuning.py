@@ -14,7 +14,7 @@ import pytest
 
 from dual_sampling.errors import ConfigError
 from dual_sampling.launch import ENGINE_STEPS, server_metrics
-from dual_sampling.session_transport import SessionTransport
+from dual_sampling.transports.session import SessionTransport
 from dual_sampling.vllm_plugin import tuning
 from test_session import clients, corpus_prompts, run_coordinator, settings
 

@@ -3,12 +3,19 @@
     python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
         target.url=http://127.0.0.1:8001 data.prompts=prompts.jsonl output_dir=runs/x
 
-Each role also takes a list of replicas of its model (`theta.url=[u1,u2]`): prompts are
-spread over replica pairs and restart on another pair when theirs fails.
+    python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
+        sample.transport=fused data.prompts=prompts.jsonl output_dir=runs/x  # --fused server
 
-Each prompt gets `sample.n` completions, one record per (index, sample_index). Before the
-first token both servers must answer, agree on the tokenizer and allow top_k logprobs. A
-run started again with the same output_dir skips the samples already written. The summary
+Each role also takes a list of replicas of its model (`theta.url=[u1,u2]`): prompts are
+spread over replica pairs (fused: replicas) and restart on another when theirs fails.
+
+Before the first token every server must answer and agree on the tokenizer, and (request,
+session) allow top_k logprobs. With `sample.transport=fused` (or `auto` finding a fused
+server at theta.url) theta.url is the fused server, target.url is not used, and each token
+comes from the exact full-vocabulary q* (dual_sampling/transports/fused.py).
+
+Each prompt gets `sample.n` completions, one record per (index, sample_index). A run
+started again with the same output_dir skips the samples already written. The summary
 (all records in the file) goes to `output_dir/summary.json`, W&B and stdout; with n > 1 the
 group weights go to `output_dir/groups.jsonl` (dual_sampling/groups.py), and with
 `sample.report=true` the plots to `output_dir/report.html` (dual_sampling/report.py).
@@ -30,14 +37,16 @@ from tqdm import tqdm
 
 from dual_sampling import data, groups, report, sample_stats
 from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
-from dual_sampling.config import SampleRunConfig, ServerConfig
-from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, RequestTransport,
-                                       SampleSettings, Sequence, StepStats)
-from dual_sampling.errors import ServerError, ServerMismatchError
+from dual_sampling.config import SampleParams, SampleRunConfig, ServerConfig
+from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, SampleSettings,
+                                       Sequence, StepStats)
+from dual_sampling.errors import ConfigError, ServerError, ServerMismatchError
 from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.session_transport import SessionTransport
 from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
+from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
+from dual_sampling.transports.request import RequestTransport
+from dual_sampling.transports.session import SessionTransport
 
 log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
@@ -55,16 +64,16 @@ def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLM
                        max_connections=2 * concurrency + 8) for i, url in enumerate(urls)]
 
 
-async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: int
+async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: Optional[int]
                     ) -> list[ServerInfo]:
-    """Every server answers, all share theta[0]'s tokenizer and allow top_k; else a clear error.
-
-    Returns each server's info, thetas first, in the order of `thetas + targets`."""
+    """Every server answers, all share theta[0]'s tokenizer and allow top_k (unless None);
+    else a clear error. Returns each server's info in the order of `thetas + targets`."""
     clients = thetas + targets
     infos = await asyncio.gather(*(c.describe() for c in clients))
     for client, info in zip(clients[1:], infos[1:]):
         await check_same_tokenizer(clients[0], infos[0], client, info)
-    await asyncio.gather(*(c.check_top_k(top_k) for c in clients))
+    if top_k is not None:
+        await asyncio.gather(*(c.check_top_k(top_k) for c in clients))
     if not infos[0].eos_token_ids:
         log.warning("theta server at %s names no EOS id: sequences end at max_tokens only",
                     clients[0].url)
@@ -104,6 +113,33 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a - b
 
 
+def wants_fused(params: SampleParams, theta_infos: list[ServerInfo]) -> bool:
+    """True for the fused transport: asked for, or `auto` and theta.url serves the fused model.
+
+    Raises ServerMismatchError when the servers do not fit the transport asked for, and
+    ConfigError for `sample.top_k` with fused (it has no meaning there)."""
+    fused = [info.fused for info in theta_infos]
+    urls = [info.url for info in theta_infos]
+    if any(fused) and not all(fused):
+        raise ServerMismatchError(
+            f"theta.url mixes fused and plain servers ({dict(zip(urls, fused))}): give the "
+            f"replicas of one kind.")
+    if params.transport == "fused" and not all(fused):
+        raise ServerMismatchError(
+            f"sample.transport=fused, but {urls} serve(s) one model: start a fused server with "
+            f"./start_vllm.sh --fused --theta A --target B and point theta.url at it.")
+    if params.transport in ("request", "session") and all(fused):
+        raise ServerMismatchError(
+            f"theta.url {urls} is a fused server (both models in one engine): use "
+            f"sample.transport=fused (or auto), or two plain servers for {params.transport}.")
+    use = all(fused)
+    if use and params.top_k is not None:
+        raise ConfigError(
+            f"config key `sample.top_k` = {params.top_k} has no meaning with the fused "
+            f"transport (q* covers the full vocabulary): remove it.")
+    return use
+
+
 def choose_transport(transport: str, infos: list[ServerInfo]) -> bool:
     """True for the session transport: asked for, or `auto` and every server has the route."""
     if transport == "request":
@@ -140,10 +176,9 @@ async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
     raise error  # type: ignore[misc]
 
 
-async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueue,
-                   make_coordinator: Callable[[VLLMClient, VLLMClient], Coordinator]
-                   ) -> list[Coordinator]:
-    """Run one coordinator per replica pair over the shared queue.
+async def generate(pairs: list[tuple[VLLMClient, ...]], queue: PromptQueue,
+                   make_coordinator: Callable[..., Coordinator]) -> list[Coordinator]:
+    """Run one coordinator per replica pair (fused: per replica) over the shared queue.
 
     A pair pulls prompts as its slots free up, so the least-loaded pair takes the next
     one, and a sample stays on its pair until it finishes. When a pair fails (a server
@@ -153,7 +188,7 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
     """
     alive, done = list(pairs), []
     while True:
-        coordinators = [make_coordinator(theta, target) for theta, target in alive]
+        coordinators = [make_coordinator(*pair) for pair in alive]
         results = await asyncio.gather(*(c.run(queue) for c in coordinators),
                                        return_exceptions=True)
         await asyncio.gather(*(c.transport.aclose() for c in coordinators),
@@ -164,8 +199,8 @@ async def generate(pairs: list[tuple[VLLMClient, VLLMClient]], queue: PromptQueu
             if isinstance(result, ServerError):
                 queue.requeue(coordinator.unfinished)
                 failed.append((pair, result))
-                log.warning("replica pair %s + %s failed (%s); %d samples restart on the "
-                            "others", pair[0].url, pair[1].url, result,
+                log.warning("replica %s failed (%s); %d prompts restart on the others",
+                            " + ".join(c.url for c in pair), result,
                             len(coordinator.unfinished))
             elif isinstance(result, BaseException):
                 raise result
@@ -188,15 +223,25 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         prompts = prompts[:config.data.limit]
     out = Path(config.output_dir)
     thetas = make_clients(config.theta, "theta", params.concurrency)
-    targets = make_clients(config.target, "target", params.concurrency)
-    pairs = [(thetas[i % len(thetas)], targets[i % len(targets)])
-             for i in range(max(len(thetas), len(targets)))]
     async with AsyncExitStack() as stack:
-        for client in thetas + targets:
+        for client in thetas:
             await stack.enter_async_context(client)
-        infos = await preflight(thetas, targets, params.top_k)
-        info_theta, info_target = infos[0], infos[len(thetas)]
-        use_sessions = choose_transport(params.transport, infos)
+        fused = wants_fused(params, list(await asyncio.gather(*(c.describe() for c in thetas))))
+        targets = [] if fused else make_clients(config.target, "target", params.concurrency)
+        for client in targets:
+            await stack.enter_async_context(client)
+        infos = await preflight(thetas, targets, None if fused else params.k)
+        info_theta = infos[0]
+        info_target = info_theta if fused else infos[len(thetas)]
+        if fused:
+            transport = "fused"
+            pairs: list[tuple[VLLMClient, ...]] = [(theta,) for theta in thetas]
+            log.info("transport: fused (both models in the engine at %s; target.url unused)",
+                     [c.url for c in thetas])
+        else:
+            transport = "session" if choose_transport(params.transport, infos) else "request"
+            pairs = [(thetas[i % len(thetas)], targets[i % len(targets)])
+                     for i in range(max(len(thetas), len(targets)))]
         max_model_len = min(info_theta.max_model_len or 1 << 30, info_target.max_model_len or 1 << 30)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE, key=SAMPLE_KEY)
         todo = [{**p, "sample_indices": missing} for p in prompts if (missing := [
@@ -208,10 +253,12 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         tracker = Tracker(config)
         bar = tqdm(total=total, initial=total - remaining, unit="sample",
                    desc="sample", disable=not config.progress, dynamic_ncols=True)
-        run_fields = {"theta_model": info_theta.model, "target_model": info_target.model,
-                      "temperature": params.temperature}
+        run_fields = {"temperature": params.temperature, **(
+            {"theta_model": f"{info_theta.model}[theta]",
+             "target_model": f"{info_theta.model}[target]"} if fused else
+            {"theta_model": info_theta.model, "target_model": info_target.model})}
         settings = SampleSettings(
-            top_k=params.top_k, max_tokens=params.max_tokens, alpha=params.alpha,
+            top_k=params.k, max_tokens=params.max_tokens, alpha=params.alpha,
             missing=params.missing, concurrency=params.concurrency,
             eos_token_ids=info_theta.eos_token_ids, max_model_len=max_model_len,
             vocab_size=info_theta.vocab_size, stop=tuple(params.stop), seed=config.seed,
@@ -238,7 +285,8 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
                     "step/tokens_per_s": tokens_per_s(),
                 }, step=counters["steps"])
 
-        def make_coordinator(theta: VLLMClient, target: VLLMClient) -> Coordinator:
+        def make_coordinator(theta: VLLMClient, target: Optional[VLLMClient] = None
+                             ) -> Coordinator | FusedCoordinator:
             async def on_finished(seq: Sequence) -> None:
                 completion = await theta.detokenize(seq.completion_ids)
                 writer.write(sequence_record(seq, completion, run_fields))
@@ -249,10 +297,16 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{tokens_per_s():.0f}")
 
-            transport = (SessionTransport(theta, target, timeout_s=config.theta.timeout_s,
+            if fused:
+                return FusedCoordinator(theta, FusedSettings(
+                    max_tokens=params.max_tokens, alpha=params.alpha,
+                    concurrency=params.concurrency, max_model_len=max_model_len,
+                    temperature=params.temperature, stop=tuple(params.stop), seed=config.seed),
+                    on_finished, on_step=on_step)
+            per_token = (SessionTransport(theta, target, timeout_s=config.theta.timeout_s,
                                           max_retries=config.theta.max_retries)
-                         if use_sessions else RequestTransport(theta, target))
-            return Coordinator(transport, settings, on_finished, on_step=on_step,
+                         if transport == "session" else RequestTransport(theta, target))
+            return Coordinator(per_token, settings, on_finished, on_step=on_step,
                                detokenize=theta.detokenize)
 
         queue = PromptQueue(todo, partial(tokenize_prompt, clients=thetas,
@@ -276,7 +330,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
             "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,
             "replica_pairs": len(pairs),
-            "transport": "session" if use_sessions else "request",
+            "transport": transport,
             "dataset": str(out / SAMPLES_FILE),
         })
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

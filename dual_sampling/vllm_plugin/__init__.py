@@ -4,7 +4,8 @@ Registered under vLLM's `vllm.endpoint_plugins` entry-point group (see pyproject
 loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.sh sets it).
 Each module in `ROUTE_MODULES` exposes a FastAPI `router`. `register_general` is the
 `vllm.general_plugins` hook, which vLLM runs in every process of a server (API server,
-engine core, workers): the engine tunings (tuning.py).
+engine core, workers): the engine tunings (tuning.py) and the composite two-model class of
+fused servers (fused_model.py), registered by name: it is imported only by a fused server.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 from argparse import Namespace
 from typing import Any
 
-ROUTE_MODULES = ("info", "topk", "session")
+ROUTE_MODULES = ("info", "topk", "session", "fused_route")
 ROUTE_FEATURES = {"session": "sessions"}  # route module -> the compat feature it needs
 
 
@@ -42,6 +43,12 @@ def make_plugin() -> DualSamplingPlugin:
 
 def register_general() -> None:
     """The `vllm.general_plugins` hook: runs in every vLLM process named by VLLM_PLUGINS."""
+    from vllm import ModelRegistry
+
     from dual_sampling.vllm_plugin import compat, tuning
+    from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE
     compat.warn_if_unpinned()
     tuning.register()
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(
+            ARCHITECTURE, f"dual_sampling.vllm_plugin.fused_model:{ARCHITECTURE}")

@@ -2,8 +2,9 @@
 
 Stock vLLM does not say which ids end a sequence; this route reads them from the served
 model's generation config (falling back to its tokenizer), with the vocabulary size and
-the server's limits, and `routes`: the paths this plugin serves (a client picks the session
-transport when `/v1/dual_sampling/session` is among them).
+the server's limits, `routes`: the paths this plugin serves (a client picks the session
+transport when `/v1/dual_sampling/session` is among them), and `fused`: whether the server
+serves both models in one engine (start_vllm.sh --fused; the fused transport).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib
 from fastapi import APIRouter, Request
 
 from dual_sampling.vllm_plugin import route_modules
+from dual_sampling.vllm_plugin.fused_route import is_fused
 
 router = APIRouter()
 
@@ -43,4 +45,5 @@ async def info(request: Request) -> dict:
         "max_model_len": model_config.max_model_len,
         "max_logprobs": model_config.max_logprobs,
         "routes": plugin_routes(),
+        "fused": is_fused(engine),
     }

@@ -1,0 +1,158 @@
+"""`POST /v1/dual_sampling/fused/generate`: whole completions from q* with exact diagnostics.
+
+Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. Request JSON:
+
+    {"prompts": [[ids...], ...], "seeds": [int, ...], "max_tokens": 64,
+     "alpha": null | 0.3, "temperature": 1.0, "stop": [], "ignore_eos": false}
+
+Each prompt becomes one ordinary engine request (vLLM batches them with everything else in
+flight), tagged in `extra_args` so the logits processor (fused_sampler.py) samples its tokens
+from q* with the prompt's seed and records each token's diagnostics in the worker. When a
+request finishes, its record comes back through one `collective_rpc` for all the requests
+that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
+"alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
+"entropy_q"}, ...]}` in prompt order, per-token lists as long as `token_ids`.
+
+`GET /v1/dual_sampling/fused/counters`: the worker's counters (steps, seconds solving
+alpha*, solver iterations) for benchmarks.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE, EXTRA_KEY
+
+GENERATE_PATH = "/v1/dual_sampling/fused/generate"
+COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
+DIAGNOSTICS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
+               "entropy_q")
+
+router = APIRouter()
+
+
+class FusedRequest(BaseModel):
+    prompts: list[list[int]]
+    seeds: list[int]
+    max_tokens: int
+    alpha: Optional[float] = None
+    temperature: float = 1.0
+    stop: list[str] = []
+    ignore_eos: bool = False
+
+
+def is_fused(engine: Any) -> bool:
+    return ARCHITECTURE in (engine.model_config.architectures or [])
+
+
+class _Diagnostics:
+    """Pops finished requests' records from the worker, one RPC for all waiting at once."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.task: Optional[asyncio.Task] = None
+
+    async def pop(self, tag: str) -> Optional[dict[str, list]]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[tag] = future
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                replies = await self.engine.collective_rpc(
+                    "dual_sampling_pop_diagnostics", args=(list(batch),))
+            except Exception as exc:  # every waiting request fails with the cause
+                for future in batch.values():
+                    future.set_exception(exc)
+                continue
+            for tag, future in batch.items():
+                future.set_result(replies[0].get(tag))
+
+
+class _Refused(Exception):
+    """A request this route refuses with HTTP 400."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
+
+def _check(body: FusedRequest, vocab_size: int) -> None:
+    if not body.prompts or len(body.seeds) != len(body.prompts):
+        raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
+                       f"{len(body.seeds)} seeds")
+    if body.max_tokens < 1:
+        raise _Refused(f"max_tokens = {body.max_tokens}: must be >= 1")
+    for index, ids in enumerate(body.prompts):
+        if not ids or min(ids) < 0 or max(ids) >= vocab_size:
+            raise _Refused(f"prompt {index} is empty or holds an id outside [0, {vocab_size})")
+
+
+async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed: int,
+                    body: FusedRequest) -> dict[str, Any]:
+    tag = f"fused-{uuid.uuid4().hex}"
+    params = SamplingParams(
+        max_tokens=body.max_tokens, temperature=0.0, stop=body.stop or None,
+        detokenize=bool(body.stop), ignore_eos=body.ignore_eos,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args={EXTRA_KEY: {"tag": tag, "seed": seed, "alpha": body.alpha,
+                                "temperature": body.temperature}})
+    final = None
+    async for output in engine.generate({"prompt_token_ids": ids}, params, request_id=tag):
+        final = output
+    completion = final.outputs[0]
+    token_ids = list(completion.token_ids)
+    record = await diagnostics.pop(tag)
+    n = len(token_ids)
+    if record is None or record["token"][:n] != token_ids:
+        raise RuntimeError(f"{tag}: the worker's record of the sampled tokens does not match "
+                           f"the engine's output (is --logits-processors set?)")
+    return {"token_ids": token_ids, "finish_reason": completion.finish_reason,
+            **{name: record[name][:n] for name in DIAGNOSTICS}}
+
+
+@router.post(GENERATE_PATH)
+async def generate(body: FusedRequest, request: Request) -> JSONResponse:
+    engine = request.app.state.engine_client
+    if not is_fused(engine):
+        return _error(409, f"this server does not serve the fused model ({ARCHITECTURE}): "
+                           f"start one with ./start_vllm.sh --fused --theta A --target B")
+    try:
+        _check(body, engine.model_config.get_vocab_size())
+    except _Refused as exc:
+        return _error(400, str(exc))
+    state = request.app.state
+    if getattr(state, "dual_sampling_fused", None) is None:
+        state.dual_sampling_fused = _Diagnostics(engine)
+    tasks = [asyncio.ensure_future(_complete(engine, state.dual_sampling_fused, ids, seed, body))
+             for ids, seed in zip(body.prompts, body.seeds)]
+    try:
+        results = await asyncio.gather(*tasks)
+    except (VLLMClientError, ValueError) as exc:
+        return _error(400, f"the engine refused the request: {exc}")
+    except Exception as exc:  # the server stays up; the client sees what failed
+        return _error(500, f"{GENERATE_PATH} failed: {type(exc).__name__}: {exc}")
+    finally:
+        for task in tasks:
+            task.cancel()
+    return JSONResponse({"results": results})
+
+
+@router.get(COUNTERS_PATH)
+async def counters(request: Request) -> JSONResponse:
+    engine = request.app.state.engine_client
+    if not is_fused(engine):
+        return _error(409, "this server does not serve the fused model")
+    return JSONResponse((await engine.collective_rpc("dual_sampling_counters"))[0])

@@ -1,0 +1,96 @@
+"""Worker-process state of a fused server, shared by the model, the sampler and the RPCs.
+
+Three things live here, in each vLLM worker process (module globals: one engine a process):
+- the step's stash: both models' full-vocabulary log-softmax, put by the composite model's
+  `compute_logits` (fused_model.py) and taken by the logits processor (fused_sampler.py)
+  in the same step;
+- each tagged request's per-token diagnostics, appended by the processor, popped by the
+  API server through `collective_rpc("dual_sampling_pop_diagnostics", args=(tags,))`;
+- counters (steps, seconds spent solving alpha*) for benchmarks.
+
+`FusedWorkerExtension` is the `--worker-extension-cls` that start_vllm.sh --fused passes:
+vLLM mixes it into its worker class, so its methods are reachable by name through
+`engine_client.collective_rpc`. With tensor parallelism every rank holds the same records
+(each samples from the same gathered logits); callers read rank 0's answer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
+          "kl_q_target", "entropy_q")
+ABANDONED_AFTER_S = 600.0  # records of requests gone from the batch this long are dropped
+
+_stash: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None]
+_records: dict[str, dict[str, list]] = {}
+_removed_at: dict[str, float] = {}
+_counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0}
+
+
+def put_logprobs(logp_theta: torch.Tensor, logp_target: torch.Tensor) -> None:
+    """This step's log-softmax of both models over the same ids, each (B, V)."""
+    _stash[0] = (logp_theta, logp_target)
+
+
+def take_logprobs() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The stash put this step (then cleared), or None (a dummy run without a forward)."""
+    stash, _stash[0] = _stash[0], None
+    return stash
+
+
+def open_record(tag: str) -> None:
+    """A tagged request joined the batch (again, after a preemption: its record goes on)."""
+    _records.setdefault(tag, {name: [] for name in FIELDS})
+    _removed_at.pop(tag, None)
+
+
+def put(tags: list[str], steps: list[int], columns: dict[str, list]) -> None:
+    """Token `steps[i]` (its position in the completion) of each tags[i]; `columns[name][i]`
+    is its value of FIELDS[name]. Entries from that position on are replaced: a step whose
+    token vLLM discarded (a partial prefill, a step past the end) is overwritten by the
+    step that counts, which has the same position."""
+    for i, (tag, step) in enumerate(zip(tags, steps)):
+        record = _records.get(tag)
+        if record is not None:
+            for name in FIELDS:
+                del record[name][step:]
+                record[name].append(columns[name][i])
+
+
+def mark_removed(tag: str) -> None:
+    """The request left the batch (finished, aborted or preempted); drop stale records."""
+    now = time.monotonic()
+    _removed_at[tag] = now
+    for old in [t for t, at in _removed_at.items() if now - at > ABANDONED_AFTER_S]:
+        _removed_at.pop(old)
+        _records.pop(old, None)
+
+
+def pop(tags: list[str]) -> dict[str, Optional[dict[str, list]]]:
+    """Each tag's record (None for a tag never seen), forgotten here."""
+    out = {}
+    for tag in tags:
+        out[tag] = _records.pop(tag, None)
+        _removed_at.pop(tag, None)
+    return out
+
+
+def count(rows: int, solve_s: float, apply_s: float, iters: int) -> None:
+    _counters["steps"] += 1
+    _counters["rows"] += rows
+    _counters["solve_s"] += solve_s
+    _counters["apply_s"] += apply_s
+    _counters["solver_iters"] += iters
+
+
+class FusedWorkerExtension:
+    """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
+
+    def dual_sampling_pop_diagnostics(self, tags: list[str]) -> dict[str, Any]:
+        return pop(tags)
+
+    def dual_sampling_counters(self) -> dict[str, float]:
+        return dict(_counters, open_records=len(_records))

@@ -1,0 +1,380 @@
+"""The fused transport against a real fused vLLM CPU server (theta + a padded target).
+
+Every generated position is recomputed with transformers (dual_sampling/reference.py) over
+the full vocabulary; sampled tokens are tested against q* with a chi-square test; sample
+mode runs end to end through the real entry point, killed and resumed. The guards of
+start_vllm.sh --fused need no server.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+from scipy.stats import chisquare
+
+from dual_sampling import mixture
+from dual_sampling.client import ServerInfo
+from dual_sampling.config import SampleParams
+from dual_sampling.errors import ConfigError, ServerMismatchError
+from dual_sampling.launch import START_SCRIPT, Servers
+from dual_sampling.modes.sample import wants_fused
+from dual_sampling.records import read_records
+from dual_sampling.transports.fused import PATH, prompt_seed
+from dual_sampling.vllm_plugin.fused_setup import FusedSetupError, hf_overrides
+
+VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
+PROMPTS = [f"Prompt number {i}: the standard library module" for i in range(24)]
+
+
+def generate(server: Servers, prompts: list[list[int]], seeds: list[int], max_tokens: int,
+             **options) -> list[dict]:
+    body = json.dumps({"prompts": prompts, "seeds": seeds, "max_tokens": max_tokens, **options})
+    request = urllib.request.Request(server.url("fused") + PATH, body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        return json.loads(reply.read())["results"]
+
+
+def chernoff_alpha(logp_theta: np.ndarray, logp_target: np.ndarray) -> float:
+    """The full-vocabulary Chernoff point by scipy's bounded scalar minimiser of log Z."""
+    return minimize_scalar(lambda x: logsumexp((1 - x) * logp_theta + x * logp_target),
+                           bounds=(0, 1), method="bounded", options={"xatol": 1e-12}).x
+
+
+def chi_square_p(tokens: list[int], q: np.ndarray) -> float:
+    """p-value of the tokens' counts against q (bins with expected count < 5 pooled)."""
+    counts = np.bincount(tokens, minlength=len(q)).astype(float)
+    expected = q * len(tokens)
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected[big], expected[~big].sum())
+    return chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
+
+
+@pytest.fixture(scope="module")
+def reference(fused_models):
+    from dual_sampling.reference import Reference
+    return Reference(fused_models)
+
+
+def encode(reference, text: str) -> list[int]:
+    return reference.tokenizer(text)["input_ids"]
+
+
+# -- against transformers ---------------------------------------------------------------------
+@pytest.mark.server
+def test_every_position_matches_the_full_vocabulary_reference(fused_server, reference):
+    """alpha within 1e-5 of scipy's Chernoff point on transformers' logprobs, or within what
+    float32 forward noise allows: engine and transformers logprobs differ by ~1e-6, which
+    moves g = E_q[logp_target - logp_theta] by up to ~2e-6 and alpha* by that over
+    Var_q[d] (1e-4 at the flattest positions here). The engine's own alpha is exact for its
+    own inputs: the two KLs it reports are equal to 1e-6 * Var_q[d]."""
+    prompts = [encode(reference, p) for p in PROMPTS[:3]]
+    results = generate(fused_server, prompts, [11, 12, 13], max_tokens=16)
+    checked = 0
+    for prompt, result in zip(prompts, results):
+        ids = prompt + result["token_ids"]
+        full_theta = reference.full_logprobs("theta", ids)  # (L, V)
+        full_target = reference.full_logprobs("target", ids)  # (L, V)
+        for t, token in enumerate(result["token_ids"]):
+            a, b = full_theta[len(prompt) - 1 + t], full_target[len(prompt) - 1 + t]
+            alpha = chernoff_alpha(a, b)
+            log_q = mixture.log_mixture(a, b, alpha)
+            q, d = np.exp(log_q), b - a
+            var = q @ (d * d) - (q @ d) ** 2  # (log Z)'' at alpha*
+            assert abs(result["alpha"][t] - alpha) <= max(1e-5, 2e-6 / var)
+            assert abs(result["kl_q_theta"][t] - result["kl_q_target"][t]) <= 1e-6 * var
+            diag = mixture.token_diagnostics(a, b, log_q)
+            assert token < VOCAB
+            np.testing.assert_allclose(
+                [result[f][t] for f in ("logp_theta", "logp_target", "logp_q", "kl_q_theta",
+                                        "kl_q_target", "entropy_q")],
+                [a[token], b[token], log_q[token], diag["kl_q_theta"], diag["kl_q_target"],
+                 diag["entropy_q"]], atol=1e-3)
+            checked += 1
+    assert checked >= 40
+
+
+@pytest.mark.server
+def test_a_prompt_prefilled_in_chunks_matches_the_reference(fused_server, reference):
+    """1200 prompt tokens over a 512-token step budget: the engine samples (and discards)
+    at the end of each partial prefill; the records must hold only the real tokens."""
+    from dual_sampling.tiny_models import corpus_path
+    prompt = encode(reference, corpus_path().read_text()[:20000])[:1200]
+    result = generate(fused_server, [prompt], [5], max_tokens=6)[0]
+    ids = prompt + result["token_ids"]
+    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+    for t, token in enumerate(result["token_ids"]):
+        a, b = (f[len(prompt) - 1 + t] for f in full)
+        np.testing.assert_allclose([result["logp_theta"][t], result["logp_target"][t]],
+                                   [a[token], b[token]], atol=1e-3)
+        assert abs(result["alpha"][t] - chernoff_alpha(a, b)) < 1e-3
+
+
+@pytest.mark.server
+def test_sampled_tokens_follow_q_star(fused_server, reference):
+    prompt = encode(reference, "The module")
+    n = 3000
+    results = generate(fused_server, [prompt] * n, list(range(n)), max_tokens=1)
+    a, b = reference.position_logprobs(prompt)
+    alpha = chernoff_alpha(a, b)
+    q = np.exp(mixture.log_mixture(a, b, alpha))
+    tokens = [r["token_ids"][0] for r in results]
+    assert max(tokens) < VOCAB
+    assert np.ptp([r["alpha"][0] for r in results]) < 1e-9
+    assert chi_square_p(tokens, q) > 1e-3
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("alpha,model", [(0.0, "theta"), (1.0, "target")])
+def test_fixed_alpha_zero_and_one_reproduce_each_model(fused_server, reference, alpha, model):
+    prompts = [encode(reference, p) for p in PROMPTS[:2]]
+    for result in generate(fused_server, prompts, [1, 2], max_tokens=12, alpha=alpha):
+        assert set(result["alpha"]) == {alpha}
+        np.testing.assert_allclose(result["logp_q"], result[f"logp_{model}"], atol=1e-5)
+        np.testing.assert_allclose(result[f"kl_q_{model}"], 0.0, atol=1e-6)
+    prompt = encode(reference, "The module")
+    n = 2000
+    results = generate(fused_server, [prompt] * n, list(range(n)), max_tokens=1, alpha=alpha)
+    logp = reference.position_logprobs(prompt)[0 if model == "theta" else 1]
+    assert chi_square_p([r["token_ids"][0] for r in results], np.exp(logp)) > 1e-3
+
+
+@pytest.mark.server
+def test_tokens_do_not_depend_on_batching_and_temperature_zero_is_argmax(fused_server,
+                                                                         reference):
+    prompts = [encode(reference, p) for p in PROMPTS[:12]]
+    alone = generate(fused_server, prompts[:1], [7], max_tokens=24)[0]
+    batched = generate(fused_server, prompts, [7] + list(range(100, 111)), max_tokens=24)[0]
+    assert alone["token_ids"] == batched["token_ids"]
+    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
+    greedy = generate(fused_server, prompts[:1], [7], max_tokens=8, temperature=0.0)[0]
+    assert greedy["logp_q"] == [0.0] * 8
+    ids = prompts[0] + greedy["token_ids"]
+    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+    for t, token in enumerate(greedy["token_ids"]):
+        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
+        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
+
+
+@pytest.mark.server
+def test_a_stock_completion_request_samples_q_star(fused_server):
+    body = json.dumps({"model": "fused", "prompt": [0, 51, 85], "max_tokens": 4, "seed": 3})
+    request = urllib.request.Request(fused_server.url("fused") + "/v1/completions",
+                                     body.encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert json.loads(reply.read())["choices"][0]["text"]
+
+
+# -- sample mode end to end ---------------------------------------------------------------------
+def write_prompts(path: Path, prompts=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def sample_cmd(server: Servers, prompts: Path, out: Path, *overrides: str,
+               multirun: bool = False) -> list[str]:
+    return [sys.executable, "-m", "dual_sampling", *(["-m"] if multirun else []), "mode=sample",
+            f"theta.url={server.url('fused')}", f"data.prompts={prompts}", f"output_dir={out}",
+            "progress=false", "sample.max_tokens=16", "sample.concurrency=8",
+            "wandb.mode=offline", *overrides]
+
+
+def run_sample(server: Servers, prompts: Path, out: Path, *overrides: str, check: bool = True):
+    done = subprocess.run(sample_cmd(server, prompts, out, *overrides), capture_output=True,
+                          text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"sample run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def tokens_of(out: Path) -> dict[int, list[int]]:
+    return {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
+
+
+def check_dataset(out: Path, n_prompts: int) -> list[dict]:
+    records = list(read_records(out / "samples.jsonl"))
+    assert sorted(r["index"] for r in records) == list(range(n_prompts))
+    for r in records:
+        n = r["num_tokens"]
+        assert n == len(r["completion_token_ids"]) >= 1
+        for name in ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
+                     "kl_q_target", "entropy_q", "coverage_theta", "in_topk_target"):
+            assert len(r[name]) == n
+        assert set(r["coverage_theta"]) == {1.0} and set(r["in_topk_target"]) == {True}
+        assert r["sum_logp_q"] == pytest.approx(sum(r["logp_q"]))
+        assert r["log_w_theta"] == pytest.approx(r["sum_logp_theta"] - r["sum_logp_q"])
+    return records
+
+
+@pytest.fixture(scope="module")
+def first_run(fused_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused_sample")
+    prompts = write_prompts(tmp / "prompts.jsonl")
+    out = tmp / "out"
+    done = run_sample(fused_server, prompts, out, "target.url=http://127.0.0.1:9")
+    return out, prompts, done
+
+
+@pytest.mark.server
+def test_auto_picks_fused_and_writes_the_same_schema(first_run):
+    out, _, done = first_run
+    check_dataset(out, len(PROMPTS))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["transport"] == "fused" and summary["mean_coverage_theta"] == 1.0
+    assert "transport: fused" in done.stdout + done.stderr
+
+
+@pytest.mark.server
+def test_same_seed_same_dataset_and_a_sweep_over_alpha(fused_server, first_run, tmp_path):
+    out, prompts, _ = first_run
+    again = tmp_path / "again"
+    run_sample(fused_server, prompts, again, "sample.transport=fused")
+    assert tokens_of(again) == tokens_of(out)
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(sample_cmd(fused_server, prompts, sweep, "data.limit=2",
+                                     "sample.alpha=0,1", multirun=True),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, alpha in ((0, 0.0), (1, 1.0)):
+        for r in read_records(sweep / f"job{job}" / "samples.jsonl"):
+            assert set(r["alpha"]) == {alpha}
+
+
+@pytest.mark.server
+def test_sigkill_then_resume_gives_the_same_dataset(fused_server, first_run, tmp_path):
+    out_whole, prompts, _ = first_run
+    out = tmp_path / "out"
+    cmd = sample_cmd(fused_server, prompts, out, "sample.concurrency=2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = out / "samples.jsonl"
+    from test_sample import wait_for_records
+    wait_for_records(proc, samples, 3)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= samples.read_bytes().count(b"\n") < len(PROMPTS)
+    with samples.open("ab") as fh:  # what a kill in the middle of a write leaves
+        fh.write(b'{"index": 999, "prompt": "half a li')
+    run_sample(fused_server, prompts, out, "sample.concurrency=2")
+    check_dataset(out, len(PROMPTS))
+    assert tokens_of(out) == tokens_of(out_whole)
+
+
+@pytest.mark.server
+def test_sharded_submitit_local_run_unions_to_the_unsharded_dataset(fused_server, first_run,
+                                                                    tmp_path):
+    out, prompts, _ = first_run
+    sharded = tmp_path / "sharded"
+    done = subprocess.run(sample_cmd(fused_server, prompts, sharded, "hydra/launcher=local",
+                                     "data.num_shards=2", "data.shard_index=0,1",
+                                     f"hydra.sweep.dir={tmp_path / 'sweep'}", multirun=True),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    union = {**tokens_of(sharded / "job0"), **tokens_of(sharded / "job1")}
+    assert union == tokens_of(out)
+
+
+@pytest.mark.server
+def test_top_k_is_refused_with_fused(fused_server, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    for overrides in (("sample.transport=fused", "sample.top_k=5"), ("sample.top_k=5",)):
+        done = run_sample(fused_server, prompts, tmp_path / "o", *overrides, check=False)
+        assert done.returncode == 2 and "sample.top_k" in done.stderr
+        assert "full vocabulary" in done.stderr
+    assert not (tmp_path / "o" / "samples.jsonl").exists()
+
+
+@pytest.mark.server
+def test_replica_killed_mid_run_its_prompts_finish_elsewhere(fused_server, fused_models,
+                                                             first_run, tmp_path):
+    out_whole, prompts, _ = first_run
+    replica = Servers(run_dir=tmp_path / "vllm", models=dict(fused_models))
+    replica.start_fused()
+    out = tmp_path / "out"
+    cmd = sample_cmd(fused_server, prompts, out, "sample.concurrency=2", "theta.max_retries=1",
+                     f"theta.url=[{fused_server.url('fused')},{replica.url('fused')}]")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        from test_sample import wait_for_records
+        wait_for_records(proc, out / "samples.jsonl", 2)
+        replica.kill("fused")
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        replica.stop()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restart on the others" in stdout + stderr
+    assert tokens_of(out) == tokens_of(out_whole)
+
+
+# -- guards, no server ----------------------------------------------------------------------
+def copy_model(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+def test_mismatched_tokenizer_is_refused_before_any_vllm_work(fused_models, tmp_path):
+    other = copy_model(fused_models["theta"], tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["merges"] = tok["model"]["merges"][: len(tok["model"]["merges"]) // 2]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(FusedSetupError, match="do not share a tokenizer"):
+        hf_overrides(fused_models["theta"], other)
+    done = subprocess.run(["bash", str(START_SCRIPT), "--fused", "--theta",
+                           str(fused_models["theta"]), "--target", str(other), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert done.returncode == 1 and "do not share a tokenizer" in done.stderr
+    assert not list((tmp_path / "run").glob("*.pid"))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"vocab_size": 1000}, "more than padding"),
+    ({"head_dim": 32, "num_attention_heads": 4}, "KV caches together"),
+])
+def test_pairs_one_engine_cannot_hold_are_refused(fused_models, tmp_path, change, message):
+    other = copy_model(fused_models["target"], tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(FusedSetupError, match=message):
+        hf_overrides(fused_models["theta"], other)
+
+
+def test_padded_vocabulary_is_accepted(fused_models):
+    overrides = hf_overrides(fused_models["theta"], fused_models["target"])
+    assert overrides["dual_sampling_fused"]["vocab_size"] == VOCAB
+
+
+def info(fused: bool, url: str = "http://a") -> ServerInfo:
+    return ServerInfo(url=url, model="m", max_model_len=2048, bos_token_id=0,
+                      eos_token_ids=(1,), vocab_size=VOCAB, has_plugin=True, fused=fused)
+
+
+def test_transport_choice():
+    assert wants_fused(SampleParams(), [info(True)])
+    assert not wants_fused(SampleParams(), [info(False)])
+    with pytest.raises(ServerMismatchError, match="one model"):
+        wants_fused(SampleParams(transport="fused"), [info(False)])
+    with pytest.raises(ServerMismatchError, match="is a fused server"):
+        wants_fused(SampleParams(transport="session"), [info(True)])
+    with pytest.raises(ServerMismatchError, match="mixes"):
+        wants_fused(SampleParams(), [info(True), info(False, "http://b")])
+    with pytest.raises(ConfigError, match="sample.top_k"):
+        wants_fused(SampleParams(top_k=20), [info(True)])
+    with pytest.raises(ConfigError, match="sample.top_k"):
+        SampleParams(top_k=5, transport="fused").check("sample")
+
+
+def test_prompt_seeds_are_distinct_and_stable():
+    seeds = [prompt_seed(0, i) for i in range(1000)] + [prompt_seed(1, i) for i in range(1000)]
+    assert len(set(seeds)) == 2000 and all(0 <= s < 2**63 for s in seeds)
+    assert prompt_seed(0, 5) == prompt_seed(0, 5)
