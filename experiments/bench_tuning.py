@@ -5,12 +5,13 @@
 Starts three theta/target pairs of vLLM CPU servers with start_vllm.sh: stock (both tunings
 off: DUAL_SAMPLING_SHM_SPIN_S= DUAL_SAMPLING_INPUT_GAP_S=), the old spin cap (1 ms spin,
 then parked until vLLM's 5 s re-check: DUAL_SAMPLING_SHM_MAX_PARK_S=0) and start_vllm.sh's
-defaults (1 ms spin, park bounded by the idle time and 50 ms, 0.5 ms input gap). Taking turns
-between the pairs in each repeat, it measures dual sampling through each transport, counts
-the theta engine's steps per generated token (vLLM's `vllm:iteration_tokens_total` counter;
-1.0 is one engine step per coordinator step), and times 20 single-prompt generation requests
-(64 tokens, logprobs=20) sent one at a time with 0.1 s idle between: the stall a lost
-wake-up causes shows in their maximum. Prints one table with ratios to stock.
+defaults (1 ms spin, park bounded by the idle time and 50 ms, 0.5 ms input gap), one pair
+after the other (six servers do not fit this machine's memory). For each it measures dual
+sampling through each transport, counts the theta engine's steps per generated token
+(vLLM's `vllm:iteration_tokens_total` counter; 1.0 is one engine step per coordinator
+step), and times 20 single-prompt generation requests (64 tokens, logprobs=20) sent one at
+a time with 0.1 s idle between: the stall a lost wake-up causes shows in their maximum.
+Prints one table with ratios to stock.
 """
 from __future__ import annotations
 
@@ -79,31 +80,29 @@ def best_of(runs: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     args = speed_arguments(__doc__, batches="32", repeats=2).parse_args()
     models = ensure_tiny_models()
-    pairs = {name: Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_")), models, env=env)
-             for name, env in SETTINGS.items()}
+    batches = [int(b) for b in args.batches.split(",")]
     load_before = os.getloadavg()[0]
-    rows = []
-    try:
-        for pair in pairs.values():
+    runs: dict[tuple[int, str], list] = {}
+    for name, env in SETTINGS.items():  # one pair up at a time: six servers do not fit 24 GiB
+        pair = Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_")), models, env=env)
+        try:
             pair.start("theta", "target")
-        for batch in [int(b) for b in args.batches.split(",")]:
-            runs: dict[str, list] = {name: [] for name in pairs}
-            for pair in pairs.values():  # warm-up
-                asyncio.run(measure(pair, batch, 4, args.top_k))
-            for _ in range(args.repeats):
-                for name, pair in pairs.items():
-                    runs[name].append(asyncio.run(measure(pair, batch, args.tokens, args.top_k)))
-            stock = best_of(runs["stock"])
-            for name in pairs:
-                got = best_of(runs[name])
-                rows.append([batch, name, f"{got['request']:.0f}",
-                             f"{got['request'] / stock['request']:.2f}x",
-                             f"{got['session']:.0f}", f"{got['session'] / stock['session']:.2f}x",
-                             f"{got['steps']:.2f}", f"{got['latency_median']:.3f}",
-                             f"{got['latency_max']:.3f}"])
-    finally:
-        for pair in pairs.values():
+            for batch in batches:
+                asyncio.run(measure(pair, batch, 4, args.top_k))  # warm-up
+                runs[batch, name] = [asyncio.run(measure(pair, batch, args.tokens, args.top_k))
+                                     for _ in range(args.repeats)]
+        finally:
             pair.stop()
+    rows = []
+    for batch in batches:
+        stock = best_of(runs[batch, "stock"])
+        for name in SETTINGS:
+            got = best_of(runs[batch, name])
+            rows.append([batch, name, f"{got['request']:.0f}",
+                         f"{got['request'] / stock['request']:.2f}x",
+                         f"{got['session']:.0f}", f"{got['session'] / stock['session']:.2f}x",
+                         f"{got['steps']:.2f}", f"{got['latency_median']:.3f}",
+                         f"{got['latency_max']:.3f}"])
     print(f"\n### Engine tunings: stock, old spin cap and tuned vLLM CPU server pairs "
           f"(top_k={args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
