@@ -12,7 +12,8 @@ spread over replica pairs (fused: replicas) and restart on another when theirs f
 Before the first token every server must answer and agree on the tokenizer, and (request,
 session) allow top_k logprobs. With `sample.transport=fused` (or `auto` finding a fused
 server at theta.url) theta.url is the fused server, target.url is not used, and each token
-comes from the exact full-vocabulary q* (dual_sampling/transports/fused.py). A run started again with the same output_dir skips the prompts already written.
+comes from the exact full-vocabulary q* (dual_sampling/transports/fused.py). A run started
+again with the same output_dir skips the prompts already written.
 The summary (all records in the file) goes to `output_dir/summary.json`, W&B and stdout.
 """
 from __future__ import annotations
