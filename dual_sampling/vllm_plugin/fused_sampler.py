@@ -108,56 +108,62 @@ class FusedSampler(LogitsProcessor):
         if not self.rows or stash is None or stash[0].shape[0] != logits.shape[0]:
             return logits  # a dummy or warm-up run: no requests, or no forward behind it
         t0 = time.perf_counter()
-        logp_theta, logp_target = stash  # (B, V) each
         index = sorted(i for i in self.rows if i < logits.shape[0])
-        rows = [self.rows[i] for i in index]
+        states = [self.rows[i] for i in index]
         device = logits.device
         idx = torch.tensor(index, device=device)
-        a, b = logp_theta[idx], logp_target[idx]  # (R, V)
-        alpha = torch.tensor([np.nan if r.alpha is None else r.alpha for r in rows],
+        rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])  # (R, V)
+        alpha = torch.tensor([np.nan if r.alpha is None else r.alpha for r in states],
                              dtype=torch.float64, device=device)  # (R,)
         solve = torch.isnan(alpha)
-        iters = 0
+        evaluations = 0
         s0 = time.perf_counter()
         if solve.any():
-            start = torch.tensor([r.last_alpha for r in rows], dtype=torch.float64,
-                                 device=device)[solve]
-            alpha[solve], iters = fused_math.solve_alpha(a[solve], b[solve], start)
+            start = np.array([r.last_alpha for r in states])[solve.cpu().numpy()]
+            alpha[solve], evaluations = fused_math.solve_alpha(rows.take(solve), start)
         solve_s = time.perf_counter() - s0
-        log_q = fused_math.log_mixture(a, b, alpha)  # (R, V)
-        tagged = [j for j, r in enumerate(rows) if r.tag is not None]
-        plain = [j for j, r in enumerate(rows) if r.tag is None]
-        if plain:
-            logits[idx[plain]] = log_q[plain].to(logits.dtype)
-        if tagged:
-            self._sample(logits, idx, rows, tagged, a, b, alpha, log_q)
-        for row, value in zip(rows, alpha.tolist()):
-            row.last_alpha = value
-        fused_state.count(len(rows), solve_s, time.perf_counter() - t0, iters)
+        mix = fused_math.Mixture.at(rows, alpha)
+        tagged = torch.tensor([r.tag is not None for r in states], device=device)
+        if not tagged.all():
+            plain = ~tagged
+            logits[idx[plain]] = mix.log_q(rows, alpha)[plain].to(logits.dtype)
+        if tagged.any():
+            self._sample(logits, idx, states, tagged, rows, alpha, mix)
+        for state, value in zip(states, alpha.tolist()):
+            state.last_alpha = value
+        fused_state.count(len(states), solve_s, time.perf_counter() - t0, evaluations)
         return logits
 
-    def _sample(self, logits: torch.Tensor, idx: torch.Tensor, rows: list[_Row],
-                tagged: list[int], a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor,
-                log_q: torch.Tensor) -> None:
+    def _sample(self, logits: torch.Tensor, idx: torch.Tensor, states: list[_Row],
+                tagged: torch.Tensor, rows: fused_math.Rows, alpha: torch.Tensor,
+                mix: fused_math.Mixture) -> None:
         """Draw each tagged row's token, force it in `logits`, record its diagnostics."""
-        sel = torch.tensor(tagged, device=logits.device)
-        picked = [rows[j] for j in tagged]
+        picked = [state for state in states if state.tag is not None]
         seeds = np.array([r.seed for r in picked], dtype=np.uint64)
         steps = np.array([len(r.output_ids) for r in picked], dtype=np.uint64)
         u = torch.from_numpy(fused_math.uniforms(seeds, steps)).to(logits.device)  # (T,)
         temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
-                                   device=logits.device)
-        log_q_t = log_q[sel]  # (T, V)
-        log_sampled = fused_math.tempered(log_q_t, temperature)  # (T, V)
-        token = fused_math.inverse_cdf(log_sampled, u)  # (T,)
-        diag = fused_math.diagnostics(a[sel], b[sel], log_q_t)
-        forced = torch.full_like(logits[idx[sel]], -torch.inf)
-        forced.scatter_(1, token[:, None], 0.0)
-        logits[idx[sel]] = forced
-        at = token[:, None]
+                                   device=logits.device)  # (T,)
+        rows_t, alpha_t = rows.take(tagged), alpha[tagged]
+        if (temperature == 1.0).all():  # q* itself: sample its unnormalised weights
+            token = fused_math.inverse_cdf(mix.weights[tagged], u)  # (T,)
+            at = token[:, None]
+            logp_q = (rows_t.a.gather(1, at)[:, 0] + alpha_t * rows_t.d.gather(1, at)[:, 0]
+                      - mix.log_z[tagged])
+        else:
+            log_sampled = fused_math.tempered(mix.log_q(rows_t, alpha_t), temperature)
+            token = fused_math.inverse_cdf(log_sampled.exp(), u)  # (T,)
+            at = token[:, None]
+            logp_q = log_sampled.gather(1, at)[:, 0]
+        logp_theta = rows_t.a.gather(1, at)[:, 0]
+        forced = torch.full((len(picked), logits.shape[1]), -torch.inf, dtype=logits.dtype,
+                            device=logits.device)
+        forced.scatter_(1, at, 0.0)
+        logits[idx[tagged]] = forced
         columns = {
-            "token": token, "alpha": alpha[sel],
-            "logp_theta": a[sel].gather(1, at)[:, 0], "logp_target": b[sel].gather(1, at)[:, 0],
-            "logp_q": log_sampled.gather(1, at)[:, 0], **diag}
+            "token": token, "alpha": alpha_t, "logp_theta": logp_theta,
+            "logp_target": logp_theta + rows_t.d.gather(1, at)[:, 0], "logp_q": logp_q,
+            "kl_q_theta": mix.kl_q_theta[tagged], "kl_q_target": mix.kl_q_target[tagged],
+            "entropy_q": mix.entropy_q[tagged]}
         fused_state.put([r.tag for r in picked], steps.tolist(),
                         {name: value.tolist() for name, value in columns.items()})
