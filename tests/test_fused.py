@@ -251,6 +251,27 @@ def test_same_seed_same_dataset_and_a_sweep_over_alpha(fused_server, first_run, 
 
 
 @pytest.mark.server
+def test_groups_and_temperature_through_fused(fused_server, first_run, tmp_path):
+    """n = 3 at T = 0.5: every (index, sample_index) once, sample 0 the same tokens as an
+    n = 1 run at the same temperature, the samples of a prompt different, groups.jsonl."""
+    _, prompts, _ = first_run
+    single, group = tmp_path / "single", tmp_path / "group"
+    run_sample(fused_server, prompts, single, "sample.temperature=0.5", "data.limit=3")
+    run_sample(fused_server, prompts, group, "sample.temperature=0.5", "sample.n=3",
+               "data.limit=3")
+    records = list(read_records(group / "samples.jsonl"))
+    assert sorted((r["index"], r["sample_index"]) for r in records) == [
+        (i, s) for i in range(3) for s in range(3)]
+    assert {r["temperature"] for r in records} == {0.5}
+    first = {r["index"]: r["completion_token_ids"] for r in records if r["sample_index"] == 0}
+    assert first == tokens_of(single)
+    streams = {tuple(r["completion_token_ids"]) for r in records}
+    assert len(streams) > 3  # samples of one prompt differ
+    groups_file = [json.loads(line) for line in (group / "groups.jsonl").read_text().splitlines()]
+    assert len(groups_file) == 3
+
+
+@pytest.mark.server
 def test_sigkill_then_resume_gives_the_same_dataset(fused_server, first_run, tmp_path):
     out_whole, prompts, _ = first_run
     out = tmp_path / "out"
