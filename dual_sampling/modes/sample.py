@@ -325,7 +325,8 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         if params.n > 1:
             groups.write_groups(out / GROUPS_FILE, groups.group_weights(records, params.n))
         summary.update({
-            "top_k": params.top_k, "n": params.n, "temperature": params.temperature,
+            "top_k": None if fused else params.k, "n": params.n,
+            "temperature": params.temperature,
             "tokens_this_run": counters["tokens"],
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
             "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,
