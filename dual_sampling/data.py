@@ -181,6 +181,8 @@ def read_corpus(path: str | Path) -> str:
     return text
 
 
-def shard(items: Sequence[T], shard_index: int, num_shards: int) -> list[T]:
-    """Every `num_shards`-th item from `shard_index`: shards are disjoint and cover all."""
-    return list(items[shard_index::num_shards])
+def select(items: Sequence[T], shard_index: int, num_shards: int,
+           limit: Optional[int] = None) -> list[T]:
+    """This job's items: every `num_shards`-th from `shard_index` (shards are disjoint and
+    cover all), then the first `limit` of those (None: all)."""
+    return list(items[shard_index::num_shards])[:limit]

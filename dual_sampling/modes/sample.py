@@ -218,9 +218,8 @@ def run(config: SampleRunConfig) -> dict[str, Any]:
 async def _run(config: SampleRunConfig) -> dict[str, Any]:
     params = config.sample
     prompts = data.read_prompts(config.data.prompts, config.data.prompt_field)
-    prompts = data.shard(prompts, config.data.shard_index, config.data.num_shards)
-    if config.data.limit is not None:
-        prompts = prompts[:config.data.limit]
+    prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
+                          config.data.limit)
     out = Path(config.output_dir)
     thetas = make_clients(config.theta, "theta", params.concurrency)
     async with AsyncExitStack() as stack:

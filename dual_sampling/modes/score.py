@@ -215,9 +215,8 @@ def _client(server: ServerConfig, name: str, params: ScoreParams) -> VLLMClient:
 async def _run(config: ScoreRunConfig) -> dict[str, Any]:
     params = config.score
     items = data.read_score_items(config.data.path, config.data.prompt_field)
-    items = data.shard(items, config.data.shard_index, config.data.num_shards)
-    if config.data.limit is not None:
-        items = items[:config.data.limit]
+    items = data.select(items, config.data.shard_index, config.data.num_shards,
+                        config.data.limit)
     out = Path(config.output_dir)
     servers = {"theta": config.theta, **({"target": config.target} if config.target else {})}
     clients = {name: _client(server, name, params) for name, server in servers.items()}

@@ -201,8 +201,8 @@ def load_inputs(config: TopkRunConfig) -> list[tuple[int, str | list[int]]]:
     """`(sequence id, text or token ids)` for this run's part of the inputs."""
     items = [item for path in config.data.path
              for item in data.read_sequences(path, config.data.text_field)]
-    numbered = data.shard(list(enumerate(items)), config.data.shard_index, config.data.num_shards)
-    return numbered[:config.data.limit] if config.data.limit is not None else numbered
+    return data.select(list(enumerate(items)), config.data.shard_index, config.data.num_shards,
+                       config.data.limit)
 
 
 def check_resume(out: Path, manifest: dict[str, Any]) -> None:

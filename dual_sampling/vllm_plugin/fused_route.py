@@ -29,6 +29,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE, EXTRA_KEY
+from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
 GENERATE_PATH = "/v1/dual_sampling/fused/generate"
 COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
@@ -85,10 +86,6 @@ class _Refused(Exception):
     """A request this route refuses with HTTP 400."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
-
-
 def _check(body: FusedRequest, vocab_size: int) -> None:
     if not body.prompts or len(body.seeds) != len(body.prompts):
         raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
@@ -127,26 +124,21 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
 async def generate(body: FusedRequest, request: Request) -> JSONResponse:
     engine = request.app.state.engine_client
     if not is_fused(engine):
-        return _error(409, f"this server does not serve the fused model ({ARCHITECTURE}): "
+        return error(409, f"this server does not serve the fused model ({ARCHITECTURE}): "
                            f"start one with ./start_vllm.sh --fused --theta A --target B")
     try:
         _check(body, engine.model_config.get_vocab_size())
     except _Refused as exc:
-        return _error(400, str(exc))
+        return error(400, str(exc))
     state = request.app.state
     if getattr(state, "dual_sampling_fused", None) is None:
         state.dual_sampling_fused = _Diagnostics(engine)
     tasks = [asyncio.ensure_future(_complete(engine, state.dual_sampling_fused, ids, seed, body))
              for ids, seed in zip(body.prompts, body.seeds)]
-    try:
-        results = await asyncio.gather(*tasks)
-    except (VLLMClientError, ValueError) as exc:
-        return _error(400, f"the engine refused the request: {exc}")
-    except Exception as exc:  # the server stays up; the client sees what failed
-        return _error(500, f"{GENERATE_PATH} failed: {type(exc).__name__}: {exc}")
-    finally:
-        for task in tasks:
-            task.cancel()
+    results = await gather_or_error(tasks, GENERATE_PATH,
+                                    refused=(VLLMClientError, ValueError))
+    if isinstance(results, JSONResponse):
+        return results
     return JSONResponse({"results": results})
 
 
@@ -154,5 +146,5 @@ async def generate(body: FusedRequest, request: Request) -> JSONResponse:
 async def counters(request: Request) -> JSONResponse:
     engine = request.app.state.engine_client
     if not is_fused(engine):
-        return _error(409, "this server does not serve the fused model")
+        return error(409, "this server does not serve the fused model")
     return JSONResponse((await engine.collective_rpc("dual_sampling_counters"))[0])

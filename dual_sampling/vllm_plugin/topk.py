@@ -41,11 +41,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling.topk_format import CONTENT_TYPE, EncodedTopk, encode_body, id_dtype_for_vocab
 from dual_sampling.vllm_plugin.raw_logprobs import RAW_KEY, RawPromptLogprobs, install
+from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
 router = APIRouter()
 install()  # prompt logprobs as arrays for this route (raw_logprobs.py)
@@ -61,12 +61,6 @@ class TopkRequest(BaseModel):
 
 class BadTopkRequest(Exception):
     """A request this route refuses with HTTP 400."""
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "BadRequestError" if status < 500 else "InternalServerError"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
-                        status_code=status)
 
 
 def _check(body: TopkRequest, vocab_size: int, max_logprobs: int, max_model_len: int) -> None:
@@ -146,7 +140,7 @@ async def topk(body: TopkRequest, request: Request) -> Response:
     try:
         _check(body, vocab_size, model_config.max_logprobs, model_config.max_model_len)
     except BadTopkRequest as exc:
-        return _error(400, str(exc))
+        return error(400, str(exc))
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=body.k,
                             detokenize=False, flat_logprobs=True,
                             output_kind=RequestOutputKind.FINAL_ONLY,
@@ -165,15 +159,9 @@ async def topk(body: TopkRequest, request: Request) -> Response:
             engine, ids, body.rows_from[i], params, cached_params, request_id,
             firsts.get(prefix))))
         firsts.setdefault(prefix, tasks[-1])
-    try:
-        scored = await asyncio.gather(*tasks)
-    except VLLMClientError as exc:
-        return _error(400, f"the engine refused the request: {exc}")
-    except Exception as exc:  # the server stays up; the client sees what failed
-        return _error(500, f"/v1/topk failed: {type(exc).__name__}: {exc}")
-    finally:
-        for task in tasks:
-            task.cancel()
+    scored = await gather_or_error(tasks, "/v1/topk")
+    if isinstance(scored, JSONResponse):
+        return scored
     id_dtype = id_dtype_for_vocab(vocab_size)
     encoded = [EncodedTopk.encode(token_ids[:, 1:], logprobs[:, 1:], logprobs[:, 0],
                                   body.format, id_dtype) for token_ids, logprobs in scored]
