@@ -72,6 +72,18 @@ def _patch(owner: type, name: str, make: callable, setting: object) -> None:
     setattr(owner, name, patched)
 
 
+def bounded_park_ms(idle_s: float, max_park: float, timeout_ms: int | None) -> int:
+    """The timeout (ms) to hand vLLM's `SpinCondition.wait`: never more than `max_park`.
+
+    `idle_s` is how long the reader has been past its spin (negative: still inside it).
+    vLLM reads the clock again and decides itself whether to spin or park, so this bound is
+    applied whatever the sign of `idle_s`: a reader this clock read puts inside the spin
+    window may be past it by vLLM's read, and then parks on exactly this timeout (1 ms).
+    """
+    park_ms = max(1, int(1000 * min(max(idle_s, 0.001), max_park)))
+    return park_ms if timeout_ms is None else min(timeout_ms, park_ms)
+
+
 def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
     """Spin at most `limit` s after a read, then park on the notify socket for a bounded time.
 
@@ -79,7 +91,11 @@ def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
     (vLLM bounds the damage by re-checking the ring buffer every 5 s); with vLLM's 1 s spin a
     reader is rarely parked when it matters, with a short spin it often is, and a lost
     notification stalled whole requests for 5, 10 or 20 s. So a parked reader re-checks
-    after at most as long as it has already been idle (1 ms at least, `max_park` s at most):
+    after at most as long as it has already been idle (1 ms at least, `max_park` s at most),
+    and every call gets that bound, not only the calls this wrapper's own clock read puts
+    past the spin (`bounded_park_ms`: vLLM reads the clock again, and an earlier version
+    that bounded only `idle_s > 0` left vLLM's 5 s timeout to readers that crossed the
+    spin boundary between the two reads, which back-to-back requests did all the time):
     a lost notification costs about one step's time while busy, `max_park` after idling,
     and an idle reader wakes 1 / `max_park` times a second (0.06 CPU-s per 5 s idle, for a
     whole server, measured). `max_park` = 0 leaves the park unbounded: the stalling old cap,
@@ -93,10 +109,9 @@ def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
         def wait(self, timeout_ms: int | None = None) -> None:
             if self.busy_loop_s > limit:  # instances made before this hook ran included
                 self.busy_loop_s = limit
-            idle_s = time.monotonic() - self.last_read - self.busy_loop_s
-            if idle_s > 0 and max_park > 0:  # past the spin: bound the park
-                park_ms = int(1000 * min(max(idle_s, 0.001), max_park))
-                timeout_ms = park_ms if timeout_ms is None else min(timeout_ms, park_ms)
+            if max_park > 0:
+                timeout_ms = bounded_park_ms(time.monotonic() - self.last_read - self.busy_loop_s,
+                                             max_park, timeout_ms)
             return original(self, timeout_ms)
         return wait
 
