@@ -1,26 +1,33 @@
-"""What the engine tunings of dual_sampling/vllm_plugin/tuning.py buy, side by side.
+"""The shm spin settings of dual_sampling/vllm_plugin/tuning.py, per kind of start_vllm.sh launch.
 
-    python experiments/bench_tuning.py [--batches 32] [--tokens 64] [--repeats 2]
+    python experiments/bench_tuning.py [--kinds pair,model,fused] [--latency-requests 200]
 
-Starts three theta/target pairs of vLLM CPU servers with start_vllm.sh: stock (both tunings
-off: DUAL_SAMPLING_SHM_SPIN_S= DUAL_SAMPLING_INPUT_GAP_S=), the old spin cap (1 ms spin,
-then parked until vLLM's 5 s re-check: DUAL_SAMPLING_SHM_MAX_PARK_S=0) and start_vllm.sh's
-defaults (1 ms spin, park bounded by the idle time and 50 ms, 0.5 ms input gap), one pair
-after the other (six servers do not fit this machine's memory). For each it measures dual
-sampling through each transport, counts the theta engine's steps per generated token
-(vLLM's `vllm:iteration_tokens_total` counter; 1.0 is one engine step per coordinator
-step), and times 20 single-prompt generation requests (64 tokens, logprobs=20) sent one at
-a time with 0.1 s idle between: the stall a lost wake-up causes shows in their maximum.
-Prints one table with ratios to stock.
+For each kind of launch (`pair`: --theta/--target, two servers sharing the cores; `model`: one
+--model server; `fused`: one --fused server) it starts the servers three times, one setting
+after the other (never two kinds at once: they would share the cores), with
+DUAL_SAMPLING_INPUT_GAP_S at start_vllm.sh's default in all three:
+
+- `stock spin`: vLLM's own 1 s busy-wait (DUAL_SAMPLING_SHM_SPIN_S empty);
+- `old cap`: 1 ms spin, then parked until a notification or vLLM's 5 s re-check
+  (DUAL_SAMPLING_SHM_MAX_PARK_S=0; the cap that stalled, kept for comparison);
+- `cap`: 1 ms spin, every park bounded (tuning.cap_spin: what start_vllm.sh sets for pairs).
+
+It measures single-prompt generation requests (64 tokens, logprobs=20) sent back to back
+(`--latency-requests`, fewer for the old cap, whose stalls take 5-25 s each) and with random
+0-5 ms gaps, and the kind's own throughput: dual sampling through the session and request
+transports (pair), native generation of 32 prompts (model), the fused transport (fused).
+Prints one table, ratios to the kind's stock spin.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 from tabulate import tabulate
@@ -32,85 +39,118 @@ from dual_sampling.transports.request import RequestTransport
 from dual_sampling.transports.session import SessionTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, dual_tok_s, speed_arguments  # noqa: E402
+from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s  # noqa: E402
+from bench_transports import fused_tok_s  # noqa: E402
 
-SETTINGS = {"stock": {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_INPUT_GAP_S": ""},
-            "old cap": {"DUAL_SAMPLING_SHM_MAX_PARK_S": "0"},
-            "tuned": {}}
-LATENCY_REQUESTS = 20
+SETTINGS = {"stock spin": {"DUAL_SAMPLING_SHM_SPIN_S": ""},
+            "old cap": {"DUAL_SAMPLING_SHM_SPIN_S": "0.001", "DUAL_SAMPLING_SHM_MAX_PARK_S": "0"},
+            "cap": {"DUAL_SAMPLING_SHM_SPIN_S": "0.001"}}
+OLD_CAP_REQUESTS = 30
+GAP_REQUESTS = 60
+MAX_GAP_S = 0.005
+BATCH, TOKENS, TOP_K = 32, 64, 20
 
 
-async def single_request_latency(theta: VLLMClient) -> list[float]:
-    """Seconds per single-prompt request, one at a time with idle gaps (when readers park)."""
-    body = {"model": "theta", "prompt": list(range(5, 37)), "max_tokens": 64,
+async def latencies(client: VLLMClient, model: str, back_to_back: int) -> list[float]:
+    """Seconds per single-prompt request: `back_to_back` with no pause, then GAP_REQUESTS
+    with random 0-5 ms gaps (around the end of a 1 ms spin, where readers park)."""
+    body = {"model": model, "prompt": list(range(5, 37)), "max_tokens": 64,
             "ignore_eos": True, "logprobs": 20}
+    await client.request("POST", "/v1/completions", body)  # warm
+    gaps = [0.0] * back_to_back + [random.Random(0).uniform(0, MAX_GAP_S)
+                                   for _ in range(GAP_REQUESTS)]
     times = []
-    for _ in range(LATENCY_REQUESTS):
+    for gap in gaps:
         started = time.perf_counter()
-        await theta.request("POST", "/v1/completions", body)
+        await client.request("POST", "/v1/completions", body)
         times.append(time.perf_counter() - started)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(gap)
     return times
 
 
-async def measure(pair: Servers, batch: int, n_tokens: int, top_k: int) -> dict[str, float]:
-    async with VLLMClient(pair.url("theta"), name="theta", timeout_s=600) as theta, \
-            VLLMClient(pair.url("target"), name="target", timeout_s=600) as target:
-        ids = await theta.tokenize(corpus_path().read_text()[:20000])
-        prompts = [ids[i * 7: i * 7 + PROMPT_TOKENS] for i in range(batch)]
-        request = (await dual_tok_s(RequestTransport(theta, target), prompts, n_tokens,
-                                    top_k))[0]
-        async with SessionTransport(theta, target, timeout_s=600) as sessions:
-            before = server_metrics(theta.url, ENGINE_STEPS)[0]
-            session = (await dual_tok_s(sessions, prompts, n_tokens, top_k))[0]
-            steps = (server_metrics(theta.url, ENGINE_STEPS)[0] - before) / n_tokens
-        latency = await single_request_latency(theta)
-    return {"request": request, "session": session, "steps": steps,
-            "latency_median": statistics.median(latency), "latency_max": max(latency)}
+async def prompts_of(client: VLLMClient) -> list[list[int]]:
+    ids = await client.tokenize(corpus_path().read_text()[:20000])
+    return [ids[i * 7: i * 7 + PROMPT_TOKENS] for i in range(BATCH)]
 
 
-def best_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Fastest throughput and fewest steps over repeats; latencies over all repeats (worst max)."""
-    return {"request": max(r["request"] for r in runs), "session": max(r["session"] for r in runs),
-            "steps": min(r["steps"] for r in runs),
-            "latency_median": statistics.median(r["latency_median"] for r in runs),
-            "latency_max": max(r["latency_max"] for r in runs)}
+async def measure(kind: str, servers: Servers, back_to_back: int) -> dict[str, float]:
+    """The kind's throughput figures (tok/s) and its single-request latencies."""
+    role = {"pair": "theta", "model": "model", "fused": "fused"}[kind]
+    async with VLLMClient(servers.url(role), name=role, timeout_s=600) as client:
+        prompts = await prompts_of(client)
+        if kind == "pair":
+            async with VLLMClient(servers.url("target"), name="target", timeout_s=600) as target:
+                await dual_tok_s(RequestTransport(client, target), prompts, 4, TOP_K)  # warm
+                request = (await dual_tok_s(RequestTransport(client, target), prompts, TOKENS,
+                                            TOP_K))[0]
+                async with SessionTransport(client, target, timeout_s=600) as sessions:
+                    before = server_metrics(client.url, ENGINE_STEPS)[0]
+                    session = (await dual_tok_s(sessions, prompts, TOKENS, TOP_K))[0]
+                    steps = (server_metrics(client.url, ENGINE_STEPS)[0] - before) / TOKENS
+            speed = {"session tok/s": session, "request tok/s": request,
+                     "engine steps per token": steps}
+        elif kind == "model":
+            await native_tok_s(client, prompts, 4)
+            speed = {"native tok/s": await native_tok_s(client, prompts, TOKENS)}
+        else:
+            await fused_tok_s(client, prompts, 4)
+            speed = {"fused tok/s": (await fused_tok_s(client, prompts, TOKENS))[0]}
+        times = await latencies(client, role, back_to_back)
+    return {**speed, "back to back": times[:back_to_back], "random gaps": times[back_to_back:]}
+
+
+def start(kind: str, servers: Servers) -> None:
+    if kind == "pair":
+        servers.start("theta", "target")
+    elif kind == "model":
+        servers.start("model")
+    else:
+        servers.start_fused()
+
+
+def row(kind: str, name: str, got: dict, stock: dict) -> list:
+    speeds = [key for key in got if key.endswith("tok/s")]
+    b2b, gaps = got["back to back"], got["random gaps"]
+    cells = [f"{key.removesuffix(' tok/s')} {got[key]:.0f} ({got[key] / stock[key]:.2f}x)"
+             for key in speeds]
+    if "engine steps per token" in got:
+        cells.append(f"{got['engine steps per token']:.2f} steps/token")
+    return [kind, name, "; ".join(cells), len(b2b), f"{statistics.median(b2b):.3f}",
+            f"{max(b2b):.3f}", sum(t > 1.0 for t in b2b), f"{statistics.median(gaps):.3f}",
+            f"{max(gaps):.3f}", sum(t > 1.0 for t in b2b + gaps)]
 
 
 def main() -> None:
-    args = speed_arguments(__doc__, batches="32", repeats=2).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="pair,model,fused")
+    parser.add_argument("--latency-requests", type=int, default=200)
+    args = parser.parse_args()
     models = ensure_tiny_models()
-    batches = [int(b) for b in args.batches.split(",")]
+    models["model"] = models["theta"]
     load_before = os.getloadavg()[0]
-    runs: dict[tuple[int, str], list] = {}
-    for name, env in SETTINGS.items():  # one pair up at a time: six servers do not fit 24 GiB
-        pair = Servers(Path(tempfile.mkdtemp(prefix="bench_tuning_")), models, env=env)
-        try:
-            pair.start("theta", "target")
-            for batch in batches:
-                asyncio.run(measure(pair, batch, 4, args.top_k))  # warm-up
-                runs[batch, name] = [asyncio.run(measure(pair, batch, args.tokens, args.top_k))
-                                     for _ in range(args.repeats)]
-        finally:
-            pair.stop()
     rows = []
-    for batch in batches:
-        stock = best_of(runs[batch, "stock"])
-        for name in SETTINGS:
-            got = best_of(runs[batch, name])
-            rows.append([batch, name, f"{got['request']:.0f}",
-                         f"{got['request'] / stock['request']:.2f}x",
-                         f"{got['session']:.0f}", f"{got['session'] / stock['session']:.2f}x",
-                         f"{got['steps']:.2f}", f"{got['latency_median']:.3f}",
-                         f"{got['latency_max']:.3f}"])
-    print(f"\n### Engine tunings: stock, old spin cap and tuned vLLM CPU server pairs "
-          f"(top_k={args.top_k}, {args.tokens} tokens per prompt, best of {args.repeats}; "
-          f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
-    print(tabulate(rows, headers=["prompts", "servers", "request tok/s", "request / stock",
-                                  "session tok/s", "session / stock",
-                                  "engine steps per token",
-                                  f"single request s, median of {LATENCY_REQUESTS}",
-                                  "single request s, max"], tablefmt="github"))
+    for kind in args.kinds.split(","):
+        runs = {}
+        for name, env in SETTINGS.items():
+            servers = Servers(Path(tempfile.mkdtemp(prefix=f"bench_tuning_{kind}_")), models,
+                              env=env)
+            try:
+                start(kind, servers)
+                back_to_back = OLD_CAP_REQUESTS if name == "old cap" else args.latency_requests
+                runs[name] = asyncio.run(measure(kind, servers, back_to_back))
+            finally:
+                servers.stop()
+            print(f"{kind}, {name}: {row(kind, name, runs[name], runs['stock spin'])}",
+                  flush=True)
+        rows += [row(kind, name, got, runs["stock spin"]) for name, got in runs.items()]
+    print(f"\n### Shm spin settings by kind of launch ({BATCH} prompts x {TOKENS} tokens for "
+          f"throughput; single requests of 64 tokens; {os.cpu_count()} CPUs, load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
+    print(tabulate(rows, headers=["launch", "spin", "throughput (vs stock spin)",
+                                  "back-to-back requests", "median s", "max s",
+                                  "over 1 s", "0-5 ms gaps: median s", "max s",
+                                  "all over 1 s"], tablefmt="github"))
 
 
 if __name__ == "__main__":
