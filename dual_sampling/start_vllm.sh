@@ -17,10 +17,11 @@
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
 # dir (default .cache/vllm). A server that dies during start-up makes this script exit 1
 # and print the tail of its log. PYTHON picks the interpreter (default: python).
-# The plugin also tunes vLLM's engine for a per-token loop (dual_sampling/vllm_plugin/
-# tuning.py): DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and, with --cpu,
-# DUAL_SAMPLING_SHM_SPIN_S (default 0.001; a parked reader re-checks within
-# DUAL_SAMPLING_SHM_MAX_PARK_S, default 0.05); set either to an empty value to turn it off.
+# The plugin also tunes vLLM's engine (dual_sampling/vllm_plugin/tuning.py): a parked
+# shm reader re-checks within DUAL_SAMPLING_SHM_MAX_PARK_S (default 0.05, every server: no
+# request waits on vLLM's 5 s re-check), DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and,
+# for a --cpu theta/target pair, DUAL_SAMPLING_SHM_SPIN_S (default 0.001; lone --model and
+# --fused servers keep vLLM's spin); set the gap or spin to an empty value to turn it off.
 set -euo pipefail
 
 RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
@@ -109,8 +110,11 @@ start_one() {
   local env=(VLLM_PLUGINS=dual_sampling DUAL_SAMPLING_INPUT_GAP_S="${DUAL_SAMPLING_INPUT_GAP_S-0.0005}")
   if [[ $CPU == 1 ]]; then
     args+=(--dtype float32)
-    env+=(VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-          DUAL_SAMPLING_SHM_SPIN_S="${DUAL_SAMPLING_SHM_SPIN_S-0.001}")
+    env+=(VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}")
+    # theta/target alternate every token on shared cores: a 1 ms spin (measured, see README)
+    if [[ $role == theta || $role == target ]]; then
+      env+=(DUAL_SAMPLING_SHM_SPIN_S="${DUAL_SAMPLING_SHM_SPIN_S-0.001}")
+    fi
   fi
   [[ -n "${GPUS[$role]:-}" ]] && env+=(CUDA_VISIBLE_DEVICES="${GPUS[$role]}")
   echo "starting $role: $model on port $port (log: $RUN_DIR/$role.log)"

@@ -3,20 +3,23 @@
     python experiments/bench_tuning.py [--kinds pair,model,fused] [--latency-requests 200]
 
 For each kind of launch (`pair`: --theta/--target, two servers sharing the cores; `model`: one
---model server; `fused`: one --fused server) it starts the servers three times, one setting
-after the other (never two kinds at once: they would share the cores), with
-DUAL_SAMPLING_INPUT_GAP_S at start_vllm.sh's default in all three:
+--model server; `fused`: one --fused server) it starts the servers once per setting, one after
+the other (never two kinds at once: they would share the cores), DUAL_SAMPLING_INPUT_GAP_S at
+start_vllm.sh's default in all:
 
-- `stock spin`: vLLM's own 1 s busy-wait (DUAL_SAMPLING_SHM_SPIN_S empty);
-- `old cap`: 1 ms spin, then parked until a notification or vLLM's 5 s re-check
-  (DUAL_SAMPLING_SHM_MAX_PARK_S=0; the cap that stalled, kept for comparison);
-- `cap`: 1 ms spin, every park bounded (tuning.cap_spin: what start_vllm.sh sets for pairs).
+- `stock`: vLLM as shipped: 1 s spin, parks until a notification or the 5 s re-check
+  (DUAL_SAMPLING_SHM_SPIN_S empty, DUAL_SAMPLING_SHM_MAX_PARK_S=0);
+- `old cap`: 1 ms spin, parks unbounded (the cap that stalled, for comparison);
+- `1 ms spin`: 1 ms spin, every park bounded (tuning.cap_spin);
+- `stock spin`: vLLM's 1 s spin, every park bounded;
+- `50 ms spin` (one-server kinds): a 50 ms spin, every park bounded.
 
 It measures single-prompt generation requests (64 tokens, logprobs=20) sent back to back
-(`--latency-requests`, fewer for the old cap, whose stalls take 5-25 s each) and with random
-0-5 ms gaps, and the kind's own throughput: dual sampling through the session and request
-transports (pair), native generation of 32 prompts (model), the fused transport (fused).
-Prints one table, ratios to the kind's stock spin.
+(`--latency-requests` for the kind's start_vllm.sh default, 60 otherwise, 30 for the old cap,
+whose stalls take 5-25 s each) and 60 with random 0-5 ms gaps, and the kind's own
+throughput: dual sampling through the session and request transports (pair), native
+generation of 32 prompts (model), the fused transport (fused). Prints one table, ratios to
+the kind's stock setting; `*` marks start_vllm.sh's default.
 """
 from __future__ import annotations
 
@@ -42,10 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s  # noqa: E402
 from bench_transports import fused_tok_s  # noqa: E402
 
-SETTINGS = {"stock spin": {"DUAL_SAMPLING_SHM_SPIN_S": ""},
+SETTINGS = {"stock": {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_SHM_MAX_PARK_S": "0"},
             "old cap": {"DUAL_SAMPLING_SHM_SPIN_S": "0.001", "DUAL_SAMPLING_SHM_MAX_PARK_S": "0"},
-            "cap": {"DUAL_SAMPLING_SHM_SPIN_S": "0.001"}}
+            "1 ms spin": {"DUAL_SAMPLING_SHM_SPIN_S": "0.001"},
+            "stock spin": {"DUAL_SAMPLING_SHM_SPIN_S": ""},
+            "50 ms spin": {"DUAL_SAMPLING_SHM_SPIN_S": "0.05"}}
+KINDS = {  # kind: (its settings, start_vllm.sh's default for it)
+    "pair": (("stock", "old cap", "1 ms spin", "stock spin"), "1 ms spin"),
+    "model": (("stock", "old cap", "1 ms spin", "stock spin", "50 ms spin"), "stock spin"),
+    "fused": (("stock", "old cap", "1 ms spin", "stock spin", "50 ms spin"), "stock spin")}
 OLD_CAP_REQUESTS = 30
+OTHER_REQUESTS = 60
 GAP_REQUESTS = 60
 MAX_GAP_S = 0.005
 BATCH, TOKENS, TOP_K = 32, 64, 20
@@ -131,23 +141,25 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = []
     for kind in args.kinds.split(","):
+        settings, default = KINDS[kind]
         runs = {}
-        for name, env in SETTINGS.items():
+        for name in settings:
             servers = Servers(Path(tempfile.mkdtemp(prefix=f"bench_tuning_{kind}_")), models,
-                              env=env)
+                              env=SETTINGS[name])
+            back_to_back = {"old cap": OLD_CAP_REQUESTS, default: args.latency_requests
+                            }.get(name, OTHER_REQUESTS)
             try:
                 start(kind, servers)
-                back_to_back = OLD_CAP_REQUESTS if name == "old cap" else args.latency_requests
                 runs[name] = asyncio.run(measure(kind, servers, back_to_back))
             finally:
                 servers.stop()
-            print(f"{kind}, {name}: {row(kind, name, runs[name], runs['stock spin'])}",
-                  flush=True)
-        rows += [row(kind, name, got, runs["stock spin"]) for name, got in runs.items()]
+            print(f"{kind}, {name}: {row(kind, name, runs[name], runs['stock'])}", flush=True)
+        rows += [row(kind, name + (" *" if name == default else ""), got, runs["stock"])
+                 for name, got in runs.items()]
     print(f"\n### Shm spin settings by kind of launch ({BATCH} prompts x {TOKENS} tokens for "
           f"throughput; single requests of 64 tokens; {os.cpu_count()} CPUs, load average "
           f"{load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
-    print(tabulate(rows, headers=["launch", "spin", "throughput (vs stock spin)",
+    print(tabulate(rows, headers=["launch", "spin", "throughput (vs stock)",
                                   "back-to-back requests", "median s", "max s",
                                   "over 1 s", "0-5 ms gaps: median s", "max s",
                                   "all over 1 s"], tablefmt="github"))

@@ -128,30 +128,39 @@ class _Reader:
         self.busy_loop_s = 1.0
 
 
-def test_spin_cap_bounds_every_park_across_the_spin_boundary(monkeypatch):
+@pytest.mark.parametrize("spin_env", ["0.001", None])
+def test_spin_cap_bounds_every_park_across_the_spin_boundary(monkeypatch, spin_env):
     """vLLM's `wait` reads the clock after the wrapper does: whatever side of the spin window
     the wrapper's read falls on, the timeout vLLM gets is never longer than the park bound.
     The earlier cap bounded only readers its own read put past the window, and handed vLLM's
-    5 s re-check to one whose two reads straddled it (idle_s = -2.25e-07 in a stall's dump)."""
+    5 s re-check to one whose two reads straddled it (idle_s = -2.25e-07 in a stall's dump).
+    The bound is on whenever the plugin loads, with the 1 ms spin of a CPU pair or with
+    vLLM's own 1 s spin (a lone server, GPU servers)."""
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
     received: list[int | None] = []
     monkeypatch.setattr(SpinCondition, "wait",
                         lambda self, timeout_ms=None: received.append(timeout_ms))
-    limit, max_park = 0.001, 0.05
-    tuning.cap_spin(limit, max_park=max_park)
+    monkeypatch.delenv(tuning.PARK_ENV, raising=False)
+    monkeypatch.delenv(tuning.GAP_ENV, raising=False)
+    if spin_env is None:
+        monkeypatch.delenv(tuning.SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tuning.SPIN_ENV, spin_env)
+    tuning.register()
+    spin = 1.0 if spin_env is None else float(spin_env)
     clock = iter([])
     monkeypatch.setattr(tuning.time, "monotonic", lambda: next(clock))
     reader = _Reader(last_read=100.0)
     offsets = [-1e-3, -2.25e-7, -1e-9, 0.0, 1e-9, 2.25e-7, 5e-4, 1e-2, 10.0, 1e4]
     for offset in offsets:
         for vllm_timeout in (None, 5000, 0, 20):
-            clock = iter([reader.last_read + limit + offset])
+            clock = iter([reader.last_read + spin + offset])
             SpinCondition.wait(reader, timeout_ms=vllm_timeout)
             assert received[-1] is not None, (offset, vllm_timeout)
-            assert received[-1] <= 1000 * max_park, (offset, vllm_timeout, received[-1])
+            assert received[-1] <= 1000 * tuning.MAX_PARK_S, (offset, vllm_timeout, received[-1])
             if vllm_timeout is not None:
                 assert received[-1] <= vllm_timeout  # never longer than vLLM asked either
-    assert reader.busy_loop_s == limit
+    assert reader.busy_loop_s == spin
 
 
 @pytest.mark.server

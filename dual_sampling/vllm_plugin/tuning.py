@@ -1,22 +1,26 @@
-"""Two opt-in tunings of vLLM's engine processes for a per-token loop; none changes outputs.
+"""Tunings of vLLM's engine processes for a per-token loop; none changes outputs.
 
 Loaded as a `vllm.general_plugins` entry point, which vLLM runs in every process of a server
-(API server, engine core, workers) when `VLLM_PLUGINS` names `dual_sampling`. Each is off
-unless its environment variable is set; start_vllm.sh sets both for `--cpu` servers.
+(API server, engine core, workers) when `VLLM_PLUGINS` names `dual_sampling`.
 
-`DUAL_SAMPLING_SHM_SPIN_S` (seconds): cap how long vLLM's processes busy-wait on their
-shared-memory queues. The engine core and its workers talk through a ring buffer
-(`vllm/distributed/device_communicators/shm_broadcast.py`) whose readers keep polling it with
-`sched_yield()` for `SpinCondition.busy_loop_s` (1 s, not configurable) after every read.
-On a GPU node each server owns its cores and the spin buys microseconds. Where servers share
-few cores (two vLLM CPU servers on a small machine), one server's spinning processes take
-the cores the other needs for its forward pass, and a loop that alternates between the two
-servers every token slows down by an order of magnitude (docs/benchmarks.md).
+The engine core and its workers talk through a shared-memory ring buffer
+(`vllm/distributed/device_communicators/shm_broadcast.py`). After every read a reader polls
+it with `sched_yield()` for `SpinCondition.busy_loop_s` (1 s, not configurable), then parks
+on a zmq PUB/SUB notification that the writer can lose (`SNDHWM=1`); vLLM re-checks the ring
+buffer only every 5 s (`SHM_READER_RECHECK_INTERVAL_MS`), so a lost notification stalls a
+request for 5 s or more.
 
-`DUAL_SAMPLING_SHM_MAX_PARK_S` (seconds, default 0.05): with the cap, how long a reader
-past its spin may sleep on the notify socket before it re-checks the ring buffer itself;
-see `cap_spin` (a lost wake-up used to stall requests for 5-20 s). 0: unbounded (the old,
-stalling cap; for comparisons only).
+`DUAL_SAMPLING_SHM_MAX_PARK_S` (seconds, default 0.05; ON whenever the plugin is loaded):
+the longest a parked reader sleeps before it re-checks the ring buffer itself, at most as
+long as it has been idle (`cap_spin`). A lost notification then costs milliseconds, with
+any spin length. 0 turns the bound off (vLLM's 5 s re-check; for comparisons only).
+
+`DUAL_SAMPLING_SHM_SPIN_S` (seconds, unset: vLLM's 1 s): how long readers busy-wait. On a
+GPU node each server owns its cores and the spin buys microseconds. Where servers share few
+cores (two vLLM CPU servers on a small machine), one server's spinning processes take the
+cores the other needs for its forward pass, and a loop that alternates between the two
+servers every token slows down several times over (docs/benchmarks.md); start_vllm.sh
+sets 1 ms for a `--cpu` theta/target pair and leaves a lone server's spin alone.
 
 `DUAL_SAMPLING_INPUT_GAP_S` (seconds): when the engine core wakes from idle for new input,
 keep reading its input queue until it has been quiet that long before it schedules a step.
@@ -84,22 +88,22 @@ def bounded_park_ms(idle_s: float, max_park: float, timeout_ms: int | None) -> i
     return park_ms if timeout_ms is None else min(timeout_ms, park_ms)
 
 
-def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
-    """Spin at most `limit` s after a read, then park on the notify socket for a bounded time.
+def cap_spin(limit: float | None, max_park: float = MAX_PARK_S) -> None:
+    """Spin at most `limit` s after a read (None: vLLM's own spin), then park for a bounded time.
 
     vLLM's writer wakes a parked reader with a zmq PUB/SUB notification that can be lost
-    (vLLM bounds the damage by re-checking the ring buffer every 5 s); with vLLM's 1 s spin a
-    reader is rarely parked when it matters, with a short spin it often is, and a lost
-    notification stalled whole requests for 5, 10 or 20 s. So a parked reader re-checks
-    after at most as long as it has already been idle (1 ms at least, `max_park` s at most),
-    and every call gets that bound, not only the calls this wrapper's own clock read puts
-    past the spin (`bounded_park_ms`: vLLM reads the clock again, and an earlier version
-    that bounded only `idle_s > 0` left vLLM's 5 s timeout to readers that crossed the
-    spin boundary between the two reads, which back-to-back requests did all the time):
-    a lost notification costs about one step's time while busy, `max_park` after idling,
-    and an idle reader wakes 1 / `max_park` times a second (0.06 CPU-s per 5 s idle, for a
-    whole server, measured). `max_park` = 0 leaves the park unbounded: the stalling old cap,
-    kept only so that benchmarks and tests can show the difference.
+    (vLLM bounds the damage by re-checking the ring buffer every 5 s); with a short spin a
+    reader is often parked when it matters, and a lost notification stalled whole requests
+    for 5, 10 or 25 s. So a parked reader re-checks after at most as long as it has already
+    been idle (1 ms at least, `max_park` s at most), and every call gets that bound, not
+    only the calls this wrapper's own clock read puts past the spin (`bounded_park_ms`:
+    vLLM reads the clock again, and an earlier version that bounded only `idle_s > 0` left
+    vLLM's 5 s timeout to readers that crossed the spin boundary between the two reads,
+    which back-to-back requests did all the time): a lost notification costs about one
+    step's time while busy, `max_park` after idling, and an idle reader wakes 1 / `max_park`
+    times a second (0.06 CPU-s per 5 s idle, for a whole server, measured). `max_park` = 0
+    leaves the park unbounded: the stalling old cap, kept only so that benchmarks and tests
+    can show the difference.
     """
     if not compat.usable("shm_spin_cap"):
         return
@@ -107,7 +111,7 @@ def cap_spin(limit: float, max_park: float = MAX_PARK_S) -> None:
 
     def make(original):
         def wait(self, timeout_ms: int | None = None) -> None:
-            if self.busy_loop_s > limit:  # instances made before this hook ran included
+            if limit is not None and self.busy_loop_s > limit:  # readers made before this hook too
                 self.busy_loop_s = limit
             if max_park > 0:
                 timeout_ms = bounded_park_ms(time.monotonic() - self.last_read - self.busy_loop_s,
@@ -141,13 +145,13 @@ def gather_input(gap: float) -> None:
 
 
 def register() -> None:
-    """The `vllm.general_plugins` hook."""
+    """The `vllm.general_plugins` hook: the park bound always, the spin cap and gap when set."""
     limit, gap = seconds_from_env(SPIN_ENV), seconds_from_env(GAP_ENV)
     max_park = seconds_from_env(PARK_ENV)
-    if limit is not None:
-        cap_spin(limit, MAX_PARK_S if max_park is None else max_park)
+    max_park = MAX_PARK_S if max_park is None else max_park
+    if limit is not None or max_park > 0:
+        cap_spin(limit, max_park)
     if gap:
         gather_input(gap)
-    if limit is not None or gap:
-        logger.debug("dual_sampling tuning in pid %d: spin cap %s s, input gap %s s",
-                     os.getpid(), limit, gap)
+    logger.debug("dual_sampling tuning in pid %d: spin cap %s s, park bound %s s, input gap "
+                 "%s s", os.getpid(), limit, max_park, gap)
