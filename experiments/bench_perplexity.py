@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dual_sampling.actual_logprobs import choose_scorer
 from dual_sampling.client import VLLMClient
 from dual_sampling.config import (PerplexityParams, PerplexityRunConfig, SequenceDataConfig,
                                   ServerConfig, WandbConfig)
@@ -77,9 +78,10 @@ async def run_stock_actual(url: str, token_ids: list[int], args: argparse.Namesp
     windows = perplexity.plan_windows(len(token_ids), args.context_length, args.stride)
     async with VLLMClient(url, name="model", timeout_s=600,
                           max_connections=args.concurrency + 4) as client:
+        info = await client.describe()
+        scorer, _ = choose_scorer(client, info, args.context_length, route="stock")
         started = time.perf_counter()
-        nll = await perplexity.score_windows(client.actual_token_logprobs, token_ids, windows,
-                                             args.concurrency)
+        nll = await perplexity.score_windows(scorer, token_ids, windows, args.concurrency)
         seconds = time.perf_counter() - started
     tokens = sum(w.num_scored for w in windows)
     return seconds, tokens, math.exp(float(nll.sum()) / tokens)

@@ -9,7 +9,7 @@ start_vllm.sh's default in all:
 
 - `stock`: vLLM as shipped: 1 s spin, parks until a notification or the 5 s re-check
   (DUAL_SAMPLING_SHM_SPIN_S empty, DUAL_SAMPLING_SHM_MAX_PARK_S=0);
-- `old cap`: 1 ms spin, parks unbounded (the cap that stalled, for comparison);
+- `old cap` (pair): 1 ms spin, parks unbounded (the cap that stalled, for comparison);
 - `1 ms spin`: 1 ms spin, every park bounded (tuning.cap_spin);
 - `stock spin`: vLLM's 1 s spin, every park bounded;
 - `50 ms spin` (one-server kinds): a 50 ms spin, every park bounded.
@@ -51,9 +51,9 @@ SETTINGS = {"stock": {"DUAL_SAMPLING_SHM_SPIN_S": "", "DUAL_SAMPLING_SHM_MAX_PAR
             "stock spin": {"DUAL_SAMPLING_SHM_SPIN_S": ""},
             "50 ms spin": {"DUAL_SAMPLING_SHM_SPIN_S": "0.05"}}
 KINDS = {  # kind: (its settings, start_vllm.sh's default for it)
-    "pair": (("stock", "old cap", "1 ms spin", "stock spin"), "1 ms spin"),
-    "model": (("stock", "old cap", "1 ms spin", "stock spin", "50 ms spin"), "stock spin"),
-    "fused": (("stock", "old cap", "1 ms spin", "stock spin", "50 ms spin"), "stock spin")}
+    "pair": (("stock", "old cap", "1 ms spin"), "1 ms spin"),
+    "model": (("stock", "1 ms spin", "stock spin", "50 ms spin"), "stock spin"),
+    "fused": (("stock", "1 ms spin", "stock spin", "50 ms spin"), "stock spin")}
 OLD_CAP_REQUESTS = 30
 OTHER_REQUESTS = 60
 GAP_REQUESTS = 60
