@@ -38,11 +38,19 @@ def pair(batch: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 def step(module: ModuleType, logp_theta: torch.Tensor, logp_target: torch.Tensor,
          start: np.ndarray, u: torch.Tensor) -> torch.Tensor:
-    rows = module.Rows.of(logp_theta, logp_target)
+    """One engine step's math; with this module's Workspace, as the engine's processor runs."""
+    if hasattr(module, "Workspace"):
+        workspace = WORKSPACES.setdefault(module.__name__, module.Workspace())
+        rows = module.Rows.of(logp_theta, logp_target, workspace)
+    else:
+        rows = module.Rows.of(logp_theta, logp_target)
     alpha, _ = module.solve_alpha(rows, start)
     mix = module.Mixture.at(rows, alpha)
     module.inverse_cdf(mix.weights, u)
     return alpha
+
+
+WORKSPACES: dict = {}
 
 
 def best_ms(fn, repeats: int) -> float:

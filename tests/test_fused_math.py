@@ -185,7 +185,7 @@ def test_float32_rows_at_a_real_vocabulary_stay_float32_and_exact():
     target = theta + torch.randn(4, 151936, generator=generator) * 1.5
     a, b = theta.log_softmax(-1), target.log_softmax(-1)
     rows = fused_math.Rows.of(a, b)
-    assert rows.a.dtype == torch.float32 and rows.basis.dtype == torch.float32
+    assert rows.a.dtype == torch.float32 and rows.d.dtype == torch.float32
     alpha, _ = fused_math.solve_alpha(rows)
     exact_rows = fused_math.Rows.of(a.double(), b.double())
     exact, _ = fused_math.solve_alpha(exact_rows, tol=1e-12)

@@ -24,9 +24,9 @@ Speed is the point here (this runs every engine step over B x V, V up to 151,936
   models), gathering the rest into compact (B, K) rows in float64 (cheap at small K);
   otherwise (flat rows, as real LMs' long tails are) it keeps all V columns in the input's
   dtype, float32 in the engine: no float64 copy of the rows, ever.
-- **Few passes.** The rows hold a = logp_theta, d and the basis [d, d^2, d^3] (B, K, 3);
-  one evaluation of g, g', g'' at alpha is exp(a + alpha d) and one batched matrix product
-  with the basis (float32 partials over blocks of columns, added in float64); the solver (safeguarded Chebyshev, warm-started) needs two or three, and
+- **Few passes.** The rows are a = logp_theta and d (B, K); one evaluation of g, g', g''
+  at alpha is w = exp(a + alpha d), then w d, w d^2, w d^3 in one buffer and four row
+  sums, into reused buffers (`Workspace`: no fresh (B, V) tensor per step); the solver (safeguarded Chebyshev, warm-started) needs two or three, and
   the diagnostics come from the same moments: KL(q||theta) = alpha E[d] - log Z,
   KL(q||target) = (alpha - 1) E[d] - log Z, H(q) = log Z - E[a] - alpha E[d].
 - **Blocked inverse CDF.** The token is found from per-block sums (float64 over the blocks)
@@ -44,8 +44,33 @@ MAX_ITER = 60
 PRUNE_NATS = 40.0  # ids with both logprobs below L - PRUNE_NATS are dropped (module docstring)
 COMPACT_SHARE = 0.5  # prune only when the kept columns are at most this share of V
 CDF_BLOCK = 1024  # columns per block of the inverse CDF
-SUM_BLOCK = 2048  # columns per float32 partial sum (block_sums)
 _FLAT_VAR = 1e-14  # Var_q[d] below this: the two rows are the same distribution
+
+
+class Workspace:
+    """Reusable buffers for a caller that runs step after step (the engine's processor).
+
+    On CPU a fresh (B, V) tensor costs a page fault per 4 KiB, more than the pass that
+    fills it; a tensor handed out stays valid until its name is asked for again."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = int(np.prod(shape))
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype \
+                or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(size, dtype=like.dtype,
+                                                       device=like.device)
+        return buffer[:size].view(shape)
+
+
+def _empty(workspace: Optional[Workspace], name: str, shape: tuple[int, ...],
+           like: torch.Tensor) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return workspace.get(name, shape, like)
 
 
 def neglected_mass_bound(vocab_size: int) -> float:
@@ -58,23 +83,25 @@ class Rows(NamedTuple):
 
     a: torch.Tensor  # (B, K) logp_theta on the shared support, -inf off it
     d: torch.Tensor  # (B, K) logp_target - logp_theta on the shared support, 0 off it
-    basis: torch.Tensor  # (B, K, 3) [d, d^2, d^3]
     spread: torch.Tensor  # (B,) max d - min d over the support, float64
     columns: Optional[torch.Tensor]  # (B, K) vocabulary id of each column; None: column = id
     everywhere: bool  # every column is on the shared support (no -inf in a)
+    workspace: Optional[Workspace] = None  # where the (B, K) work tensors live
 
     @classmethod
-    def of(cls, logp_theta: torch.Tensor, logp_target: torch.Tensor) -> "Rows":
+    def of(cls, logp_theta: torch.Tensor, logp_target: torch.Tensor,
+           workspace: Optional[Workspace] = None) -> "Rows":
         """From normalised log-probabilities (B, V), float32 or float64, -inf on padded ids.
         Computes in the input's dtype over all V columns (less a padded suffix), or in
         float64 over the pruned support when that is at most COMPACT_SHARE of V (see the
-        module docstring)."""
+        module docstring). With a `workspace`, the rows and every (B, K) tensor computed
+        from them (weights included) live in its buffers until its next use."""
         a, b = _without_padded_suffix(logp_theta, logp_target)
         columns = None
         keep = _pruned_support(a, b)  # (B, V) bool, or None: keep everything
         if keep is not None:
             a, b, columns = _gather(keep, a, b)
-        d = b - a  # (B, K)
+        d = torch.sub(b, a, out=_empty(workspace, "d", a.shape, a))  # (B, K)
         everywhere = bool(torch.isfinite(d.sum()))  # the usual case: no masks needed
         if everywhere:
             low, high = torch.aminmax(d, dim=-1)
@@ -84,15 +111,12 @@ class Rows(NamedTuple):
             a = torch.where(shared, a, -torch.inf)
             low = torch.where(shared, d, torch.inf).amin(dim=-1)
             high = torch.where(shared, d, -torch.inf).amax(dim=-1)
-        basis = torch.empty((*d.shape, 3), dtype=d.dtype, device=d.device)  # (B, K, 3)
-        basis[..., 0] = d
-        torch.mul(d, d, out=basis[..., 1])
-        torch.mul(basis[..., 1], d, out=basis[..., 2])
-        return cls(a, d, basis, (high - low).double(), columns, everywhere)
+        return cls(a, d, (high - low).double(), columns, everywhere, workspace)
 
     def take(self, index: torch.Tensor) -> "Rows":
-        return Rows(self.a[index], self.d[index], self.basis[index], self.spread[index],
-                    None if self.columns is None else self.columns[index], self.everywhere)
+        return Rows(self.a[index], self.d[index], self.spread[index],
+                    None if self.columns is None else self.columns[index], self.everywhere,
+                    self.workspace)
 
     def token(self, column: torch.Tensor) -> torch.Tensor:
         """Vocabulary ids (n,) of per-row column indices (n,)."""
@@ -166,34 +190,21 @@ def _gather(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return compact[0], compact[1], columns
 
 
-def _moments(rows: Rows, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(rows: Rows, alpha: torch.Tensor, name: str = "w"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights w = exp(a + alpha d) (n, K) (q* unnormalised; log Z <= 0, so no overflow) and
-    their moments (n, 4) float64: sum w, sum w d, sum w d^2, sum w d^3."""
-    w = torch.addcmul(rows.a, rows.d, alpha.to(rows.a)[:, None]).exp_()  # (n, K)
-    return w, torch.cat([block_sums(w), block_sums(w, rows.basis)], dim=-1)
+    their moments (n, 4) float64: sum w, sum w d, sum w d^2, sum w d^3.
 
-
-def block_sums(x: torch.Tensor, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Row sums of x (n, K), (n, 1), or of x times each basis column (n, K, r), (n, r):
-    float64, accumulated over blocks of SUM_BLOCK columns.
-
-    A float32 sum over 151,936 columns in one go loses up to ~1e-5 of its value (long
-    per-lane accumulations), enough to move alpha* by 1e-5; blocks of SUM_BLOCK keep each
-    float32 partial short and add the partials in float64, without a float64 copy of x."""
-    n_rows, width = x.shape
-    full = width // SUM_BLOCK * SUM_BLOCK
-    parts = []
-    for lo, hi, blocks in ((0, full, full // SUM_BLOCK), (full, width, 1)):
-        if hi == lo:
-            continue
-        chunk = x[:, lo:hi].reshape(n_rows, blocks, 1, (hi - lo) // blocks)
-        if basis is None:
-            partial = chunk.sum(dim=-1)  # (n, blocks, 1)
-        else:
-            columns = basis[:, lo:hi].reshape(n_rows, blocks, (hi - lo) // blocks, -1)
-            partial = torch.matmul(chunk, columns)[:, :, 0]  # (n, blocks, r)
-        parts.append(partial.double().sum(dim=1))
-    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    Elementwise products and torch's row sums (cascade summation: float32 partials stay
+    short, ~1e-7 relative at V = 151,936), not a matrix product: BLAS accumulates a long
+    float32 dot product in a few registers, and lost 3e-4 of sum w d^k at that size."""
+    w = _empty(rows.workspace, name, rows.a.shape, rows.a)
+    torch.addcmul(rows.a, rows.d, alpha.to(rows.a)[:, None], out=w).exp_()  # (n, K)
+    power = torch.mul(w, rows.d, out=_empty(rows.workspace, "w_d", rows.a.shape, rows.a))
+    sums = [w.sum(dim=-1), power.sum(dim=-1)]
+    for _ in range(2):
+        sums.append(power.mul_(rows.d).sum(dim=-1))
+    return w, torch.stack(sums, dim=-1).double()
 
 
 def solve_alpha(rows: Rows, start: np.ndarray | None = None, tol: float = TOL
@@ -269,9 +280,11 @@ class Mixture(NamedTuple):
     @classmethod
     def at(cls, rows: Rows, alpha: torch.Tensor) -> "Mixture":
         alpha = alpha.double()
-        w, m = _moments(rows, alpha)
-        a_shared = rows.a if rows.everywhere else torch.where(w > 0, rows.a, 0.0)
-        sum_wa = block_sums(w, a_shared[:, :, None])[:, 0]  # (B,)
+        w, m = _moments(rows, alpha, name="weights")
+        w_a = torch.mul(w, rows.a, out=_empty(rows.workspace, "w_d", w.shape, w))
+        if not rows.everywhere:
+            w_a.nan_to_num_(nan=0.0)  # 0 * -inf off the support
+        sum_wa = w_a.sum(dim=-1).double()  # (B,)
         log_z = m[:, 0].log()
         mean_d, mean_a = m[:, 1] / m[:, 0], sum_wa / m[:, 0]
         return cls(w, log_z, alpha * mean_d - log_z, (alpha - 1) * mean_d - log_z,

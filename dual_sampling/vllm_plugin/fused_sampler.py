@@ -46,6 +46,9 @@ class _Row:
     last_alpha: float = 0.5  # warm start of the next solve
 
 
+_WORKSPACE = fused_math.Workspace()  # this worker's (R, V) buffers, reused step after step
+
+
 def _read_args(params: SamplingParams) -> Optional[dict[str, Any]]:
     return (params.extra_args or {}).get(EXTRA_KEY)
 
@@ -113,9 +116,9 @@ class FusedSampler(LogitsProcessor):
         device = logits.device
         idx = torch.tensor(index, device=device)
         if index == list(range(len(index))):  # the usual case: views, not copies of (R, V)
-            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
+            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)], _WORKSPACE)
         else:
-            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])  # (R, K)
+            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx], _WORKSPACE)  # (R, K)
         alpha = torch.tensor([np.nan if r.alpha is None else r.alpha for r in states],
                              dtype=torch.float64, device=device)  # (R,)
         solve = torch.isnan(alpha)
