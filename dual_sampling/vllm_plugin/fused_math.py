@@ -45,6 +45,7 @@ PRUNE_NATS = 40.0  # ids with both logprobs below L - PRUNE_NATS are dropped (mo
 COMPACT_SHARE = 0.5  # prune only when the kept columns are at most this share of V
 PRUNE_SAMPLE = 2048  # columns sampled to decide whether to try pruning
 CDF_BLOCK = 1024  # columns per block of the inverse CDF
+_LOG2E = 1.0 / np.log(2.0)
 _FLAT_VAR = 1e-14  # Var_q[d] below this: the two rows are the same distribution
 
 
@@ -84,6 +85,8 @@ class Rows(NamedTuple):
 
     a: torch.Tensor  # (B, K) logp_theta on the shared support, -inf off it
     d: torch.Tensor  # (B, K) logp_target - logp_theta on the shared support, 0 off it
+    a_log2: torch.Tensor  # (B, K) a / ln 2: exp(a + alpha d) = exp2(a_log2 + alpha d / ln 2),
+    #                       and exp2 costs a third of exp on CPU
     spread: torch.Tensor  # (B,) max d - min d over the support, float64
     columns: Optional[torch.Tensor]  # (B, K) vocabulary id of each column; None: column = id
     everywhere: bool  # every column is on the shared support (no -inf in a)
@@ -111,10 +114,11 @@ class Rows(NamedTuple):
             a = torch.where(shared, a, -torch.inf)
             low = torch.where(shared, d, torch.inf).amin(dim=-1)
             high = torch.where(shared, d, -torch.inf).amax(dim=-1)
-        return cls(a, d, (high - low).double(), columns, everywhere, workspace)
+        a_log2 = torch.mul(a, _LOG2E, out=_empty(workspace, "a_log2", a.shape, a))
+        return cls(a, d, a_log2, (high - low).double(), columns, everywhere, workspace)
 
     def take(self, index: torch.Tensor) -> "Rows":
-        return Rows(self.a[index], self.d[index], self.spread[index],
+        return Rows(self.a[index], self.d[index], self.a_log2[index], self.spread[index],
                     None if self.columns is None else self.columns[index], self.everywhere,
                     self.workspace)
 
@@ -194,19 +198,20 @@ def _gather(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return compact[0], compact[1], columns
 
 
-def _moments(rows: Rows, alpha: torch.Tensor, name: str = "w"
+def _moments(rows: Rows, alpha: torch.Tensor, name: str = "w", order: int = 3
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights w = exp(a + alpha d) (n, K) (q* unnormalised; log Z <= 0, so no overflow) and
-    their moments (n, 4) float64: sum w, sum w d, sum w d^2, sum w d^3.
+    their moments (n, order + 1) float64: sum w, sum w d, ..., sum w d^order.
 
     Elementwise products and torch's row sums (cascade summation: float32 partials stay
     short, ~1e-7 relative at V = 151,936), not a matrix product: BLAS accumulates a long
     float32 dot product in a few registers, and lost 3e-4 of sum w d^k at that size."""
     w = _empty(rows.workspace, name, rows.a.shape, rows.a)
-    torch.addcmul(rows.a, rows.d, alpha.to(rows.a)[:, None], out=w).exp_()  # (n, K)
+    scaled = (alpha * _LOG2E).to(rows.a)[:, None]  # (n, 1)
+    torch.addcmul(rows.a_log2, rows.d, scaled, out=w).exp2_()  # (n, K)
     power = torch.mul(w, rows.d, out=_empty(rows.workspace, "w_d", rows.a.shape, rows.a))
     sums = [w.sum(dim=-1), power.sum(dim=-1)]
-    for _ in range(2):
+    for _ in range(order - 1):
         sums.append(power.mul_(rows.d).sum(dim=-1))
     return w, torch.stack(sums, dim=-1).double()
 
@@ -284,7 +289,7 @@ class Mixture(NamedTuple):
     @classmethod
     def at(cls, rows: Rows, alpha: torch.Tensor) -> "Mixture":
         alpha = alpha.double()
-        w, m = _moments(rows, alpha, name="weights")
+        w, m = _moments(rows, alpha, name="weights", order=1)
         w_a = torch.mul(w, rows.a, out=_empty(rows.workspace, "w_d", w.shape, w))
         if not rows.everywhere:
             w_a.nan_to_num_(nan=0.0)  # 0 * -inf off the support
