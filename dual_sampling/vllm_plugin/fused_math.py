@@ -321,28 +321,34 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """First index (B,) int64 where the CDF of the weights (B, K) (unnormalised q, >= 0)
     exceeds u * total; never an index of weight 0.
 
-    Two levels: the sums of blocks of CDF_BLOCK columns (accumulated over the blocks in
-    float64) pick the block, one block's cumulative sum the column."""
+    Rows wider than CDF_BLOCK go in two levels: the sums of blocks of CDF_BLOCK columns
+    (accumulated over the blocks in float64) pick the block, one block's cumulative sum
+    the column; narrower rows take one float64 cumulative sum."""
     n_rows, width = weights.shape
-    full = width // CDF_BLOCK * CDF_BLOCK
-    blocks = [weights[:, :full].reshape(n_rows, -1, CDF_BLOCK).sum(dim=-1)]  # (B, nb)
-    if full < width:
-        blocks.append(weights[:, full:].sum(dim=-1, keepdim=True))
-    block_cdf = torch.cat(blocks, dim=-1).double().cumsum(dim=-1)  # (B, nb)
-    threshold = uniforms.to(block_cdf)[:, None] * block_cdf[:, -1:]  # (B, 1)
-    block = torch.searchsorted(block_cdf, threshold, right=True)
-    block = block.clamp_(max=block_cdf.shape[-1] - 1)  # (B, 1)
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-    offset = block * CDF_BLOCK  # (B, 1)
-    index = offset + torch.arange(CDF_BLOCK, device=weights.device)  # (B, CDF_BLOCK)
-    inside = weights.gather(1, index.clamp(max=width - 1)).double()
-    inside.masked_fill_(index >= width, 0.0)
-    cdf = before + inside.cumsum(dim=-1)  # (B, CDF_BLOCK)
-    column = torch.searchsorted(cdf, threshold, right=True).clamp_(max=CDF_BLOCK - 1)
+    if width <= CDF_BLOCK:
+        cdf = weights.double().cumsum(dim=-1)  # (B, K)
+        threshold = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # (B, 1)
+        offset = torch.zeros_like(threshold, dtype=torch.int64)
+    else:
+        full = width // CDF_BLOCK * CDF_BLOCK
+        blocks = [weights[:, :full].reshape(n_rows, -1, CDF_BLOCK).sum(dim=-1)]  # (B, nb)
+        if full < width:
+            blocks.append(weights[:, full:].sum(dim=-1, keepdim=True))
+        block_cdf = torch.cat(blocks, dim=-1).double().cumsum(dim=-1)  # (B, nb)
+        threshold = uniforms.to(block_cdf)[:, None] * block_cdf[:, -1:]  # (B, 1)
+        block = torch.searchsorted(block_cdf, threshold, right=True)
+        block = block.clamp_(max=block_cdf.shape[-1] - 1)  # (B, 1)
+        before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+        offset = block * CDF_BLOCK  # (B, 1)
+        index = offset + torch.arange(CDF_BLOCK, device=weights.device)  # (B, CDF_BLOCK)
+        inside = weights.gather(1, index.clamp(max=width - 1)).double()
+        inside.masked_fill_(index >= width, 0.0)
+        cdf = before + inside.cumsum(dim=-1)  # (B, CDF_BLOCK)
+    column = torch.searchsorted(cdf, threshold, right=True).clamp_(max=cdf.shape[-1] - 1)
     idx = (offset + column)[:, 0]
     zero = weights.gather(1, idx[:, None].clamp(max=width - 1))[:, 0] <= 0
     zero |= idx >= width
-    if zero.any():  # rounding at a block's end: the last positive entry up to there
+    if zero.any():  # u * total rounded up past a block's end: the last positive entry before
         upto = torch.arange(width, device=weights.device)[None, :] <= idx[zero, None]
         positive = (weights[zero] > 0) & upto
         fallback = positive.any(dim=-1)
