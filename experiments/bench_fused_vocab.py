@@ -55,8 +55,8 @@ async def native_phase(url: str, batches: list[int], tokens: int, repeats: int
     async with VLLMClient(url, name="native", timeout_s=1200) as client:
         out = {}
         for batch, prompts in (await prompts_for(client, batches)).items():
-            await native_tok_s(client, prompts, 4)  # warm-up
-            out[batch] = max([await native_tok_s(client, prompts, tokens)
+            await native_tok_s(client, prompts, 4, seed=None)  # warm-up
+            out[batch] = max([await native_tok_s(client, prompts, tokens, seed=None)
                               for _ in range(repeats)])
         return out
 
@@ -91,9 +91,12 @@ async def fused_phase(url: str, batches: list[int], tokens: int, repeats: int
         return out
 
 
-def measure(models: dict[str, Path], batches: list[int], tokens: int, repeats: int) -> dict:
+def measure(models: dict[str, Path], batches: list[int], tokens: int, repeats: int,
+            logs_dir: Path) -> dict:
+    """Each server in turn; their logs stay under `logs_dir`."""
     results = {}
-    with tempfile.TemporaryDirectory() as run_dir:
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=logs_dir) as run_dir:
         for role in ("theta", "target"):
             server = Servers(run_dir=Path(run_dir) / role, models={role: models[role]})
             try:
@@ -140,7 +143,7 @@ def main() -> None:
     table = []
     for vocab in args.vocab:
         results = measure(pair_for(vocab, args.models_dir), args.batch, args.tokens,
-                          args.repeats)
+                          args.repeats, args.models_dir / "logs")
         table += rows_of(vocab, args.batch, results)
         print(tabulate(table, headers=HEADERS, tablefmt="github"), flush=True)
     print(f"\n{args.tokens} tokens per prompt, {PROMPT_TOKENS}-token prompts, best of "
