@@ -252,6 +252,78 @@ def _pair_stats(models: dict, windows) -> dict:
     )
 
 
+def widen_vocabulary(models: dict[str, Path], out_dir: str | os.PathLike, vocab_size: int,
+                     seed: int = 0, tail_logit: float = 10.0, logit_std: float = 2.0
+                     ) -> dict[str, Path]:
+    """The pair with its tokenizer and both models widened to `vocab_size` ids (151,936 is
+    Qwen's), written to `out_dir/theta` and `out_dir/target`; returns their paths.
+
+    The tokenizer keeps its merges, so it encodes text exactly as before; the new ids are
+    vocabulary entries no merge reaches (`zq<hex>`), which the models can still sample and
+    read back. Their output rows are real and differ between the models: -`tail_logit` along
+    the model's mean final hidden state (on the corpus) plus Gaussian rows with logit
+    standard deviation `logit_std`, so at a typical position the new ids sit 15 to 35 nats
+    below the top and hold about 1e-3 of the mass, a real LM's long tail (nothing there is
+    40 nats down: fused_math cannot prune it), and more at flat positions. Their input rows
+    copy random rows of the trained embedding. Deterministic in `seed`; skips the work when
+    `out_dir` already holds this widening (marker file).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir).resolve()
+    marker = dict(sources={n: str(Path(p).resolve()) for n, p in models.items()},
+                  vocab_size=vocab_size, seed=seed, tail_logit=tail_logit, logit_std=logit_std)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in MODEL_NAMES}
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if (out_dir / MARKER_NAME).is_file() and \
+                json.loads((out_dir / MARKER_NAME).read_text()) == marker:
+            return paths
+        build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            for name in MODEL_NAMES:
+                source, target = Path(models[name]), build_dir / name
+                shutil.copytree(source, target)
+                tokenizer = json.loads((source / "tokenizer.json").read_text())
+                vocab = tokenizer["model"]["vocab"]
+                old_size = len(vocab)
+                fresh = (f"zq{i:x}" for i in range(4 * vocab_size))
+                while len(vocab) < vocab_size:
+                    token = next(fresh)
+                    if token not in vocab:
+                        vocab[token] = len(vocab)
+                (target / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+                weights = load_file(source / "model.safetensors")
+                embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+                extra = vocab_size - old_size
+                copies = torch.randint(0, old_size, (extra,), generator=generator)
+                text = corpus_path().read_text(encoding="utf-8")[:8000]
+                ids = PreTrainedTokenizerFast.from_pretrained(source)(text)["input_ids"][:512]
+                with torch.no_grad():
+                    hidden = AutoModel.from_pretrained(source)(
+                        torch.tensor([ids])).last_hidden_state[0]  # (L, H)
+                mean = hidden.mean(dim=0)  # (H,): h . mean / |mean|^2 is ~1 +- 0.3
+                noise = torch.randn(extra, head.shape[1], generator=generator)
+                rows = -tail_logit * mean / mean.dot(mean) + noise * logit_std / hidden.norm(
+                    dim=-1).mean()
+                weights["model.embed_tokens.weight"] = torch.cat([embed, embed[copies]])
+                weights["lm_head.weight"] = torch.cat([head, rows.to(head.dtype)])
+                save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+                config = json.loads((target / "config.json").read_text())
+                config["vocab_size"] = vocab_size
+                (target / "config.json").write_text(json.dumps(config, indent=2))
+            (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            build_dir.rename(out_dir)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    return paths
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)

@@ -39,11 +39,15 @@ async def prompt_items(tokens: list[list[int]]):
 
 
 async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: int,
-                       logprobs: int | None = None) -> float:
+                       logprobs: int | None = None, seed: int | None = 0) -> float:
     """One server generating `n_tokens` for every prompt in one request (vLLM's own loop);
-    `logprobs=k` also returns each generated token's top k, as dual sampling needs."""
+    `logprobs=k` also returns each generated token's top k, as dual sampling needs.
+    `seed=None` samples with the engine's shared generator (vLLM CPU 0.32 crashes a seeded
+    request whose prompt is prefilled in chunks: "CPU Generator does not use offset")."""
     body = {"prompt": prompts, "max_tokens": n_tokens, "min_tokens": n_tokens,
-            "ignore_eos": True, "temperature": 1.0, "seed": 0}
+            "ignore_eos": True, "temperature": 1.0}
+    if seed is not None:
+        body["seed"] = seed
     if logprobs is not None:
         body.update(logprobs=logprobs, return_tokens_as_token_ids=True)
     started = time.perf_counter()

@@ -69,3 +69,27 @@ def fused_server(fused_models, tmp_path_factory) -> Servers:
     server.start_fused()
     yield server
     server.stop()
+
+
+WIDE_VOCAB = 151936  # Qwen's vocabulary size
+
+
+@pytest.fixture(scope="session")
+def wide_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny pair with its tokenizer and models widened to 151,936 ids (real rows: a long
+    LM-like tail that carries mass, see tiny_models.widen_vocabulary)."""
+    from dual_sampling.tiny_models import widen_vocabulary
+    return widen_vocabulary(dict(tiny_models), tmp_path_factory.mktemp("wide") / "pair",
+                            WIDE_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def wide_fused_server(wide_models, tmp_path_factory) -> Servers:
+    """One fused server on the 151,936-id pair, up for the whole session."""
+    if shutil.which("curl") is None:
+        pytest.fail("start_vllm.sh needs curl: apt-get install curl")
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_wide"), models=dict(wide_models),
+                     extra=("--max-model-len", "1024"))
+    server.start_fused()
+    yield server
+    server.stop()

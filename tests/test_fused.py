@@ -167,6 +167,47 @@ def test_tokens_do_not_depend_on_batching_and_temperature_zero_is_argmax(fused_s
 
 
 @pytest.mark.server
+def test_a_real_vocabulary_pair_is_exact_and_batch_invariant(wide_fused_server, wide_models):
+    """151,936 ids, all carrying mass (nothing prunable): every position's alpha, logprobs
+    and diagnostics against transformers over the full vocabulary, the first token's
+    distribution by chi-square, and the same tokens alone, batched and asked again."""
+    from dual_sampling.reference import Reference
+    reference = Reference(wide_models)
+    prompts = [encode(reference, p) for p in PROMPTS[:6]]
+    batched = generate(wide_fused_server, prompts, [21, 22, 23, 24, 25, 26], max_tokens=10)
+    alone = generate(wide_fused_server, prompts[:1], [21], max_tokens=10)[0]
+    again = generate(wide_fused_server, prompts[:2], [21, 22], max_tokens=10)
+    assert alone["token_ids"] == batched[0]["token_ids"] == again[0]["token_ids"]
+    assert again[1]["token_ids"] == batched[1]["token_ids"]
+    checked = 0
+    for prompt, result in zip(prompts[:2], batched):
+        ids = prompt + result["token_ids"]
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t, token in enumerate(result["token_ids"]):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            alpha = chernoff_alpha(a, b)
+            log_q = mixture.log_mixture(a, b, alpha)
+            q, d = np.exp(log_q), b - a
+            var = q @ (d * d) - (q @ d) ** 2
+            assert abs(result["alpha"][t] - alpha) <= max(1e-5, 2e-6 / var)
+            diag = mixture.token_diagnostics(a, b, log_q)
+            np.testing.assert_allclose(
+                [result[f][t] for f in ("logp_theta", "logp_target", "logp_q")],
+                [a[token], b[token], log_q[token]], atol=1e-5)
+            np.testing.assert_allclose(
+                [result[f][t] for f in ("kl_q_theta", "kl_q_target", "entropy_q")],
+                [diag["kl_q_theta"], diag["kl_q_target"], diag["entropy_q"]], atol=1e-4)
+            checked += 1
+    assert checked == 20
+    prompt = encode(reference, "The module")
+    n = 600
+    results = generate(wide_fused_server, [prompt] * n, list(range(n)), max_tokens=1)
+    a, b = reference.position_logprobs(prompt)
+    q = np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b)))
+    assert chi_square_p([r["token_ids"][0] for r in results], q) > 1e-3
+
+
+@pytest.mark.server
 def test_a_stock_completion_request_samples_q_star(fused_server):
     body = json.dumps({"model": "fused", "prompt": [0, 51, 85], "max_tokens": 4, "seed": 3})
     request = urllib.request.Request(fused_server.url("fused") + "/v1/completions",

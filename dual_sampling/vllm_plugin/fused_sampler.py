@@ -46,6 +46,9 @@ class _Row:
     last_alpha: float = 0.5  # warm start of the next solve
 
 
+_WORKSPACE = fused_math.Workspace()  # this worker's (R, V) buffers, reused step after step
+
+
 def _read_args(params: SamplingParams) -> Optional[dict[str, Any]]:
     return (params.extra_args or {}).get(EXTRA_KEY)
 
@@ -112,13 +115,19 @@ class FusedSampler(LogitsProcessor):
         states = [self.rows[i] for i in index]
         device = logits.device
         idx = torch.tensor(index, device=device)
-        rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])  # (R, V)
+        if index == list(range(len(index))):  # the usual case: views, not copies of (R, V)
+            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)], _WORKSPACE)
+        else:
+            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx], _WORKSPACE)  # (R, K)
         alpha = torch.tensor([np.nan if r.alpha is None else r.alpha for r in states],
                              dtype=torch.float64, device=device)  # (R,)
         solve = torch.isnan(alpha)
         evaluations = 0
         s0 = time.perf_counter()
-        if solve.any():
+        if solve.all():
+            start = np.array([r.last_alpha for r in states])
+            alpha, evaluations = fused_math.solve_alpha(rows, start)
+        elif solve.any():
             start = np.array([r.last_alpha for r in states])[solve.cpu().numpy()]
             alpha[solve], evaluations = fused_math.solve_alpha(rows.take(solve), start)
         solve_s = time.perf_counter() - s0
@@ -126,7 +135,8 @@ class FusedSampler(LogitsProcessor):
         tagged = torch.tensor([r.tag is not None for r in states], device=device)
         if not tagged.all():
             plain = ~tagged
-            logits[idx[plain]] = mix.log_q(rows, alpha)[plain].to(logits.dtype)
+            log_q = rows.take(plain).scatter(mix.log_q(rows, alpha)[plain], logits.shape[1])
+            logits[idx[plain]] = log_q.to(logits.dtype)
         if tagged.any():
             self._sample(logits, idx, states, tagged, rows, alpha, mix)
         for state, value in zip(states, alpha.tolist()):
@@ -144,26 +154,30 @@ class FusedSampler(LogitsProcessor):
         u = torch.from_numpy(fused_math.uniforms(seeds, steps)).to(logits.device)  # (T,)
         temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
                                    device=logits.device)  # (T,)
-        rows_t, alpha_t = rows.take(tagged), alpha[tagged]
+        every = bool(tagged.all())  # the usual case: no copies of the (T, K) rows
+
+        def of_tagged(x: torch.Tensor) -> torch.Tensor:
+            return x if every else x[tagged]
+
+        rows_t = rows if every else rows.take(tagged)
+        alpha_t, log_z = of_tagged(alpha), of_tagged(mix.log_z)
         if (temperature == 1.0).all():  # q* itself: sample its unnormalised weights
-            token = fused_math.inverse_cdf(mix.weights[tagged], u)  # (T,)
-            at = token[:, None]
-            logp_q = (rows_t.a.gather(1, at)[:, 0] + alpha_t * rows_t.d.gather(1, at)[:, 0]
-                      - mix.log_z[tagged])
+            column = fused_math.inverse_cdf(of_tagged(mix.weights), u)  # (T,)
+            logp_theta, d = rows_t.at(column)
+            logp_q = logp_theta + alpha_t * d - log_z
         else:
             log_sampled = fused_math.tempered(mix.log_q(rows_t, alpha_t), temperature)
-            token = fused_math.inverse_cdf(log_sampled.exp(), u)  # (T,)
-            at = token[:, None]
-            logp_q = log_sampled.gather(1, at)[:, 0]
-        logp_theta = rows_t.a.gather(1, at)[:, 0]
-        forced = torch.full((len(picked), logits.shape[1]), -torch.inf, dtype=logits.dtype,
-                            device=logits.device)
-        forced.scatter_(1, at, 0.0)
-        logits[idx[tagged]] = forced
+            column = fused_math.inverse_cdf(log_sampled.exp(), u)  # (T,)
+            logp_theta, d = rows_t.at(column)
+            logp_q = log_sampled.gather(1, column[:, None])[:, 0].double()
+        token = rows_t.token(column)  # (T,) vocabulary ids
+        target_rows = idx[tagged]
+        logits.index_fill_(0, target_rows, -torch.inf)
+        logits[target_rows, token] = 0.0
         columns = {
             "token": token, "alpha": alpha_t, "logp_theta": logp_theta,
-            "logp_target": logp_theta + rows_t.d.gather(1, at)[:, 0], "logp_q": logp_q,
-            "kl_q_theta": mix.kl_q_theta[tagged], "kl_q_target": mix.kl_q_target[tagged],
-            "entropy_q": mix.entropy_q[tagged]}
+            "logp_target": logp_theta + d, "logp_q": logp_q,
+            "kl_q_theta": of_tagged(mix.kl_q_theta), "kl_q_target": of_tagged(mix.kl_q_target),
+            "entropy_q": of_tagged(mix.entropy_q)}
         fused_state.put([r.tag for r in picked], steps.tolist(),
                         {name: value.tolist() for name, value in columns.items()})
