@@ -8,8 +8,8 @@ Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. Reques
 Each prompt becomes one ordinary engine request (vLLM batches them with everything else in
 flight), tagged in `extra_args` so the logits processor (fused_sampler.py) samples its tokens
 from q* with the prompt's seed and records each token's diagnostics in the worker. When a
-request finishes, its record comes back through one `collective_rpc` for all the requests
-that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
+request finishes, its record, cut to the completion's length, comes back through one
+`collective_rpc` for all the requests that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
 "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
 "entropy_q"}, ...]}` in prompt order, per-token lists as long as `token_ids`.
 
@@ -58,12 +58,13 @@ class _Diagnostics:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, tuple[int, asyncio.Future]] = {}
         self.task: Optional[asyncio.Task] = None
 
-    async def pop(self, tag: str) -> Optional[dict[str, list]]:
+    async def pop(self, tag: str, length: int) -> Optional[dict[str, list]]:
+        """The record of `tag`'s first `length` tokens (None: the worker has none)."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting[tag] = future
+        self.waiting[tag] = (length, future)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._drain())
         return await future
@@ -73,12 +74,13 @@ class _Diagnostics:
             batch, self.waiting = self.waiting, {}
             try:
                 replies = await self.engine.collective_rpc(
-                    "dual_sampling_pop_diagnostics", args=(list(batch),))
+                    "dual_sampling_pop_diagnostics",
+                    args=({tag: length for tag, (length, _) in batch.items()},))
             except Exception as exc:  # every waiting request fails with the cause
-                for future in batch.values():
+                for _, future in batch.values():
                     future.set_exception(exc)
                 continue
-            for tag, future in batch.items():
+            for tag, (_, future) in batch.items():
                 future.set_result(replies[0].get(tag))
 
 
@@ -111,13 +113,12 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
         final = output
     completion = final.outputs[0]
     token_ids = list(completion.token_ids)
-    record = await diagnostics.pop(tag)
-    n = len(token_ids)
-    if record is None or record["token"][:n] != token_ids:
+    record = await diagnostics.pop(tag, len(token_ids))
+    if record is None or record["token"] != token_ids:
         raise RuntimeError(f"{tag}: the worker's record of the sampled tokens does not match "
                            f"the engine's output (is --logits-processors set?)")
     return {"token_ids": token_ids, "finish_reason": completion.finish_reason,
-            **{name: record[name][:n] for name in DIAGNOSTICS}}
+            **{name: record[name] for name in DIAGNOSTICS}}
 
 
 @router.post(GENERATE_PATH)
