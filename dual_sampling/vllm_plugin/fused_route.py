@@ -15,10 +15,16 @@ request finishes, its record, cut to the completion's length, comes back through
 
 `GET /v1/dual_sampling/fused/counters`: the worker's counters (steps, seconds solving
 alpha*, solver iterations) for benchmarks.
+
+`GET /v1/dual_sampling/fused/engine`: how the engine runs the fused model (model runner V1
+or V2, async scheduling, the KV-cache groups with their bytes per token and the token
+capacity), read once at start-up by `check_engine`, which refuses to serve unless the
+engine made one KV-cache group (fused_setup.py's check, seen from the engine's side).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any, Optional
 
@@ -33,10 +39,12 @@ from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
 GENERATE_PATH = "/v1/dual_sampling/fused/generate"
 COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
+ENGINE_PATH = "/v1/dual_sampling/fused/engine"
 DIAGNOSTICS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
                "entropy_q")
 
 router = APIRouter()
+log = logging.getLogger("vllm.dual_sampling.fused")  # under vLLM's handlers
 
 
 class FusedRequest(BaseModel):
@@ -51,6 +59,26 @@ class FusedRequest(BaseModel):
 
 def is_fused(engine: Any) -> bool:
     return ARCHITECTURE in (engine.model_config.architectures or [])
+
+
+class FusedEngineError(RuntimeError):
+    """The engine did not lay the fused model out as this package needs."""
+
+
+async def check_engine(engine: Any) -> dict[str, Any]:
+    """The worker's `dual_sampling_engine` summary; FusedEngineError unless one KV group."""
+    summary = (await engine.collective_rpc("dual_sampling_engine"))[0]
+    groups = summary["kv_cache"]["groups"]
+    if len(groups) != 1:
+        raise FusedEngineError(
+            f"the fused engine made {len(groups)} KV-cache groups ({groups}), not one: "
+            f"vLLM could not hold both models' attention layers in one block table. Serve "
+            f"the pair on two servers (sample.transport=session) and report the pair.")
+    log.info("dual_sampling fused engine: model runner %s, async scheduling %s, KV cache "
+             "%d bytes per token over %d layers, %s tokens", summary["model_runner"],
+             summary["async_scheduling"], groups[0]["bytes_per_token"], groups[0]["layers"],
+             summary["kv_cache"]["tokens"])
+    return summary
 
 
 class _Diagnostics:
@@ -149,3 +177,11 @@ async def counters(request: Request) -> JSONResponse:
     if not is_fused(engine):
         return error(409, "this server does not serve the fused model")
     return JSONResponse((await engine.collective_rpc("dual_sampling_counters"))[0])
+
+
+@router.get(ENGINE_PATH)
+async def engine_summary(request: Request) -> JSONResponse:
+    summary = getattr(request.app.state, "dual_sampling_engine", None)
+    if summary is None:
+        return error(409, "this server does not serve the fused model")
+    return JSONResponse(summary)

@@ -96,11 +96,32 @@ def count(rows: int, solve_s: float, apply_s: float, iters: int) -> None:
     _counters["solver_iters"] += iters
 
 
+def kv_cache_summary(kv_cache_config: Any) -> dict[str, Any]:
+    """The engine's KV cache as allocated: its groups, and per group the layers, block size,
+    bytes per token (summed over the group's layers) and token capacity."""
+    groups = []
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        groups.append({"layers": len(group.layer_names), "block_size": spec.block_size,
+                       "bytes_per_token": spec.page_size_bytes // spec.block_size,
+                       "kind": type(spec).__name__})
+    blocks = kv_cache_config.num_blocks
+    return {"groups": groups, "num_blocks": blocks,
+            "tokens": blocks * groups[0]["block_size"] if len(groups) == 1 else None}
+
+
 class FusedWorkerExtension:
     """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
 
     def dual_sampling_pop_diagnostics(self, lengths: dict[str, int]) -> dict[str, Any]:
         return pop(lengths)
 
-    def dual_sampling_counters(self) -> dict[str, float]:
+    def dual_sampling_counters(self) -> dict[str, Any]:
         return dict(_counters, open_records=len(_records))
+
+    def dual_sampling_engine(self) -> dict[str, Any]:
+        """How this engine runs the fused model: model runner, scheduling, KV cache."""
+        config = self.vllm_config
+        return {"model_runner": "v2" if getattr(self, "use_v2_model_runner", False) else "v1",
+                "async_scheduling": bool(config.scheduler_config.async_scheduling),
+                "kv_cache": kv_cache_summary(self.model_runner.kv_cache_config)}
