@@ -134,8 +134,8 @@ def run_v2(requests: list[Request]) -> dict[str, dict]:
     """V2: slots from a free list (reused), rows reordered every step, a partial prefill
     first for each request, one discarded step after each finish."""
     prompt_len = np.zeros(8, dtype=np.int32)
-    sampler = FusedSampler(SimpleNamespace(speculative_config=None),
-                           SimpleNamespace(prompt_len=SimpleNamespace(np=prompt_len)))
+    sampler = FusedSampler(SimpleNamespace(speculative_config=None), SimpleNamespace(
+        prompt_len=SimpleNamespace(np=prompt_len), prefill_len=SimpleNamespace(np=prompt_len)))
     fused_state._records.clear()
     free, waiting, active = [6, 3], list(requests), {}
     prefilled: set[int] = set()
@@ -223,6 +223,31 @@ def test_a_record_keeps_positions_after_a_discarded_step():
     assert record["token"] == out and all(len(v) == 4 for v in record.values())
 
 
+def test_v2_a_request_resumed_after_preemption_keeps_its_record():
+    """Resumed with 3 tokens: V2 re-prefills prompt + output (prefill_len 8) in chunks; a
+    chunk's row is no position of the completion, the first full row samples position 3."""
+    fresh()
+    prompt_len, prefill_len = np.array([5]), np.array([5])
+    sampler = FusedSampler(SimpleNamespace(speculative_config=None), SimpleNamespace(
+        prompt_len=SimpleNamespace(np=prompt_len), prefill_len=SimpleNamespace(np=prefill_len)))
+
+    def step(pos: int) -> torch.Tensor:
+        ctx = LogitsContext(expanded_idx_mapping=torch.tensor([0]), idx_mapping=torch.tensor([0]),
+                            idx_mapping_np=np.array([0]), expanded_local_pos=torch.tensor([0]),
+                            input_ids=torch.tensor([0]), pos=torch.tensor([pos]),
+                            seq_lens_upper_bound_np=np.array([pos + 1]))
+        return sampler.apply(stash_and_logits([(0, max(pos + 1 - 5, 0))]), ctx)
+
+    sampler.add_request(0, params("r", 3))
+    tokens = [forced_tokens(step(4 + k))[0] for k in range(3)]  # positions 0, 1, 2
+    prefill_len[0] = 8  # preempted, then resumed in another slot's place: same slot here
+    sampler.add_request(0, params("r", 3))
+    assert not torch.isneginf(step(5)).any()  # a chunk of the re-prefill: left alone
+    tokens.append(forced_tokens(step(7))[0])  # position 3
+    record = fused_state.pop({"r": 4})["r"]
+    assert record["token"] == tokens and len(record["alpha"]) == 4
+
+
 def test_the_class_loads_in_both_model_runners():
     """One --logits-processors name for V1 and V2: both of vLLM's loaders accept it."""
     from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
@@ -233,5 +258,4 @@ def test_the_class_loads_in_both_model_runners():
 
 def test_v2_refuses_speculative_decoding():
     with pytest.raises(ValueError, match="speculative decoding"):
-        FusedSampler(SimpleNamespace(speculative_config=object()),
-                     SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(2))))
+        FusedSampler(SimpleNamespace(speculative_config=object()), SimpleNamespace())

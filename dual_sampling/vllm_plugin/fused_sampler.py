@@ -152,15 +152,18 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     def _context_rows(self, ctx: LogitsContext) -> dict[int, _Row]:
         """V2: logits row -> request (rows are reordered every step), each with its position:
-        the row's input position + 1 minus the prompt's length. A partial prefill (negative
-        position: no token of the completion yet) is left alone, its token is discarded."""
-        slots = ctx.expanded_idx_mapping.tolist()
-        positions = (ctx.pos.cpu().numpy() + 1
-                     - self.req_states.prompt_len.np[ctx.expanded_idx_mapping.cpu().numpy()])
+        the row's input position + 1 minus the prompt's length. A row still short of the
+        tokens fed at its latest (re)fill (a partial prefill, also of a request resumed after
+        preemption) is left alone: its token is discarded, and its position is not one."""
+        slots = ctx.expanded_idx_mapping.cpu().numpy()  # (R,) row -> slot
+        seen = ctx.pos.cpu().numpy() + 1  # (R,) tokens up to the row's input, inclusive
+        positions = seen - self.req_states.prompt_len.np[slots]  # (R,)
+        filled = seen >= self.req_states.prefill_len.np[slots]  # (R,)
         rows = {}
-        for i, (slot, step) in enumerate(zip(slots, positions.tolist())):
+        for i, (slot, step, ok) in enumerate(zip(slots.tolist(), positions.tolist(),
+                                                 filled.tolist())):
             row = self.slots.get(slot)
-            if row is not None and step >= 0:
+            if row is not None and ok:
                 row.step = int(step)
                 rows[i] = row
         return rows
