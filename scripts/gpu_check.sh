@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused engine on the first GPU that comes along, in one command (about 8 minutes on one
+# The fused engine on the first GPU that comes along, in one command (sized for 8 minutes on one
 # NVIDIA GPU with nothing installed): install dual_sampling[gpu,test] (the pinned vLLM) into
 # .venv-gpu, make a Qwen2.5-0.5B/1.5B-shaped pair with random weights (no downloads), serve
 # each model alone and then both fused with vLLM's GPU defaults, measure tokens/s at 32 and
