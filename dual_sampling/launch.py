@@ -39,7 +39,8 @@ def free_port() -> int:
 
 @dataclass
 class Servers:
-    """vLLM CPU servers started by start_vllm.sh in one run dir; roles map to ports.
+    """vLLM servers (CPU unless `cpu=False`) started by start_vllm.sh in one run dir; roles
+    map to ports.
 
     Roles are start_vllm.sh's: `theta`, `target`, `model` and `fused` (start_fused).
     """
@@ -50,6 +51,7 @@ class Servers:
     extra: tuple[str, ...] = ("--max-model-len", "2048")
     max_logprobs: int = 256
     env: dict[str, str] = field(default_factory=dict)  # over os.environ, for start_vllm.sh
+    cpu: bool = True  # start_vllm.sh --cpu; False: vLLM's defaults for the device it finds
 
     def url(self, role: str) -> str:
         return f"http://127.0.0.1:{self.ports[role]}"
@@ -69,7 +71,8 @@ class Servers:
                       str(self.models["target"]), "--port", str(self.ports["fused"])])
 
     def _script(self, role_args: list[str]) -> None:
-        args = ["bash", str(START_SCRIPT), "--cpu", "--run-dir", str(self.run_dir),
+        args = ["bash", str(START_SCRIPT), *(["--cpu"] if self.cpu else []),
+                "--run-dir", str(self.run_dir),
                 "--max-logprobs", str(self.max_logprobs), "--timeout", "900", *role_args]
         env = {**os.environ, "PYTHON": sys.executable, **self.env}
         done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)

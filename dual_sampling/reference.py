@@ -42,10 +42,13 @@ class AlphaComparison(NamedTuple):
 class Reference:
     """The theta and target models loaded float32 in this process; read-only, no gradients."""
 
-    def __init__(self, model_dirs: Mapping[str, str | os.PathLike]):
-        """model_dirs: `{"theta": dir, "target": dir}`, e.g. from `ensure_tiny_models()`."""
+    def __init__(self, model_dirs: Mapping[str, str | os.PathLike], device: str = "cpu"):
+        """model_dirs: `{"theta": dir, "target": dir}`, e.g. from `ensure_tiny_models()`;
+        device: where the float32 models run (results come back as numpy either way)."""
+        self.device = torch.device(device)
         self.models = {
-            name: AutoModelForCausalLM.from_pretrained(model_dirs[name], dtype=torch.float32).eval()
+            name: AutoModelForCausalLM.from_pretrained(
+                model_dirs[name], dtype=torch.float32).to(self.device).eval()
             for name in ("theta", "target")
         }
         self.tokenizer = AutoTokenizer.from_pretrained(model_dirs["theta"])
@@ -63,7 +66,7 @@ class Reference:
         ids = self._check_ids(token_ids)
         with torch.no_grad():
             logits = self.models[model](input_ids=ids[None]).logits[0, :, :self.vocab_size]
-        return torch.log_softmax(logits.double(), dim=-1).numpy()
+        return torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
 
     def position_logprobs(self, token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(logp_theta (V,), logp_target (V,)): the next token after all of token_ids."""
@@ -121,7 +124,7 @@ class Reference:
                     window = ids[None, begin:end]
                     logits = self.models[model](input_ids=window).logits[0, :, :self.vocab_size]
                 logp = torch.log_softmax(logits.double(), dim=-1)  # (W, V)
-                rows = torch.arange(first_target - 1, end - 1) - begin  # predict targets
+                rows = torch.arange(first_target - 1, end - 1, device=ids.device) - begin
                 total_nll -= logp[rows, ids[first_target:end]].sum().item()
                 n_scored += end - first_target
             prev_end = end
@@ -137,4 +140,4 @@ class Reference:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token_ids must lie in [0, {self.vocab_size}), "
                              f"got [{ids.min().item()}, {ids.max().item()}]")
-        return ids
+        return ids.to(self.device)

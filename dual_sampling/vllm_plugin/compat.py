@@ -5,6 +5,12 @@ send gate, raw_logprobs.py). Each feature lists the names it needs in `PRIVATE`,
 leading parameters a callable must take. `usable(feature)` checks them and, when one is
 missing or changed, logs one warning naming it and returns False, so the caller leaves vLLM
 stock (the feature is a speed-up; stock behaviour gives the same outputs).
+
+`fused` is different: the fused engine (fused_*.py) is built on these names and has no stock
+fallback, so a fused server of another vLLM fails at start-up where one is gone; listing them
+here makes an upgrade fail one clear test instead. They include the behaviour its processor
+relies on under async scheduling (V1 fills the -1 placeholders of tokens in flight before
+the logits processors run) and the KV-cache grouping that lets one engine hold two KV layouts.
 tests/test_compat.py checks every entry against the installed vLLM, so an upgrade fails one
 clear test. `warn_if_unpinned()` logs once per process when the running vLLM is not
 `PINNED_VLLM`, the version pyproject.toml pins and the tests pass on.
@@ -56,6 +62,8 @@ class Private:
 
 
 SHM = "vllm.distributed.device_communicators.shm_broadcast"
+V1_PROCS = "vllm.v1.sample.logits_processor"
+V2_PROCS = "vllm.v1.worker.gpu.sample.logits_processor"
 PRIVATE: dict[str, tuple[Private, ...]] = {
     "shm_spin_cap": (  # tuning.cap_spin
         Private(SHM, "SpinCondition.__init__", ("self", "is_reader", "context", "notify_address",
@@ -83,6 +91,31 @@ PRIVATE: dict[str, tuple[Private, ...]] = {
     "sessions": (  # session.py: streaming-input requests
         Private("vllm.engine.protocol", "StreamingInput"),
         Private("vllm.inputs.engine", "tokens_input"),
+    ),
+    "fused": (  # fused_model.py, fused_sampler.py, fused_state.py: no stock fallback
+        Private("vllm.model_executor.models.utils", "init_vllm_registered_model",
+                ("vllm_config", "prefix", "hf_config", "architectures")),
+        Private("vllm.model_executor.model_loader.default_loader", "DefaultModelLoader.Source",
+                ("model_or_path", "revision", "subfolder", "prefix")),
+        Private("vllm.transformers_utils.config", "get_config",
+                ("model", "trust_remote_code")),
+        Private(V1_PROCS, "LogitsProcessor.update_state", ("self", "batch_update")),
+        Private(V1_PROCS, "BatchUpdate", ("batch_size", "removed", "added", "moved")),
+        Private(V1_PROCS, "MoveDirectionality.SWAP"),
+        Private("vllm.v1.worker.gpu_input_batch", "InputBatch.update_async_output_token_ids",
+                ("self",)),
+        Private(V2_PROCS, "LogitsProcessor.add_request", ("self", "req_idx", "sampling_params")),
+        Private(V2_PROCS, "LogitsProcessor.apply", ("self", "logits", "ctx")),
+        Private(V2_PROCS, "LogitsContext", ("expanded_idx_mapping", "idx_mapping",
+                                            "idx_mapping_np", "expanded_local_pos",
+                                            "input_ids", "pos")),
+        Private(V2_PROCS, "LogitsProcRequestState", ("device", "max_num_reqs", "vocab_size",
+                                                     "all_token_ids", "prompt_len",
+                                                     "prefill_len")),
+        Private("vllm.v1.kv_cache_interface", "UniformTypeKVCacheSpecs.from_specs",
+                ("kv_cache_specs",)),
+        Private("vllm.v1.core.kv_cache_utils", "get_kv_cache_groups",
+                ("vllm_config", "kv_cache_spec")),
     ),
 }
 

@@ -5,7 +5,8 @@ them) that name this architecture and add `dual_sampling_fused`: the target chec
 path, both original architectures and the real vocabulary size. Each model is built by
 vLLM's own model class (`init_vllm_registered_model`), so tensor parallelism, prefix
 caching, continuous batching and CUDA graphs stay vLLM's; both stacks' attention layers get
-KV cache (same token stream, same positions, same block size).
+KV cache (same token stream, same positions, same block size) in one KV-cache group, each
+layer with its own head size and KV heads (fused_setup.py checks that vLLM can group them).
 
 Weights load from where the checkpoints lie: theta's are the served model's own (vLLM's
 default loader reads them, sharded safetensors included), the target's come through the
@@ -19,7 +20,6 @@ processor's (fused_sampler.py), which this model requires and checks for at star
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
@@ -61,9 +61,11 @@ class DualSamplingMixtureForCausalLM(nn.Module):
             raise FusedModelError(
                 f"{ARCHITECTURE} runs with --pipeline-parallel-size 1 only (got "
                 f"{vllm_config.parallel_config.pipeline_parallel_size}); use --tp instead.")
-        theta_config = copy.deepcopy(hf_config)
-        theta_config.architectures = list(spec["theta_architectures"])
-        target_config = get_config(spec["target"], trust_remote_code=False)
+        # theta's own config, not the served one: that one carries the larger model's head
+        # size and KV heads for vLLM's buffers (fused_setup.hf_overrides)
+        trust = vllm_config.model_config.trust_remote_code
+        theta_config = get_config(vllm_config.model_config.model, trust_remote_code=trust)
+        target_config = get_config(spec["target"], trust_remote_code=trust)
         self.vocab_size = int(spec["vocab_size"])  # the tokenizer's ids; the rest is padding
         self.hidden_theta = theta_config.get_text_config().hidden_size
         self.theta = init_vllm_registered_model(

@@ -8,17 +8,23 @@ Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. Reques
 Each prompt becomes one ordinary engine request (vLLM batches them with everything else in
 flight), tagged in `extra_args` so the logits processor (fused_sampler.py) samples its tokens
 from q* with the prompt's seed and records each token's diagnostics in the worker. When a
-request finishes, its record comes back through one `collective_rpc` for all the requests
-that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
+request finishes, its record, cut to the completion's length, comes back through one
+`collective_rpc` for all the requests that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
 "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
 "entropy_q"}, ...]}` in prompt order, per-token lists as long as `token_ids`.
 
 `GET /v1/dual_sampling/fused/counters`: the worker's counters (steps, seconds solving
 alpha*, solver iterations) for benchmarks.
+
+`GET /v1/dual_sampling/fused/engine`: how the engine runs the fused model (model runner V1
+or V2, async scheduling, the KV-cache groups with their bytes per token and the token
+capacity), read once at start-up by `check_engine`, which refuses to serve unless the
+engine made one KV-cache group (fused_setup.py's check, seen from the engine's side).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any, Optional
 
@@ -33,10 +39,12 @@ from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
 GENERATE_PATH = "/v1/dual_sampling/fused/generate"
 COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
+ENGINE_PATH = "/v1/dual_sampling/fused/engine"
 DIAGNOSTICS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
                "entropy_q")
 
 router = APIRouter()
+log = logging.getLogger("vllm.dual_sampling.fused")  # under vLLM's handlers
 
 
 class FusedRequest(BaseModel):
@@ -53,17 +61,38 @@ def is_fused(engine: Any) -> bool:
     return ARCHITECTURE in (engine.model_config.architectures or [])
 
 
+class FusedEngineError(RuntimeError):
+    """The engine did not lay the fused model out as this package needs."""
+
+
+async def check_engine(engine: Any) -> dict[str, Any]:
+    """The worker's `dual_sampling_engine` summary; FusedEngineError unless one KV group."""
+    summary = (await engine.collective_rpc("dual_sampling_engine"))[0]
+    groups = summary["kv_cache"]["groups"]
+    if len(groups) != 1:
+        raise FusedEngineError(
+            f"the fused engine made {len(groups)} KV-cache groups ({groups}), not one: "
+            f"vLLM could not hold both models' attention layers in one block table. Serve "
+            f"the pair on two servers (sample.transport=session) and report the pair.")
+    log.info("dual_sampling fused engine: model runner %s, async scheduling %s, KV cache "
+             "%d bytes per token over %d layers, %s tokens", summary["model_runner"],
+             summary["async_scheduling"], groups[0]["bytes_per_token"], groups[0]["layers"],
+             summary["kv_cache"]["tokens"])
+    return summary
+
+
 class _Diagnostics:
     """Pops finished requests' records from the worker, one RPC for all waiting at once."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, tuple[int, asyncio.Future]] = {}
         self.task: Optional[asyncio.Task] = None
 
-    async def pop(self, tag: str) -> Optional[dict[str, list]]:
+    async def pop(self, tag: str, length: int) -> Optional[dict[str, list]]:
+        """The record of `tag`'s first `length` tokens (None: the worker has none)."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting[tag] = future
+        self.waiting[tag] = (length, future)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._drain())
         return await future
@@ -73,12 +102,13 @@ class _Diagnostics:
             batch, self.waiting = self.waiting, {}
             try:
                 replies = await self.engine.collective_rpc(
-                    "dual_sampling_pop_diagnostics", args=(list(batch),))
+                    "dual_sampling_pop_diagnostics",
+                    args=({tag: length for tag, (length, _) in batch.items()},))
             except Exception as exc:  # every waiting request fails with the cause
-                for future in batch.values():
+                for _, future in batch.values():
                     future.set_exception(exc)
                 continue
-            for tag, future in batch.items():
+            for tag, (_, future) in batch.items():
                 future.set_result(replies[0].get(tag))
 
 
@@ -111,13 +141,12 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
         final = output
     completion = final.outputs[0]
     token_ids = list(completion.token_ids)
-    record = await diagnostics.pop(tag)
-    n = len(token_ids)
-    if record is None or record["token"][:n] != token_ids:
+    record = await diagnostics.pop(tag, len(token_ids))
+    if record is None or record["token"] != token_ids:
         raise RuntimeError(f"{tag}: the worker's record of the sampled tokens does not match "
                            f"the engine's output (is --logits-processors set?)")
     return {"token_ids": token_ids, "finish_reason": completion.finish_reason,
-            **{name: record[name][:n] for name in DIAGNOSTICS}}
+            **{name: record[name] for name in DIAGNOSTICS}}
 
 
 @router.post(GENERATE_PATH)
@@ -148,3 +177,11 @@ async def counters(request: Request) -> JSONResponse:
     if not is_fused(engine):
         return error(409, "this server does not serve the fused model")
     return JSONResponse((await engine.collective_rpc("dual_sampling_counters"))[0])
+
+
+@router.get(ENGINE_PATH)
+async def engine_summary(request: Request) -> JSONResponse:
+    summary = getattr(request.app.state, "dual_sampling_engine", None)
+    if summary is None:
+        return error(409, "this server does not serve the fused model")
+    return JSONResponse(summary)

@@ -18,17 +18,38 @@ Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
   sampled, KL(q*||theta), KL(q*||target), H(q*)) go to fused_state under the tag.
 - A row without the extra args (a stock /v1/completions request) gets log q* with alpha*
   as its logits: vLLM then samples q* with the request's own temperature, seed, top-p.
+
+One class for both of vLLM 0.32's model runners, so one `--logits-processors` name serves
+whichever the engine picks (V2 on a GPU with Triton unless VLLM_USE_V2_MODEL_RUNNER=0; V1 on
+CPU): it subclasses V1's `LogitsProcessor` (rows tracked by `update_state(BatchUpdate)`, the
+position is the length of vLLM's live output-id list) and V2's (rows tracked by slot in
+`add_request`, the position from `ctx.pos` and the slot's prompt length). Only the choice of
+rows and positions differs; the math after it is shared.
+
+Async scheduling (vLLM's default on GPU; the CPU platform turns it off) is handled, so
+start_vllm.sh leaves it on (`--no-async-scheduling` turns it off):
+- V1 appends a -1 placeholder to a request's output ids for the token still in flight and
+  replaces it before `apply`; a placeholder counts as the position it holds either way, so
+  the uniform of each position is the one synchronous scheduling uses.
+- `apply` runs once more for a request that has just finished (EOS, a stop string, the
+  length limit) before the scheduler removes it; that step's token is discarded. Its
+  diagnostics land one position past the completion, and `fused_state.pop` returns each
+  record cut to the completion's length, so they never reach a reply. Stop strings, found in
+  the API server after the fact, can cost a few such steps under either scheduling.
+Speculative decoding is refused (V1 refuses custom processors with it; V2 here).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
 from dual_sampling.vllm_plugin import fused_math, fused_state
 from dual_sampling.vllm_plugin.fused_setup import EXTRA_KEY
@@ -42,8 +63,19 @@ class _Row:
     seed: int
     alpha: Optional[float]
     temperature: float
-    output_ids: list[int]  # vLLM's live list of the request's generated ids
+    output_ids: list[int] = field(default_factory=list)  # V1's live list of generated ids
     last_alpha: float = 0.5  # warm start of the next solve
+    step: int = 0  # position in the completion of the token sampled this step
+
+    @classmethod
+    def of(cls, params: SamplingParams, output_ids: Optional[list[int]] = None) -> "_Row":
+        args = _read_args(params) or {}
+        row = cls(tag=args.get("tag"), seed=int(args.get("seed", 0)), alpha=args.get("alpha"),
+                  temperature=float(args.get("temperature", 1.0)),
+                  output_ids=output_ids if output_ids is not None else [])
+        if row.tag is not None:
+            fused_state.open_record(row.tag)
+        return row
 
 
 _WORKSPACE = fused_math.Workspace()  # this worker's (R, V) buffers, reused step after step
@@ -53,7 +85,7 @@ def _read_args(params: SamplingParams) -> Optional[dict[str, Any]]:
     return (params.extra_args or {}).get(EXTRA_KEY)
 
 
-class FusedSampler(LogitsProcessor):
+class FusedSampler(LogitsProcessor, LogitsProcessorV2):
     """See the module docstring. Inert on a server whose model is not the composite one."""
 
     @classmethod
@@ -72,8 +104,15 @@ class FusedSampler(LogitsProcessor):
             raise ValueError(f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer "
                              f"`seed`, got {args!r}")
 
-    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        self.rows: dict[int, _Row] = {}
+    def __init__(self, vllm_config: Any, device_or_states: Any,
+                 is_pin_memory: bool = False) -> None:
+        """V1 passes (vllm_config, device, is_pin_memory), V2 (vllm_config, req_states)."""
+        self.rows: dict[int, _Row] = {}  # V1: persistent-batch row -> request
+        self.slots: dict[int, _Row] = {}  # V2: request slot -> request
+        self.req_states = None if isinstance(device_or_states, torch.device) else device_or_states
+        if self.req_states is not None and getattr(vllm_config, "speculative_config", None):
+            raise ValueError("dual_sampling's FusedSampler samples one token per request and "
+                             "step: serve the fused model without speculative decoding")
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -85,13 +124,7 @@ class FusedSampler(LogitsProcessor):
             self._drop(index)
         for index, params, _, output_ids in batch_update.added:
             self._drop(index)
-            args = _read_args(params) or {}
-            row = _Row(tag=args.get("tag"), seed=int(args.get("seed", 0)),
-                       alpha=args.get("alpha"), temperature=float(args.get("temperature", 1.0)),
-                       output_ids=output_ids)
-            if row.tag is not None:
-                fused_state.open_record(row.tag)
-            self.rows[index] = row
+            self.rows[index] = _Row.of(params, output_ids)
         for a, b, direction in batch_update.moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -101,18 +134,54 @@ class FusedSampler(LogitsProcessor):
             elif row_b is not None and row_b.tag is not None:
                 fused_state.mark_removed(row_b.tag)
 
-    def _drop(self, index: int) -> None:
-        row = self.rows.pop(index, None)
+    def _drop(self, index: int, table: Optional[dict[int, _Row]] = None) -> None:
+        row = (self.rows if table is None else table).pop(index, None)
         if row is not None and row.tag is not None:
             fused_state.mark_removed(row.tag)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """V2: a request takes slot `req_idx` (a slot's previous request has left)."""
+        self._drop(req_idx, self.slots)
+        self.slots[req_idx] = _Row.of(sampling_params)
+        return True
+
+    def _batch_rows(self, num_rows: int) -> dict[int, _Row]:
+        """V1: logits row -> request, each with the position it samples (placeholders of
+        tokens in flight under async scheduling count as the positions they hold)."""
+        rows = {i: row for i, row in self.rows.items() if i < num_rows}
+        for row in rows.values():
+            row.step = len(row.output_ids)
+        return rows
+
+    def _context_rows(self, ctx: LogitsContext) -> dict[int, _Row]:
+        """V2: logits row -> request (rows are reordered every step), each with its position:
+        the row's input position + 1 minus the prompt's length. A row still short of the
+        tokens fed at its latest (re)fill (a partial prefill, also of a request resumed after
+        preemption) is left alone: its token is discarded, and its position is not one."""
+        slots = ctx.expanded_idx_mapping.cpu().numpy()  # (R,) row -> slot
+        seen = ctx.pos.cpu().numpy() + 1  # (R,) tokens up to the row's input, inclusive
+        positions = seen - self.req_states.prompt_len.np[slots]  # (R,)
+        filled = seen >= self.req_states.prefill_len.np[slots]  # (R,)
+        rows = {}
+        for i, (slot, step, ok) in enumerate(zip(slots.tolist(), positions.tolist(),
+                                                 filled.tolist())):
+            row = self.slots.get(slot)
+            if row is not None and ok:
+                row.step = int(step)
+                rows[i] = row
+        return rows
+
+    def apply(self, logits: torch.Tensor, ctx: Optional[LogitsContext] = None) -> torch.Tensor:
+        """V1 calls apply(logits), V2 apply(logits, ctx)."""
         stash = fused_state.take_logprobs()
-        if not self.rows or stash is None or stash[0].shape[0] != logits.shape[0]:
-            return logits  # a dummy or warm-up run: no requests, or no forward behind it
+        if stash is None or stash[0].shape[0] != logits.shape[0]:
+            return logits  # a dummy or warm-up run: no forward behind it
+        by_row = self._batch_rows(logits.shape[0]) if ctx is None else self._context_rows(ctx)
+        if not by_row:
+            return logits  # no requests (a dummy run)
         t0 = time.perf_counter()
-        index = sorted(i for i in self.rows if i < logits.shape[0])
-        states = [self.rows[i] for i in index]
+        index = sorted(by_row)
+        states = [by_row[i] for i in index]
         device = logits.device
         idx = torch.tensor(index, device=device)
         if index == list(range(len(index))):  # the usual case: views, not copies of (R, V)
@@ -150,7 +219,7 @@ class FusedSampler(LogitsProcessor):
         """Draw each tagged row's token, force it in `logits`, record its diagnostics."""
         picked = [state for state in states if state.tag is not None]
         seeds = np.array([r.seed for r in picked], dtype=np.uint64)
-        steps = np.array([len(r.output_ids) for r in picked], dtype=np.uint64)
+        steps = np.array([r.step for r in picked], dtype=np.uint64)
         u = torch.from_numpy(fused_math.uniforms(seeds, steps)).to(logits.device)  # (T,)
         temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
                                    device=logits.device)  # (T,)

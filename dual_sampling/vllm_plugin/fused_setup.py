@@ -13,9 +13,22 @@ Guards:
   checkpoints (a target without tokenizer files is taken to use theta's);
 - vocabulary sizes may differ only by padding: both models' output rows cover every
   tokenizer id; ids past the tokenizer's vocabulary are never sampled;
-- one KV-cache layout: vLLM gives both stacks' attention layers one block table and one
-  page size, so both need the same head size, KV heads and attention kind (no sliding
-  window in one only).
+- one KV-cache group: the engine gives every attention layer of both stacks one block
+  table. vLLM 0.32 puts layers in one group when they are all full attention, or all sliding
+  window with one window (`UniformTypeKVCacheSpecs.is_uniform_type` in
+  vllm/v1/kv_cache_interface.py, used by `get_kv_cache_groups` in
+  vllm/v1/core/kv_cache_utils.py), whatever their head size, KV-head count or layer count:
+  each layer gets its own region of a block, and a block's bytes are the sum over layers.
+  `check_kv_groups` asks that same vLLM function about the pair's layers, so a pair is
+  refused (naming each model's attention kinds) exactly when vLLM would split it: sliding
+  window in one model only, two windows, hybrid layer patterns, MLA beside MHA. The server
+  checks again at start-up that the engine made one group (fused_state.kv_cache_summary,
+  called by the endpoint plugin) and logs the KV bytes per token it allocated.
+
+The composite's top-level config is theta's with the larger head size, KV-head count and
+attention-head count of the two (vLLM sizes some buffers from it, e.g. the Triton attention
+backend's scratch from the top-level head size and KV heads); fused_model.py builds theta
+from its own checkpoint's config, so the override never reaches a submodel.
 """
 from __future__ import annotations
 
@@ -46,12 +59,59 @@ def _head_dim(config: Any) -> int:
 
 
 def kv_layout(config: Any) -> dict[str, Any]:
-    """What decides a model's KV-cache pages: head size, KV heads, attention kind."""
+    """What decides a model's KV-cache pages: head size, KV heads, layers, attention heads."""
     text = config.get_text_config()
     return {"head_dim": _head_dim(config),
             "num_key_value_heads": getattr(text, "num_key_value_heads", None)
             or text.num_attention_heads,
-            "sliding_window": getattr(text, "sliding_window", None)}
+            "num_attention_heads": text.num_attention_heads,
+            "num_hidden_layers": text.num_hidden_layers}
+
+
+def attention_kinds(config: Any) -> list[str]:
+    """Each layer's attention kind as vLLM's model classes read the config: `full`,
+    `sliding window W`, `mla`, or a `layer_types` entry vLLM has other caches for."""
+    text = config.get_text_config()
+    if getattr(text, "kv_lora_rank", None):
+        return ["mla"] * text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    if getattr(text, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(text, "layer_types", None) or (
+        ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers)
+    names = {"full_attention": "full", "sliding_attention": f"sliding window {window}"}
+    return [names.get(kind, kind) for kind in types]
+
+
+def check_kv_groups(config_theta: Any, config_target: Any) -> None:
+    """FusedSetupError unless vLLM would put every attention layer of both models in ONE
+    KV-cache group (its own rule, asked on the layers' specs; no engine is started)."""
+    import torch
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec, SlidingWindowSpec, UniformTypeKVCacheSpecs)
+    specs, kinds = {}, {}
+    for role, config in (("theta", config_theta), ("target", config_target)):
+        layout, kinds[role] = kv_layout(config), attention_kinds(config)
+        shape = dict(block_size=16, num_kv_heads=layout["num_key_value_heads"],
+                     head_size=layout["head_dim"], dtype=torch.bfloat16)
+        for layer, kind in enumerate(kinds[role]):
+            if kind == "full":
+                specs[f"{role}.{layer}"] = FullAttentionSpec(**shape)
+            elif kind.startswith("sliding window "):
+                specs[f"{role}.{layer}"] = SlidingWindowSpec(
+                    **shape, sliding_window=int(kind.split()[-1]))
+            else:
+                specs = None  # a kind this check does not model: refuse, naming it
+                break
+        if specs is None:
+            break
+    if specs is None or not UniformTypeKVCacheSpecs.is_uniform_type(specs):
+        summary = "; ".join(f"{role}: {', '.join(sorted(set(k)))}" for role, k in kinds.items())
+        raise FusedSetupError(
+            f"vLLM cannot put both models' attention layers in one KV-cache group ({summary}):"
+            f" it groups layers together only when all are full attention or all use one "
+            f"sliding window. Serve the two models on two servers instead "
+            f"(sample.transport=session).")
 
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
@@ -102,16 +162,12 @@ def hf_overrides(theta: str | Path, target: str | Path) -> dict[str, Any]:
                 f"{role} ({path}) has {rows} output rows but the tokenizer has {vocab} tokens: "
                 f"the vocabularies differ by more than padding, so the two models cannot be "
                 f"mixed over one vocabulary.")
-    layout_theta, layout_target = kv_layout(config_theta), kv_layout(config_target)
-    if layout_theta != layout_target:
-        raise FusedSetupError(
-            f"vLLM cannot place both models' KV caches together: theta ({theta}) has "
-            f"{layout_theta}, target ({target}) has {layout_target}; one engine gives all "
-            f"attention layers one page layout. Serve the two models on two servers instead "
-            f"(sample.transport=session).")
+    check_kv_groups(config_theta, config_target)
+    layouts = [kv_layout(config_theta), kv_layout(config_target)]
     return {"architectures": [ARCHITECTURE],
+            **{key: max(layout[key] for layout in layouts)
+               for key in ("head_dim", "num_key_value_heads", "num_attention_heads")},
             CONFIG_KEY: {"target": str(target), "vocab_size": vocab,
-                         "theta_architectures": list(config_theta.architectures),
                          "target_architectures": list(config_target.architectures)}}
 
 

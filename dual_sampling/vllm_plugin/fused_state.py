@@ -5,7 +5,9 @@ Three things live here, in each vLLM worker process (module globals: one engine 
   `compute_logits` (fused_model.py) and taken by the logits processor (fused_sampler.py)
   in the same step;
 - each tagged request's per-token diagnostics, appended by the processor, popped by the
-  API server through `collective_rpc("dual_sampling_pop_diagnostics", args=(tags,))`;
+  API server through `collective_rpc("dual_sampling_pop_diagnostics", args=({tag: n},))`,
+  cut to the n tokens of the finished completion (a step vLLM ran past the end, as async
+  scheduling does once after every finish, wrote position n: it never leaves the worker);
 - counters (steps, seconds spent solving alpha*) for benchmarks.
 
 `FusedWorkerExtension` is the `--worker-extension-cls` that start_vllm.sh --fused passes:
@@ -15,6 +17,7 @@ vLLM mixes it into its worker class, so its methods are reachable by name throug
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Optional
 
@@ -27,6 +30,7 @@ ABANDONED_AFTER_S = 600.0  # records of requests gone from the batch this long a
 _stash: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None]
 _records: dict[str, dict[str, list]] = {}
 _removed_at: dict[str, float] = {}
+_lock = threading.Lock()  # records are written by the model step, popped by RPCs
 _counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0}
 
 
@@ -43,8 +47,9 @@ def take_logprobs() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 def open_record(tag: str) -> None:
     """A tagged request joined the batch (again, after a preemption: its record goes on)."""
-    _records.setdefault(tag, {name: [] for name in FIELDS})
-    _removed_at.pop(tag, None)
+    with _lock:
+        _records.setdefault(tag, {name: [] for name in FIELDS})
+        _removed_at.pop(tag, None)
 
 
 def put(tags: list[str], steps: list[int], columns: dict[str, list]) -> None:
@@ -52,29 +57,34 @@ def put(tags: list[str], steps: list[int], columns: dict[str, list]) -> None:
     is its value of FIELDS[name]. Entries from that position on are replaced: a step whose
     token vLLM discarded (a partial prefill, a step past the end) is overwritten by the
     step that counts, which has the same position."""
-    for i, (tag, step) in enumerate(zip(tags, steps)):
-        record = _records.get(tag)
-        if record is not None:
-            for name in FIELDS:
-                del record[name][step:]
-                record[name].append(columns[name][i])
+    with _lock:
+        for i, (tag, step) in enumerate(zip(tags, steps)):
+            record = _records.get(tag)
+            if record is not None and len(record["token"]) >= step:
+                for name in FIELDS:
+                    del record[name][step:]
+                    record[name].append(columns[name][i])
 
 
 def mark_removed(tag: str) -> None:
     """The request left the batch (finished, aborted or preempted); drop stale records."""
     now = time.monotonic()
-    _removed_at[tag] = now
-    for old in [t for t, at in _removed_at.items() if now - at > ABANDONED_AFTER_S]:
-        _removed_at.pop(old)
-        _records.pop(old, None)
+    with _lock:
+        _removed_at[tag] = now
+        for old in [t for t, at in _removed_at.items() if now - at > ABANDONED_AFTER_S]:
+            _removed_at.pop(old)
+            _records.pop(old, None)
 
 
-def pop(tags: list[str]) -> dict[str, Optional[dict[str, list]]]:
-    """Each tag's record (None for a tag never seen), forgotten here."""
+def pop(lengths: dict[str, int]) -> dict[str, Optional[dict[str, list]]]:
+    """Each tag's record cut to its first `lengths[tag]` tokens (None for a tag never seen),
+    forgotten here."""
     out = {}
-    for tag in tags:
-        out[tag] = _records.pop(tag, None)
-        _removed_at.pop(tag, None)
+    with _lock:
+        for tag, n in lengths.items():
+            record = _records.pop(tag, None)
+            _removed_at.pop(tag, None)
+            out[tag] = None if record is None else {k: v[:n] for k, v in record.items()}
     return out
 
 
@@ -86,11 +96,32 @@ def count(rows: int, solve_s: float, apply_s: float, iters: int) -> None:
     _counters["solver_iters"] += iters
 
 
+def kv_cache_summary(kv_cache_config: Any) -> dict[str, Any]:
+    """The engine's KV cache as allocated: its groups, and per group the layers, block size,
+    bytes per token (summed over the group's layers) and token capacity."""
+    groups = []
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        groups.append({"layers": len(group.layer_names), "block_size": spec.block_size,
+                       "bytes_per_token": spec.page_size_bytes // spec.block_size,
+                       "kind": type(spec).__name__})
+    blocks = kv_cache_config.num_blocks
+    return {"groups": groups, "num_blocks": blocks,
+            "tokens": blocks * groups[0]["block_size"] if len(groups) == 1 else None}
+
+
 class FusedWorkerExtension:
     """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
 
-    def dual_sampling_pop_diagnostics(self, tags: list[str]) -> dict[str, Any]:
-        return pop(tags)
+    def dual_sampling_pop_diagnostics(self, lengths: dict[str, int]) -> dict[str, Any]:
+        return pop(lengths)
 
-    def dual_sampling_counters(self) -> dict[str, float]:
+    def dual_sampling_counters(self) -> dict[str, Any]:
         return dict(_counters, open_records=len(_records))
+
+    def dual_sampling_engine(self) -> dict[str, Any]:
+        """How this engine runs the fused model: model runner, scheduling, KV cache."""
+        config = self.vllm_config
+        return {"model_runner": "v2" if getattr(self, "use_v2_model_runner", False) else "v1",
+                "async_scheduling": bool(config.scheduler_config.async_scheduling),
+                "kv_cache": kv_cache_summary(self.model_runner.kv_cache_config)}
