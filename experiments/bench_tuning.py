@@ -1,6 +1,7 @@
 """The shm spin settings of dual_sampling/vllm_plugin/tuning.py, per kind of start_vllm.sh launch.
 
     python experiments/bench_tuning.py [--kinds pair,model,fused] [--latency-requests 200]
+    python experiments/bench_tuning.py --defaults-only    # start_vllm.sh's defaults: no request over 1 s?
 
 For each kind of launch (`pair`: --theta/--target, two servers sharing the cores; `model`: one
 --model server; `fused`: one --fused server) it starts the servers once per setting, one after
@@ -135,6 +136,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="pair,model,fused")
     parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only each kind's start_vllm.sh default (the no-stall check)")
     args = parser.parse_args()
     models = ensure_tiny_models()
     models["model"] = models["theta"]
@@ -142,6 +145,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         settings, default = KINDS[kind]
+        settings = (default,) if args.defaults_only else settings
         runs = {}
         for name in settings:
             servers = Servers(Path(tempfile.mkdtemp(prefix=f"bench_tuning_{kind}_")), models,
@@ -153,8 +157,9 @@ def main() -> None:
                 runs[name] = asyncio.run(measure(kind, servers, back_to_back))
             finally:
                 servers.stop()
-            print(f"{kind}, {name}: {row(kind, name, runs[name], runs['stock'])}", flush=True)
-        rows += [row(kind, name + (" *" if name == default else ""), got, runs["stock"])
+            base = runs.get("stock", runs[name])
+            print(f"{kind}, {name}: {row(kind, name, runs[name], base)}", flush=True)
+        rows += [row(kind, name + (" *" if name == default else ""), got, runs.get("stock", got))
                  for name, got in runs.items()]
     print(f"\n### Shm spin settings by kind of launch ({BATCH} prompts x {TOKENS} tokens for "
           f"throughput; single requests of 64 tokens; {os.cpu_count()} CPUs, load average "
