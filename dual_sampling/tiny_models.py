@@ -73,6 +73,14 @@ def default_models_dir() -> Path:
     return Path(__file__).resolve().parents[1] / ".cache" / "tiny_models"
 
 
+def _publish(build_dir: Path, out_dir: Path, marker: dict) -> None:
+    """Write the marker into a finished build and move it to `out_dir` (replacing it)."""
+    (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    build_dir.rename(out_dir)
+
+
 def ensure_tiny_models(out_dir: str | os.PathLike | None = None, **kwargs) -> dict[str, Path]:
     """Build the pair into `out_dir` (default `default_models_dir()`) unless already complete."""
     return make_tiny_models(default_models_dir() if out_dir is None else out_dir, **kwargs)
@@ -112,10 +120,7 @@ def make_tiny_models(
             stats = _build(build_dir, config)
             marker = dict(config_hash=config_hash, config=config, stats=stats,
                           build_seconds=round(time.perf_counter() - started, 2))
-            (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            build_dir.rename(out_dir)
+            _publish(build_dir, out_dir, marker)
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
     print(f"tiny models in {out_dir} ({marker['build_seconds']} s): {json.dumps(stats)}")
@@ -315,10 +320,7 @@ def widen_vocabulary(models: dict[str, Path], out_dir: str | os.PathLike, vocab_
                 config = json.loads((target / "config.json").read_text())
                 config["vocab_size"] = vocab_size
                 (target / "config.json").write_text(json.dumps(config, indent=2))
-            (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            build_dir.rename(out_dir)
+            _publish(build_dir, out_dir, marker)
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
     return paths
