@@ -11,11 +11,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dual_sampling.errors import MalformedResponseError, ServerError, ServerMismatchError
-from dual_sampling.http_client import _field
+from dual_sampling.errors import (CheckpointRefusedError, MalformedResponseError, ServerError,
+                                  ServerMismatchError)
+from dual_sampling.http_client import _field, _is_missing_route
 from dual_sampling.logprob_client import TOPK_PATH, LogprobClient  # noqa: F401  (callers import it here)
 
 INFO_PATH = "/v1/dual_sampling/info"  # this package's plugin (dual_sampling/vllm_plugin/info.py)
+LOAD_THETA_PATH = "/v1/dual_sampling/load_theta"  # vllm_plugin/theta_route.py
+PIN_HEADER = "x-dual-sampling-pin-theta-version"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class ServerInfo:
     has_plugin: bool
     routes: tuple[str, ...] = ()  # the paths this package's plugin serves there
     fused: bool = False  # serves theta and target in one engine (start_vllm.sh --fused)
+    theta_version: Optional[int] = None  # load_theta's count on this server (0: as started)
+    theta_path: Optional[str] = None  # the checkpoint it serves now
+
+    @property
+    def theta_fields(self) -> dict[str, Any]:
+        """What records say about the policy they came from."""
+        return {"theta_version": self.theta_version, "theta_path": self.theta_path}
 
     def serves(self, path: str) -> bool:
         return path in self.routes
@@ -71,7 +81,9 @@ class VLLMClient(LogprobClient):
                     "eos_token_ids": tuple(facts["eos_token_ids"]),
                     "vocab_size": facts["vocab_size"], "has_plugin": True,
                     "routes": tuple(facts.get("routes", ())),
-                    "fused": bool(facts.get("fused", False))}
+                    "fused": bool(facts.get("fused", False)),
+                    "theta_version": facts.get("theta_version"),
+                    "theta_path": facts.get("theta_path")}
         except ServerError:
             pass
         try:
@@ -93,6 +105,35 @@ class VLLMClient(LogprobClient):
             return None
         ids = await self.tokenize(token, add_special_tokens=False)
         return ids[0] if len(ids) == 1 else None
+
+    # -- the served policy (vllm_plugin/theta_route.py) ------------------------------------
+    def pin_theta(self, info: ServerInfo) -> None:
+        """Send every request pinned to `info`'s theta_version: once the server loads another
+        theta, requests fail with ThetaChangedError instead of mixing two policies."""
+        if info.theta_version is not None:
+            self.headers[PIN_HEADER] = str(info.theta_version)
+
+    async def load_theta(self, path: str) -> dict[str, Any]:
+        """Load the checkpoint at `path` (on the server's machine) as the server's theta.
+
+        Returns `{"theta_version", "theta_path", "load_s"}` and re-pins this client to the
+        new version. Raises CheckpointRefusedError (the server keeps its weights) when the
+        checkpoint does not fit, ServerError when the server lacks the route."""
+        try:
+            reply = await self.request("POST", LOAD_THETA_PATH, {"path": str(path)},
+                                       max_retries=0)
+        except ServerError as exc:
+            if "HTTP 422" in str(exc) or "HTTP 409" in str(exc):
+                raise CheckpointRefusedError(str(exc)) from exc
+            if _is_missing_route(exc):
+                raise ServerError(f"{self.name} server at {self.url} has no load_theta "
+                                  f"route: start it with ./start_vllm.sh (this package's "
+                                  f"plugin)") from exc
+            raise
+        version = _field(reply, "theta_version", self._where("POST", LOAD_THETA_PATH))
+        if PIN_HEADER in self.headers:
+            self.headers[PIN_HEADER] = str(version)
+        return reply
 
     async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         reply = await self.post("/tokenize", {"prompt": text,

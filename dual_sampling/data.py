@@ -116,7 +116,7 @@ def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[Sco
     samples.jsonl of sample mode reads as it is (its token ids are used).
     """
     path = _check_file(path)
-    items = [_score_item(f"{path}:{number}", index, row, prompt_field)
+    items = [score_item(f"{path}:{number}", index, row, prompt_field)
              for index, (number, row) in enumerate(_jsonl(path))]
     if not items:
         raise DataError(f"input file {path} holds no records: give a JSONL file with at least "
@@ -124,7 +124,7 @@ def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[Sco
     return items
 
 
-def _score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
+def score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
     prompt_ids = _token_ids(where, "prompt_token_ids", row.get("prompt_token_ids"))
     if isinstance(row.get(prompt_field), str) and row[prompt_field]:
         prompt = {"index": index, "prompt": row[prompt_field]}

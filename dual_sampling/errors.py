@@ -23,3 +23,12 @@ class ServerMismatchError(ServerError):
 
 class MalformedResponseError(ServerError):
     """A server answered 2xx with a body this client cannot read."""
+
+
+class ThetaChangedError(ServerMismatchError):
+    """The theta server swapped its weights (load_theta) since this run pinned its version."""
+
+
+class CheckpointRefusedError(ServerError):
+    """load_theta refused a checkpoint (shapes, config, tokenizer, path); the server keeps
+    serving its previous weights. The message names what differs."""

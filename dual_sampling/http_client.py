@@ -17,10 +17,11 @@ import aiohttp
 from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt,
                       wait_exponential_jitter)
 
-from dual_sampling.errors import MalformedResponseError, ServerError
+from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
 
 log = logging.getLogger(__name__)
 
+THETA_CHANGED = "ThetaChanged"  # the 409 error type of vllm_plugin/theta_route.py
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 
 
@@ -43,6 +44,7 @@ class HttpClient:
         self.backoff_max_s = backoff_max_s
         self._max_connections = max_connections
         self._session: Optional[aiohttp.ClientSession] = None
+        self.headers: dict[str, str] = {}  # sent with every request (a pinned theta version)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> "HttpClient":
@@ -66,10 +68,14 @@ class HttpClient:
     async def _once(self, method: str, path: str, body: Any, want: str) -> Any:
         assert self._session is not None, "use `async with` on the client"
         try:
-            async with self._session.request(method, self.url + path, json=body) as resp:
+            async with self._session.request(method, self.url + path, json=body,
+                                             headers=self.headers) as resp:
                 payload = await resp.read()
                 if resp.status in RETRY_STATUSES:
                     raise _RetryableError(f"HTTP {resp.status}: {payload[:300]!r}")
+                if resp.status == 409 and THETA_CHANGED.encode() in payload:
+                    raise ThetaChangedError(f"{self._where(method, path)}: "
+                                            f"{_error_message(payload)}")
                 if resp.status >= 400:
                     raise ServerError(
                         f"{self._where(method, path)} refused the request with HTTP "
@@ -116,6 +122,14 @@ class HttpClient:
 
     async def post(self, path: str, body: Any) -> Any:
         return await self.request("POST", path, {"model": self.model, **body})
+
+
+def _error_message(payload: bytes) -> str:
+    """The message of an error body in vLLM's shape, else the body itself."""
+    try:
+        return str(json.loads(payload)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return payload[:500].decode(errors="replace")
 
 
 def _field(reply: Any, key: str, where: str) -> Any:

@@ -28,6 +28,7 @@
 set -euo pipefail
 
 RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
+THETA_EXTENSION=dual_sampling.vllm_plugin.theta_worker.ThetaWorkerExtension
 PYTHON="${PYTHON:-python}"
 MAX_LOGPROBS=256
 TIMEOUT=600
@@ -106,6 +107,9 @@ start_one() {
   [[ -e "$model" || "$model" == */* ]] || echo "warning: $role model '$model' is not a local path" >&2
   local source=(--model "$model")
   [[ $role == fused ]] && source=("${FUSED_ARGS[@]}")
+  # load_theta (POST /v1/dual_sampling/load_theta) reloads theta in place through this
+  # worker extension; a fused server gets it within fused_setup's extension
+  [[ $role == theta || $role == model ]] && source+=(--worker-extension-cls "$THETA_EXTENSION")
   local args=(-m vllm.entrypoints.openai.api_server "${source[@]}" --port "$port"
               --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching
               --enable-tokenizer-info-endpoint --served-model-name "$role"

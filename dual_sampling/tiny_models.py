@@ -326,6 +326,38 @@ def widen_vocabulary(models: dict[str, Path], out_dir: str | os.PathLike, vocab_
     return paths
 
 
+def perturbed_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
+                         scale: float = 0.05, seed: int = 0) -> Path:
+    """A copy of the checkpoint at `source` with every weight moved by Gaussian noise of
+    `scale` times its tensor's standard deviation: another policy of the same shapes (what a
+    training step writes), for load_theta's tests, the README's round loop and the
+    benchmark. Written next to `out_dir` and renamed into place, so a reader never sees half
+    a checkpoint; returns `out_dir`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, out_dir = Path(source), Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        for file in source.iterdir():
+            if file.suffix != ".safetensors" and file.is_file():
+                shutil.copy2(file, build_dir / file.name)
+        for file in sorted(source.glob("*.safetensors")):
+            weights = load_file(file)
+            for name, tensor in weights.items():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                spread = tensor.float().std() if tensor.numel() > 1 else tensor.float().abs()
+                weights[name] = (tensor.float() + scale * spread * noise).to(tensor.dtype)
+            save_file(weights, build_dir / file.name, metadata={"format": "pt"})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(build_dir, out_dir)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return out_dir
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)

@@ -26,7 +26,7 @@ from dual_sampling.client import ServerInfo
 from dual_sampling.config import SampleParams
 from dual_sampling.errors import ConfigError, ServerMismatchError
 from dual_sampling.launch import START_SCRIPT, Servers
-from dual_sampling.modes.sample import wants_fused
+from dual_sampling.sampling import wants_fused
 from dual_sampling.records import read_records
 from dual_sampling.transports.fused import PATH, prompt_seed
 from dual_sampling.vllm_plugin.fused_route import ENGINE_PATH

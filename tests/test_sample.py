@@ -93,6 +93,10 @@ def test_dataset_is_complete_valid_and_loadable(first_run):
     assert summary["num_sequences"] == 6
     assert 0 < summary["ess_theta_fraction"] <= 1 and 0 < summary["ess_target_fraction"] <= 1
     assert "mean_alpha" in done.stdout  # the printed summary table
+    # the policy behind every record (load_theta may have swapped it before: a version >= 0)
+    assert {(r["theta_version"], r["theta_path"]) for r in records} == {
+        (summary["theta_version"], summary["theta_path"])}
+    assert summary["theta_version"] >= 0 and Path(summary["theta_path"]).name == "theta"
     assert all(isinstance(r["completion"], str) for r in records)
     chat = next(r for r in records if r["index"] == 5)
     assert chat["prompt_token_ids"][0] == 0 and "Name a module." in chat["prompt"]

@@ -230,6 +230,8 @@ def test_summary_names_the_skipped_record_and_the_routes(scored):
         assert summary[f"mean_nll_{model}"] == pytest.approx(
             -sum(r[f"sum_logp_{model}"] for r in records) / tokens, rel=1e-9)
     assert 0 < summary["ess_fraction"] <= 1 and summary["tokens_per_s"] > 0
+    assert {(r["theta_version"], r["theta_path"]) for r in records} == {
+        (summary["theta_version"], summary["theta_path"])}
 
 
 @pytest.mark.server

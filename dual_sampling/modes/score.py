@@ -47,7 +47,8 @@ from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
 from dual_sampling.config import ScoreParams, ScoreRunConfig, ServerConfig
 from dual_sampling.data import ScoreItem
 from dual_sampling.errors import DataError
-from dual_sampling.modes.sample import format_summary, tokenize_prompt
+from dual_sampling.modes.sample import format_summary, theta_summary
+from dual_sampling.sampling import tokenize_prompt
 from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 from dual_sampling.tracking import Tracker
 
@@ -184,6 +185,56 @@ def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_t
     return records
 
 
+async def plan_groups(clients: dict[str, VLLMClient], infos: dict[str, ServerInfo],
+                      items: list[ScoreItem], params: ScoreParams, chat_template: bool
+                      ) -> tuple[list[Group], list[dict[str, Any]]]:
+    """The items tokenised (through theta's server) and checked against the vocabulary; the
+    groups that fit every server's max-model-len, and the skipped ones with their reason."""
+    groups = await tokenize_items(items, clients["theta"], chat_template)
+    check_vocab(groups, infos["theta"].vocab_size)
+    owner = min(clients, key=lambda n: infos[n].max_model_len or 1 << 30)
+    max_length = infos[owner].max_model_len or 1 << 30
+    if params.route == "topk":
+        max_length -= 1  # the binary route keeps one slot for the generated token
+    skipped = []
+    for group in groups:
+        reason = skip_reason(group, max_length, f"the {owner} server at {clients[owner].url}")
+        if reason is not None:
+            skipped.append({"index": group.item.index, "where": group.item.where,
+                            "reason": reason})
+            log.warning("skipping %s: %s", group.item.where, reason)
+    skipped_indices = {s["index"] for s in skipped}
+    return [g for g in groups if g.item.index not in skipped_indices], skipped
+
+
+async def score_groups(clients: dict[str, VLLMClient], infos: dict[str, ServerInfo],
+                       groups: list[Group], params: ScoreParams, models: dict[str, Any],
+                       on_records: Callable[[list[dict[str, Any]]], None]) -> dict[str, str]:
+    """Score every group under each client's model: `params.batch_size` sequences a request,
+    `params.concurrency` requests in flight per server, each batch's records (batch_records,
+    with `models` in each) to `on_records` as it finishes. Returns each model's route."""
+    longest = max((g.longest for g in groups), default=2)
+    scorers: dict[str, Scorer] = {}
+    routes: dict[str, str] = {}
+    for name, client in clients.items():
+        scorers[name], routes[name] = choose_scorer(client, infos[name], longest, params.route)
+        if routes[name] == STOCK_ROUTE:
+            await check_raw_logprobs(client)
+        log.info("%s: scoring through %s", name, routes[name])
+    in_flight = asyncio.Semaphore(params.concurrency)
+
+    async def score(batch: list[Group]) -> None:
+        sequences = [s for g in batch for s in g.sequences]
+        rows_from = [len(g.prompt_ids) - 1 for g in batch for _ in g.completion_ids]
+        async with in_flight:
+            results = await asyncio.gather(*(scorer(sequences, rows_from)
+                                             for scorer in scorers.values()))
+        on_records(batch_records(batch, dict(zip(scorers, results)), params.per_token, models))
+
+    await asyncio.gather(*(score(b) for b in plan_batches(groups, params.batch_size)))
+    return routes
+
+
 def summarize(path: Path, names: list[str]) -> dict[str, Any]:
     """Over every record in the scores file: counts, mean NLL per model, log_w and its ESS."""
     records = list(read_records(path))
@@ -192,7 +243,7 @@ def summarize(path: Path, names: list[str]) -> dict[str, Any]:
     tokens = int(sum(r["num_tokens"] for r in records))
     summary: dict[str, Any] = {"num_records": len(records),
                                "num_prompts": len({r["index"] for r in records}),
-                               "num_tokens": tokens}
+                               "num_tokens": tokens, **theta_summary(records)}
     for name in names:
         summary[f"mean_nll_{name}"] = -sum(r[f"sum_logp_{name}"] for r in records) / tokens
     if len(names) == 2:
@@ -228,64 +279,36 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
             *(c.describe() for c in clients.values()))))
         if "target" in clients:
             await check_same_tokenizer(theta, infos["theta"], clients["target"], infos["target"])
+        theta.pin_theta(infos["theta"])  # no score from a theta swapped in mid-run
         writer = ResumableJsonlWriter(out / SCORES_FILE, key=KEY)
         todo = [item for item in items if any((item.index, c) not in writer.done
                                               for c in range(len(item.completions)))]
         log.info("%d records, %d to score", len(items), len(todo))
         tracker = Tracker(config)
         started = time.perf_counter()
-        groups = await tokenize_items(todo, theta, config.data.chat_template)
+        groups, skipped = await plan_groups(clients, infos, todo, params,
+                                            config.data.chat_template)
         tokenize_s = time.perf_counter() - started
-        check_vocab(groups, infos["theta"].vocab_size)
-        owner = min(clients, key=lambda n: infos[n].max_model_len or 1 << 30)
-        max_length = infos[owner].max_model_len or 1 << 30
-        if params.route == "topk":
-            max_length -= 1  # the binary route keeps one slot for the generated token
-        skipped = []
-        for group in groups:
-            reason = skip_reason(group, max_length, f"the {owner} server at {clients[owner].url}")
-            if reason is not None:
-                skipped.append({"index": group.item.index, "where": group.item.where,
-                                "reason": reason})
-                log.warning("skipping %s: %s", group.item.where, reason)
-        skipped_indices = {s["index"] for s in skipped}
-        groups = [g for g in groups if g.item.index not in skipped_indices]
-
-        longest = max((g.longest for g in groups), default=2)
-        scorers: dict[str, Scorer] = {}
-        routes: dict[str, str] = {}
-        for name, client in clients.items():
-            scorers[name], routes[name] = choose_scorer(client, infos[name], longest, params.route)
-            if routes[name] == STOCK_ROUTE:
-                await check_raw_logprobs(client)
-            log.info("%s: scoring through %s", name, routes[name])
-
         models = {f"{name}_model": info.model for name, info in infos.items()}
+        models.update(infos["theta"].theta_fields)
         bar = tqdm(total=sum(len(g.completion_ids) for g in groups), unit="seq", desc="score",
                    disable=not config.progress, dynamic_ncols=True)
-        in_flight = asyncio.Semaphore(params.concurrency)
         counters = {"tokens": 0, "sequences": 0}
         table: list[dict[str, Any]] = []
         scoring_started = time.perf_counter()
 
-        async def score(batch: list[Group]) -> None:
-            sequences = [s for g in batch for s in g.sequences]
-            rows_from = [len(g.prompt_ids) - 1 for g in batch for _ in g.completion_ids]
-            async with in_flight:
-                results = await asyncio.gather(*(scorer(sequences, rows_from)
-                                                 for scorer in scorers.values()))
-            for record in batch_records(batch, dict(zip(scorers, results)), params.per_token,
-                                        models):
+        def on_records(records: list[dict[str, Any]]) -> None:
+            for record in records:
                 if KEY(record) not in writer.done:
                     writer.write(record)
                     counters["tokens"] += record["num_tokens"]
                     counters["sequences"] += 1
                     if len(table) < TABLE_ROWS:
                         table.append(record)
-            bar.update(len(sequences))
+            bar.update(len(records))
 
         try:
-            await asyncio.gather(*(score(b) for b in plan_batches(groups, params.batch_size)))
+            routes = await score_groups(clients, infos, groups, params, models, on_records)
         finally:
             writer.close()
             bar.close()

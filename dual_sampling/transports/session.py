@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
-from dual_sampling.errors import MalformedResponseError, ServerError
+from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class _ServerSessions:
         self.ws_url = "ws" + self.url[len("http"):] + wire.PATH
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_initial_s = backoff_initial_s
+        self.headers = client.headers  # the client's pinned theta version, if any
         self.sids: dict[int, int] = {}  # key -> session id on this connection
         self.held: dict[int, int] = {}  # key -> tokens of its context the server holds
         self._http: Optional[aiohttp.ClientSession] = None
@@ -75,6 +76,7 @@ class _ServerSessions:
             self._http = aiohttp.ClientSession()
         try:
             self._ws = await self._http.ws_connect(self.ws_url, max_msg_size=0, autoping=True,
+                                                  headers=self.headers,
                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         except aiohttp.WSServerHandshakeError as exc:
             raise ServerError(
@@ -95,7 +97,8 @@ class _ServerSessions:
                     self._resolve(msg_id, message.data)
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     msg_id, error = wire.decode_error(message.data)
-                    refusal = ServerError(f"{self._where()} refused a message: {error}")
+                    refusal = (ThetaChangedError if "theta changed" in error else ServerError)(
+                        f"{self._where()} refused a message: {error}")
                     for target in ([msg_id] if msg_id >= 0 else list(self._replies)):
                         self._resolve(target, refusal)
                 elif message.type == aiohttp.WSMsgType.ERROR:

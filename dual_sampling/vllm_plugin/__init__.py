@@ -13,7 +13,7 @@ import importlib
 from argparse import Namespace
 from typing import Any
 
-ROUTE_MODULES = ("info", "topk", "session", "fused_route")
+ROUTE_MODULES = ("info", "topk", "session", "fused_route", "theta_route")
 ROUTE_FEATURES = {"session": "sessions"}  # route module -> the compat feature it needs
 
 
@@ -30,12 +30,16 @@ class DualSamplingPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: Any) -> None:
+        from dual_sampling.vllm_plugin.theta_route import ThetaGate
         for module in route_modules():
             app.include_router(importlib.import_module(f"{__name__}.{module}").router)
+        app.add_middleware(ThetaGate)  # load_theta's door and version stamp
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.dual_sampling_args = args
-        from dual_sampling.vllm_plugin import fused_route
+        from dual_sampling.vllm_plugin import fused_route, theta_route
+        theta_route.init_state(state, engine_client.model_config,
+                               str(engine_client.model_config.served_model_name))
         if fused_route.is_fused(engine_client):
             state.dual_sampling_engine = await fused_route.check_engine(engine_client)
 

@@ -117,6 +117,19 @@ PRIVATE: dict[str, tuple[Private, ...]] = {
         Private("vllm.v1.core.kv_cache_utils", "get_kv_cache_groups",
                 ("vllm_config", "kv_cache_spec")),
     ),
+    "load_theta": (  # theta_route.py, theta_worker.py: no stock fallback
+        Private("vllm.model_executor.model_loader.reload.inplace", "reload_weights",
+                ("vllm_config", "model", "weights_iterator", "weights_path",
+                 "is_checkpoint_format")),
+        Private("vllm.model_executor.model_loader.default_loader",
+                "DefaultModelLoader._get_weights_iterator", ("self", "source")),
+        Private("vllm.v1.engine.async_llm", "AsyncLLM.pause_generation", ("self",)),
+        Private("vllm.v1.engine.async_llm", "AsyncLLM.resume_generation", ("self",)),
+        Private("vllm.v1.engine.async_llm", "AsyncLLM.reset_prefix_cache",
+                ("self", "reset_running_requests")),
+        Private("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc",
+                ("self", "method", "timeout", "args")),
+    ),
 }
 
 

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from dual_sampling.vllm_plugin.theta_worker import ThetaWorkerExtension
+
 FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
           "kl_q_target", "entropy_q")
 ABANDONED_AFTER_S = 600.0  # records of requests gone from the batch this long are dropped
@@ -110,8 +112,9 @@ def kv_cache_summary(kv_cache_config: Any) -> dict[str, Any]:
             "tokens": blocks * groups[0]["block_size"] if len(groups) == 1 else None}
 
 
-class FusedWorkerExtension:
-    """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
+class FusedWorkerExtension(ThetaWorkerExtension):
+    """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name;
+    load_theta's too (theta_worker.py: vLLM takes one extension class a server)."""
 
     def dual_sampling_pop_diagnostics(self, lengths: dict[str, int]) -> dict[str, Any]:
         return pop(lengths)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from dual_sampling.vllm_plugin import route_modules
 from dual_sampling.vllm_plugin.fused_route import is_fused
+from dual_sampling.vllm_plugin.theta_route import state_of
 
 router = APIRouter()
 
@@ -46,4 +47,11 @@ async def info(request: Request) -> dict:
         "max_logprobs": model_config.max_logprobs,
         "routes": plugin_routes(),
         "fused": is_fused(engine),
+        **theta_facts(request.app),
     }
+
+
+def theta_facts(app: object) -> dict:
+    """The served theta's version and checkpoint (theta_route.py), for records."""
+    state = state_of(app)
+    return {} if state is None else {"theta_version": state.version, "theta_path": state.path}

@@ -48,6 +48,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling import session_format as wire
 from dual_sampling.vllm_plugin import compat
+from dual_sampling.vllm_plugin.theta_route import PIN_HEADER, state_of
 
 router = APIRouter()
 
@@ -227,6 +228,8 @@ class _Connection:
         self.tasks: set[asyncio.Task] = set()
         self.send_lock = asyncio.Lock()
         self._params: dict[int, SamplingParams] = {}
+        self.theta = state_of(websocket.app)  # load_theta's version (theta_route.py)
+        self.pinned = websocket.headers.get(PIN_HEADER)
 
     # -- server-wide count: paused sessions hold engine slots (max_num_seqs) -------------
     def _server_sessions(self, change: int = 0) -> int:
@@ -265,6 +268,12 @@ class _Connection:
     # -- OPEN / STEP -----------------------------------------------------------------------
     def _check(self, msg: wire.Chunks) -> None:
         name = wire.OP_NAMES[msg.op]
+        if self.theta is not None and self.pinned is not None:
+            # a pinned connection never mixes versions: refused while a swap runs (idle
+            # sessions do not hold vLLM's pause) and after it (theta_route.py)
+            refusal = self.theta.changed(self.pinned, swapping_counts=True)
+            if refusal is not None:
+                raise SessionRefused(f"{name}: {refusal}")
         if not 1 <= msg.k <= self.max_logprobs:
             raise SessionRefused(f"{name}: k={msg.k} is outside [1, {self.max_logprobs}]: "
                                  f"restart the server with a larger --max-logprobs or ask "
