@@ -13,7 +13,9 @@ and async scheduling, the path a user gets):
   prompt, max_tokens tokens each, ignore_eos;
 - the fused transport (start_vllm.sh --fused, POST /v1/dual_sampling/fused/generate, every
   prompt in flight) with alpha* solved per token and with alpha fixed at 0.5;
-at each prompt count (32 and 256). Then it recomputes a few fused sequences with
+at each prompt count (32 and 256); then load_theta of a perturbed theta and back on the
+fused server (the same seeds must give other tokens, then the first ones again). Then it
+recomputes a few fused sequences with
 transformers in float32 on the same device (dual_sampling/reference.py): per position the
 full-vocabulary Chernoff point and the chosen token's logprobs under theta, target and q*,
 and reports the largest differences. Prints one table; with $OUT set (or --out) writes it
@@ -39,7 +41,8 @@ from tabulate import tabulate
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
 from dual_sampling.shaped_models import make_pair
-from dual_sampling.tiny_models import corpus_path
+from dual_sampling.client import LOAD_THETA_PATH
+from dual_sampling.tiny_models import corpus_path, perturbed_checkpoint
 from dual_sampling.transports.fused import PATH as FUSED_PATH
 from dual_sampling.vllm_plugin.fused_route import ENGINE_PATH
 
@@ -74,6 +77,26 @@ def fused_run(url: str, prompts: list[list[int]], n_tokens: int, alpha: float | 
                                       "max_tokens": n_tokens, "alpha": alpha,
                                       "ignore_eos": True})["results"]
     return len(prompts) * n_tokens / (time.perf_counter() - started), results
+
+
+def load_theta_round_trip(url: str, theta: Path, other_dir: Path, prompts: list[list[int]],
+                          n_tokens: int) -> dict[str, Any]:
+    """load_theta of a perturbed theta and back on the fused server (on a GPU: in place under
+    the V2 runner's CUDA graphs): the times, and whether the same seeds give other tokens on
+    the other policy and the first tokens again after loading theta back."""
+    other = perturbed_checkpoint(theta, other_dir, scale=0.5)
+    tokens = lambda: [r["token_ids"] for r in fused_run(url, prompts, n_tokens, None)[1]]  # noqa: E731
+    first = tokens()
+    started = time.perf_counter()
+    post(url + LOAD_THETA_PATH, {"path": str(other)})
+    load_s = time.perf_counter() - started
+    swapped = tokens()
+    started = time.perf_counter()
+    post(url + LOAD_THETA_PATH, {"path": str(theta)})
+    back_s = time.perf_counter() - started
+    return {"theta_mb": sum(f.stat().st_size for f in theta.glob("*.safetensors")) / 1e6,
+            "load_s": round(load_s, 3), "back_s": round(back_s, 3),
+            "other_policy_differs": swapped != first, "round_trip_identical": tokens() == first}
 
 
 def make_prompts(tokenizer_dir: Path, count: int) -> list[list[int]]:
@@ -148,12 +171,15 @@ def main() -> int:
                 speed[label][n], results = fused_run(url, prompts[:n], args.max_tokens, alpha)
                 if alpha is None and not checked:
                     checked = results[:args.check_sequences]
+        swap = load_theta_round_trip(url, models["theta"], work / "models" / "theta_b",
+                                     prompts[:args.check_sequences], args.max_tokens)
     finally:
         server.stop()
     error = differences(models, prompts[:len(checked)], checked, device)
     bounds = setup["bounds"]
     passed = (error["alpha"] <= bounds["alpha"]
-              and max(error[k] for k in ("logp_theta", "logp_target", "logp_q")) <= bounds["logp"])
+              and max(error[k] for k in ("logp_theta", "logp_target", "logp_q")) <= bounds["logp"]
+              and swap["round_trip_identical"] and swap["other_policy_differs"])
     rows = [[name, *(f"{speed[name][n]:.0f}" for n in args.prompts)] for name in speed]
     rows.append(["fused alpha* / native target",
                  *(f"{speed['fused alpha*'][n] / speed['native target'][n]:.2f}x"
@@ -164,7 +190,8 @@ def main() -> int:
         "dtype": setup["dtype"], "max_tokens": args.max_tokens,
         "tok_s": {name: {str(n): round(v, 1) for n, v in by_n.items()}
                   for name, by_n in speed.items()},
-        "engine": engine, "max_abs_difference": error, "bounds": bounds, "passed": passed,
+        "engine": engine, "max_abs_difference": error, "bounds": bounds, "load_theta": swap,
+        "passed": passed,
         "models_made_s": round(made_s, 1), "total_s": round(time.perf_counter() - started, 1)}
     print(tabulate(rows, headers=["tok/s", *(f"{n} prompts" for n in args.prompts)]))
     print(f"\nengine: model runner {engine['model_runner']}, async scheduling "
@@ -175,6 +202,10 @@ def main() -> int:
           f"|difference|: " + ", ".join(f"{k} {error[k]:.2e}" for k in
                                        ("alpha", "logp_theta", "logp_target", "logp_q"))
           + f" ({'within' if passed else 'OUTSIDE'} the bounds {bounds})")
+    print(f"load_theta of theta's {swap['theta_mb']:.0f} MB: {swap['load_s']:.2f} s and back "
+          f"{swap['back_s']:.2f} s; tokens identical after the round trip: "
+          f"{swap['round_trip_identical']}, another policy's differ: "
+          f"{swap['other_policy_differs']}")
     print(f"total {report['total_s']} s (models made in {report['models_made_s']} s)")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

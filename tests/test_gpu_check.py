@@ -34,5 +34,7 @@ def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):  # 4-5 min on a l
     assert all(v > 0 for by_n in report["tok_s"].values() for v in by_n.values())
     assert report["max_abs_difference"]["positions"] == 2 * 12
     assert report["engine"]["kv_cache"]["groups"][0]["bytes_per_token"] == 2048 + 12288
+    swap = report["load_theta"]
+    assert swap["round_trip_identical"] and swap["other_policy_differs"] and swap["load_s"] > 0
     assert "fused alpha* / native target" in done.stdout
     assert not list((tmp_path / "work").glob("vllm-*/*.pid"))  # every server stopped
