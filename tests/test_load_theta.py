@@ -123,6 +123,41 @@ def test_two_server_load_theta_gives_a_fresh_servers_tokens_then_the_first_ones_
                ("logp_theta", "logp_target", "logp_q"))
 
 
+def test_score_after_load_theta_is_a_fresh_servers_score(servers, fresh_b, tiny_models,
+                                                        theta_b):
+    """DualSampler.score under theta (and the target): B's logprobs once B is loaded, with
+    B's version in every record; A's again once A is back."""
+    completions = [" the mat and slept.", [" was a king.", " there lived a cat."],
+                   " sun rose.", " can learn."]
+    target = servers.url("target")
+
+    def score(url: str) -> list[dict]:
+        with SyncDualSampler(url, target) as sampler:
+            return sampler.score(PROMPTS, completions)
+
+    first = score(servers.url("theta"))
+    with SyncDualSampler(servers.url("theta"), target) as sampler:
+        version = sampler.describe()[0].theta_version
+        try:
+            sampler.load_theta(str(theta_b))
+            swapped = sampler.score(PROMPTS, completions)
+        finally:
+            sampler.load_theta(str(tiny_models["theta"]))
+    fresh, again = score(fresh_b["theta"]), score(servers.url("theta"))
+    assert [(r["index"], r["completion_index"]) for r in swapped] == [
+        (0, 0), (1, 0), (1, 1), (2, 0), (3, 0)]
+    for name in ("sum_logp_theta", "sum_logp_target"):
+        np.testing.assert_allclose([r[name] for r in swapped], [r[name] for r in fresh],
+                                   atol=1e-4)
+        np.testing.assert_allclose([r[name] for r in again], [r[name] for r in first],
+                                   atol=1e-6)
+    assert not np.allclose([r["sum_logp_theta"] for r in swapped],
+                           [r["sum_logp_theta"] for r in first], atol=1e-2)
+    assert {r["theta_version"] for r in swapped} == {version + 1}
+    assert {r["theta_path"] for r in swapped} == {str(theta_b)}
+    assert {r["label_prob_theta"] > 0 for r in swapped if r["index"] == 1} == {True}
+
+
 def test_in_flight_requests_finish_on_the_old_weights_and_pinned_clients_are_refused(
         fused_server, fused_models, theta_b):
     url = fused_server.url("fused")
@@ -141,6 +176,7 @@ def test_in_flight_requests_finish_on_the_old_weights_and_pinned_clients_are_ref
             try:
                 reply = await loader.load_theta(str(theta_b))
                 assert in_flight.done()  # the swap waited for it
+                assert reply["load_s"] > 0
                 with pytest.raises(ThetaChangedError, match="theta changed.*pinned to version"):
                     await pinned.request("POST", FUSED_PATH, {**body, "max_tokens": 2})
                 after = await client.request("POST", FUSED_PATH, body)

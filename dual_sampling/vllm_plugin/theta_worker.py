@@ -23,10 +23,10 @@ from torch import nn
 
 
 def theta_module(model: nn.Module) -> nn.Module:
-    """The module holding theta's weights: the fused model's `theta`, else the model."""
-    unwrap = getattr(model, "unwrap", None)  # a CUDA-graph wrapper around the model
-    model = unwrap() if callable(unwrap) else model
-    return getattr(model, "theta", None) or model
+    """The module holding theta's weights: the fused model's `theta`, else the model
+    (`get_model()` already unwraps vLLM's CUDA-graph wrappers)."""
+    theta = getattr(model, "theta", None)
+    return theta if isinstance(theta, nn.Module) else model
 
 
 class ThetaWorkerExtension:
@@ -38,13 +38,18 @@ class ThetaWorkerExtension:
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
         start = time.perf_counter()
-        module = theta_module(self.model_runner.get_model())
+        runner = self.model_runner
+        model = runner.get_model()
+        module = theta_module(model)
         loader = DefaultModelLoader(self.vllm_config.load_config)
         weights = loader._get_weights_iterator(DefaultModelLoader.Source(
             path, revision=None, prefix=""))
         with set_current_vllm_config(self.vllm_config):
-            reload_weights(self.vllm_config, module, weights_iterator=weights,
-                           weights_path=None, is_checkpoint_format=True)
+            if module is model:  # a plain server: the runner's own reload (and its resets)
+                runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            else:  # fused: theta's submodule only, the target's parameters untouched
+                reload_weights(self.vllm_config, module, weights_iterator=weights,
+                               weights_path=None, is_checkpoint_format=True)
         del weights
         gc.collect()
         return {"load_s": time.perf_counter() - start}
