@@ -33,11 +33,11 @@ from contextlib import AsyncExitStack
 from typing import Any, Optional, Sequence
 
 from dual_sampling import data
-from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
+from dual_sampling.client import ServerInfo, VLLMClient
 from dual_sampling.config import SampleParams, ScoreParams
 from dual_sampling.errors import ConfigError
 from dual_sampling.modes.score import KEY as SCORE_KEY
-from dual_sampling.modes.score import plan_groups, score_groups
+from dual_sampling.modes.score import open_scoring, plan_groups, score_groups
 from dual_sampling.sampling import Sampling
 
 Prompt = str | dict[str, Any]  # a text, or {"messages": [...]} (or {"prompt": text})
@@ -126,8 +126,6 @@ class DualSampler:
         self.calls += 1
         rows = [{**_prompt_row(p, f"sample() prompt {i}"), "index": i,
                  "sample_indices": tuple(range(n))} for i, p in enumerate(prompts)]
-        for client in self.thetas:  # re-read each server's version: pinned per call
-            client.headers.clear()
         sampling = await Sampling.open(self.thetas, self.targets, params, seed=seed,
                                        timeout_s=self.timeout_s, max_retries=self.max_retries)
         records: list[dict[str, Any]] = []
@@ -155,17 +153,11 @@ class DualSampler:
             items.append(data.score_item(f"score() item {i}", i, row, "prompt"))
         clients = {"theta": self.thetas[0], **({"target": self.targets[0]}
                                               if self.targets else {})}
-        infos: dict[str, ServerInfo] = dict(zip(clients, await asyncio.gather(
-            *(c.describe() for c in clients.values()))))
-        if "target" in clients:
-            await check_same_tokenizer(clients["theta"], infos["theta"], clients["target"],
-                                       infos["target"])
+        infos, models = await open_scoring(clients)
         groups, skipped = await plan_groups(clients, infos, items, params, self.chat_template)
         if skipped:
             raise ConfigError(f"score(): {len(skipped)} item(s) cannot be scored: "
                               + "; ".join(f"item {s['index']}: {s['reason']}" for s in skipped))
-        models = {f"{name}_model": info.model for name, info in infos.items()}
-        models.update(infos["theta"].theta_fields)
         records: list[dict[str, Any]] = []
         await score_groups(clients, infos, groups, params, models, records.extend)
         return sorted(records, key=SCORE_KEY)

@@ -15,10 +15,11 @@ from dual_sampling.errors import (CheckpointRefusedError, MalformedResponseError
                                   ServerMismatchError)
 from dual_sampling.http_client import _field, _is_missing_route
 from dual_sampling.logprob_client import TOPK_PATH, LogprobClient  # noqa: F401  (callers import it here)
+from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
+from dual_sampling.theta_format import PIN_HEADER
 
 INFO_PATH = "/v1/dual_sampling/info"  # this package's plugin (dual_sampling/vllm_plugin/info.py)
-LOAD_THETA_PATH = "/v1/dual_sampling/load_theta"  # vllm_plugin/theta_route.py
-PIN_HEADER = "x-dual-sampling-pin-theta-version"
+
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class VLLMClient(LogprobClient):
         theta, requests fail with ThetaChangedError instead of mixing two policies."""
         if info.theta_version is not None:
             self.headers[PIN_HEADER] = str(info.theta_version)
+
+    def unpin_theta(self) -> None:
+        self.headers.pop(PIN_HEADER, None)
 
     async def load_theta(self, path: str) -> dict[str, Any]:
         """Load the checkpoint at `path` (on the server's machine) as the server's theta.

@@ -18,10 +18,10 @@ from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_
                       wait_exponential_jitter)
 
 from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
+from dual_sampling.theta_format import CHANGED as THETA_CHANGED
 
 log = logging.getLogger(__name__)
 
-THETA_CHANGED = "ThetaChanged"  # the 409 error type of vllm_plugin/theta_route.py
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 
 

@@ -45,12 +45,13 @@ def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLM
                        max_connections=2 * concurrency + 8) for i, url in enumerate(urls)]
 
 
-async def preflight(thetas: list[VLLMClient], targets: list[VLLMClient], top_k: Optional[int]
-                    ) -> list[ServerInfo]:
-    """Every server answers, all share theta[0]'s tokenizer and allow top_k (unless None);
-    else a clear error. Returns each server's info in the order of `thetas + targets`."""
+async def preflight(thetas: list[VLLMClient], theta_infos: list[ServerInfo],
+                    targets: list[VLLMClient], top_k: Optional[int]) -> list[ServerInfo]:
+    """Every server answers (the thetas' infos are given, read once), all share theta[0]'s
+    tokenizer and allow top_k (unless None); else a clear error. Returns each server's info
+    in the order of `thetas + targets`."""
     clients = thetas + targets
-    infos = await asyncio.gather(*(c.describe() for c in clients))
+    infos = theta_infos + list(await asyncio.gather(*(c.describe() for c in targets)))
     for client, info in zip(clients[1:], infos[1:]):
         await check_same_tokenizer(clients[0], infos[0], client, info)
     if top_k is not None:
@@ -229,13 +230,16 @@ class Sampling:
                    max_retries: int = 2) -> "Sampling":
         """Check the servers and choose the transport (targets are unused when theta.url is
         a fused server); ServerError / ServerMismatchError / ConfigError say what is wrong."""
-        fused = wants_fused(params, list(await asyncio.gather(*(c.describe() for c in thetas))))
+        for client in thetas:  # a pin left by an earlier job would refuse /tokenize
+            client.unpin_theta()
+        theta_infos = list(await asyncio.gather(*(c.describe() for c in thetas)))
+        fused = wants_fused(params, theta_infos)
         targets = [] if fused else targets
         if not fused and not targets:
             raise ConfigError("config key `target.url` is not set: the request and session "
                               "transports need a target server (or point theta.url at a "
                               "fused server)")
-        infos = await preflight(thetas, targets, None if fused else params.k)
+        infos = await preflight(thetas, theta_infos, targets, None if fused else params.k)
         for client, info in zip(thetas, infos):
             client.pin_theta(info)
         if fused:

@@ -31,7 +31,7 @@ from dual_sampling.shaped_models import make_pair
 from dual_sampling.tiny_models import ensure_tiny_models, perturbed_checkpoint
 
 
-def models(pair: str, work: Path) -> dict[str, Path]:
+def models(pair: str) -> dict[str, Path]:
     if pair == "tiny":
         return {k: Path(v) for k, v in ensure_tiny_models().items()}
     cache = Path(".cache/bench_load_theta") / pair
@@ -54,7 +54,7 @@ async def loads(url: str, paths: list[Path], count: int) -> tuple[list[float], l
 
 
 def measure(pair: str, kind: str, count: int, work: Path) -> list:
-    pair_models = models(pair, work)
+    pair_models = models(pair)
     other = perturbed_checkpoint(pair_models["theta"], work / f"{pair}_theta_b", scale=0.05)
     size_mb = sum(f.stat().st_size for f in pair_models["theta"].glob("*.safetensors")) / 1e6
     servers = Servers(run_dir=work / f"run_{pair}_{kind}", models=pair_models,

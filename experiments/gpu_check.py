@@ -41,7 +41,7 @@ from tabulate import tabulate
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
 from dual_sampling.shaped_models import make_pair
-from dual_sampling.client import LOAD_THETA_PATH
+from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
 from dual_sampling.tiny_models import corpus_path, perturbed_checkpoint
 from dual_sampling.transports.fused import PATH as FUSED_PATH
 from dual_sampling.vllm_plugin.fused_route import ENGINE_PATH

@@ -185,6 +185,22 @@ def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_t
     return records
 
 
+async def open_scoring(clients: dict[str, VLLMClient]
+                       ) -> tuple[dict[str, ServerInfo], dict[str, Any]]:
+    """Each server's facts (theta and target must tokenise alike), theta pinned to the
+    version it serves (no score from a theta swapped in mid-run), and the model fields every
+    record carries (`theta_model`, `target_model`, `theta_version`, `theta_path`)."""
+    theta = clients["theta"]
+    theta.unpin_theta()  # a pin left by an earlier job would refuse /tokenize
+    infos: dict[str, ServerInfo] = dict(zip(clients, await asyncio.gather(
+        *(c.describe() for c in clients.values()))))
+    if "target" in clients:
+        await check_same_tokenizer(theta, infos["theta"], clients["target"], infos["target"])
+    theta.pin_theta(infos["theta"])
+    models = {f"{name}_model": info.model for name, info in infos.items()}
+    return infos, {**models, **infos["theta"].theta_fields}
+
+
 async def plan_groups(clients: dict[str, VLLMClient], infos: dict[str, ServerInfo],
                       items: list[ScoreItem], params: ScoreParams, chat_template: bool
                       ) -> tuple[list[Group], list[dict[str, Any]]]:
@@ -271,15 +287,10 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     servers = {"theta": config.theta, **({"target": config.target} if config.target else {})}
     clients = {name: _client(server, name, params) for name, server in servers.items()}
-    theta = clients["theta"]
     async with AsyncExitStack() as stack:
         for client in clients.values():
             await stack.enter_async_context(client)
-        infos: dict[str, ServerInfo] = dict(zip(clients, await asyncio.gather(
-            *(c.describe() for c in clients.values()))))
-        if "target" in clients:
-            await check_same_tokenizer(theta, infos["theta"], clients["target"], infos["target"])
-        theta.pin_theta(infos["theta"])  # no score from a theta swapped in mid-run
+        infos, models = await open_scoring(clients)
         writer = ResumableJsonlWriter(out / SCORES_FILE, key=KEY)
         todo = [item for item in items if any((item.index, c) not in writer.done
                                               for c in range(len(item.completions)))]
@@ -289,8 +300,6 @@ async def _run(config: ScoreRunConfig) -> dict[str, Any]:
         groups, skipped = await plan_groups(clients, infos, todo, params,
                                             config.data.chat_template)
         tokenize_s = time.perf_counter() - started
-        models = {f"{name}_model": info.model for name, info in infos.items()}
-        models.update(infos["theta"].theta_fields)
         bar = tqdm(total=sum(len(g.completion_ids) for g in groups), unit="seq", desc="score",
                    disable=not config.progress, dynamic_ncols=True)
         counters = {"tokens": 0, "sequences": 0}

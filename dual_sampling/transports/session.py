@@ -37,6 +37,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
 from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
+from dual_sampling.theta_format import CHANGED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class _ServerSessions:
                     self._resolve(msg_id, message.data)
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     msg_id, error = wire.decode_error(message.data)
-                    refusal = (ThetaChangedError if "theta changed" in error else ServerError)(
+                    refusal = (ThetaChangedError if error.startswith(CHANGED_PREFIX)
+                               else ServerError)(
                         f"{self._where()} refused a message: {error}")
                     for target in ([msg_id] if msg_id >= 0 else list(self._replies)):
                         self._resolve(target, refusal)

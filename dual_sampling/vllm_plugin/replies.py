@@ -8,9 +8,10 @@ from fastapi.responses import JSONResponse
 from vllm.exceptions import VLLMClientError
 
 
-def error(status: int, message: str) -> JSONResponse:
-    """An error body in vLLM's own shape, so clients read it as they read vLLM's."""
-    kind = "BadRequestError" if status < 500 else "InternalServerError"
+def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
+    """An error body in vLLM's own shape, so clients read it as they read vLLM's; `kind`
+    (the body's `type`) defaults to vLLM's for the status."""
+    kind = kind or ("BadRequestError" if status < 500 else "InternalServerError")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
                         status_code=status)
 

@@ -48,7 +48,8 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling import session_format as wire
 from dual_sampling.vllm_plugin import compat
-from dual_sampling.vllm_plugin.theta_route import PIN_HEADER, state_of
+from dual_sampling.theta_format import PIN_HEADER
+from dual_sampling.vllm_plugin.theta_route import state_of
 
 router = APIRouter()
 

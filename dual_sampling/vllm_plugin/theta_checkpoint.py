@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 IGNORED_CONFIG_KEYS = frozenset({
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -85,20 +85,17 @@ def weight_problems(new: Path, served: Path) -> list[str]:
 
 
 def tokenizer_problems(new: Path, served_vocab: dict[str, int],
-                       served_specials: dict[str, Any],
-                       load: Optional[Callable[[str], Any]] = None) -> list[str]:
+                       served_specials: dict[str, Any]) -> list[str]:
     if not any((new / name).exists() for name in TOKENIZER_FILES):
         return []
-    if load is None:
-        from transformers import AutoTokenizer
-        load = AutoTokenizer.from_pretrained
+    from transformers import AutoTokenizer
     try:
-        tokenizer = load(str(new))
+        tokenizer = AutoTokenizer.from_pretrained(str(new))
     except Exception as exc:  # a broken tokenizer file is the checkpoint's problem
         return [f"{new}: its tokenizer does not load ({type(exc).__name__}: {exc})"]
     vocab = tokenizer.get_vocab()
     if vocab != served_vocab:
-        changed = sorted(set(vocab.items()) ^ set(served_vocab.items()))
+        changed = set(vocab.items()) ^ set(served_vocab.items())
         return [f"{new} has another tokenizer ({len(vocab)} ids, {len(changed)} entries "
                 f"differ from the served {len(served_vocab)}): theta must keep the server's "
                 f"tokenizer"]

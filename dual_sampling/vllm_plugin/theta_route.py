@@ -27,7 +27,6 @@ policy under the old label; the session route checks the same pin at each OPEN.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,13 +35,11 @@ from typing import Any, Optional
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from dual_sampling.theta_format import (CHANGED, CHANGED_PREFIX, PATH, PIN_HEADER,
+                                        VERSION_HEADER)
 from dual_sampling.vllm_plugin import theta_checkpoint
 from dual_sampling.vllm_plugin.replies import error
 
-PATH = "/v1/dual_sampling/load_theta"
-VERSION_HEADER = "x-dual-sampling-theta-version"
-PIN_HEADER = "x-dual-sampling-pin-theta-version"
-CHANGED = "ThetaChanged"  # the error type of a refused pinned request
 UNGATED = frozenset({"/health", "/ping", "/metrics", "/version", "/v1/models", PATH,
                      "/v1/dual_sampling/info"})
 
@@ -82,12 +79,12 @@ class ThetaState:
         if pinned is None:
             return None
         if swapping_counts and not self.open.is_set():
-            return (f"theta changed: load_theta is replacing theta_version {self.version} "
+            return (f"{CHANGED_PREFIX}: load_theta is replacing theta_version {self.version} "
                     f"on this server; the request was pinned to version {pinned}. Start the "
                     f"run again (it resumes) once the swap is done")
         if pinned == str(self.version):
             return None
-        return (f"theta changed: this server now serves theta_version {self.version} "
+        return (f"{CHANGED_PREFIX}: this server now serves theta_version {self.version} "
                 f"({self.path}); the request was pinned to version {pinned}. Records of "
                 f"the old version are complete; start the run again (it resumes) to sample "
                 f"the rest from the new theta")
@@ -100,10 +97,6 @@ def init_state(app_state: Any, model_config: Any, served_name: str) -> None:
 
 def state_of(app: Any) -> Optional[ThetaState]:
     return getattr(getattr(app, "state", None), "dual_sampling_theta", None)
-
-
-def changed_body(message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": CHANGED, "code": 409}}).encode()
 
 
 class ThetaGate:
@@ -124,10 +117,9 @@ class ThetaGate:
                       None)
         refusal = state.changed(pinned) if gated else None
         if refusal is not None:
-            await send({"type": "http.response.start", "status": 409,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (VERSION_HEADER.encode(), version.encode())]})
-            return await send({"type": "http.response.body", "body": changed_body(refusal)})
+            response = error(409, refusal, kind=CHANGED)
+            response.headers[VERSION_HEADER] = version
+            return await response(scope, receive, send)
 
         async def stamped(message: dict) -> None:
             if message["type"] == "http.response.start":
