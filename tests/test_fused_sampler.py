@@ -46,7 +46,7 @@ def logprobs(request: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
 def stash_and_logits(batch: list[tuple[int, int]]) -> torch.Tensor:
     """Put the stash of logits rows `batch` = [(request, position), ...]; theta's logits."""
     pairs = [logprobs(r, p) for r, p in batch]
-    fused_state.put_logprobs(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+    fused_state.put_logits(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
     return torch.stack([a for a, _ in pairs]).clone()
 
 
@@ -156,7 +156,7 @@ def run_v2(requests: list[Request]) -> dict[str, dict]:
             else:
                 pos.append(request.prompt_len - 1 + len(request.output))
         batch = [(active[s].index, p + 1 - active[s].prompt_len) for s, p in zip(slots, pos)]
-        fused_state.put_logprobs(*(torch.stack(x) for x in zip(*[
+        fused_state.put_logits(*(torch.stack(x) for x in zip(*[
             logprobs(r, max(p, 0)) for r, p in batch])))
         logits = torch.zeros(len(slots), VOCAB)
         mapping = torch.tensor(slots)

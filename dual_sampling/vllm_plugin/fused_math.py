@@ -3,361 +3,489 @@
 The torch twin of dual_sampling/mixture.py for full-vocabulary rows (the numpy module stays
 the reference; tests/test_fused_math.py checks one against the other). Natural logs, nats.
 
-    rows = Rows.of(logp_theta, logp_target)        # (B, V) log-softmaxes; -inf = padding
-    alpha, evaluations = solve_alpha(rows, start)  # (B,)
-    mix = Mixture.at(rows, alpha)                  # q* unnormalised, log Z, KLs, entropy
-    column = inverse_cdf(mix.weights, uniforms(seeds, steps))
-    token = rows.token(column)                     # vocabulary ids
+    rows = Rows.of(theta_logits, target_logits)     # (B, V) each: logits, any normalisation
+    solution = solve(rows, start, fixed)           # alpha (B,) and q*'s block sums there
+    mix = solution.mixture()                       # log Z, KL(q*||theta), KL(q*||target), H
+    draw = sample(rows, solution, u, temperature)  # token ids (B,) and their log q
 
 Over the full vocabulary both models are finite on every real id, so g(alpha) = (log Z)'
 = E_q[d], d = logp_target - logp_theta, runs from g(0) = -KL(theta||target) <= 0 to
 g(1) = KL(target||theta) >= 0: alpha* is the root of g in [0, 1], and [0, 1] brackets it
 from the start. Identical rows (g = 0 everywhere) give alpha* = 0.5, as in mixture.py.
 
-Speed is the point here (this runs every engine step over B x V, V up to 151,936):
+Speed is the point (this runs every engine step over B x V, V up to 151,936): every pass
+over the vocabulary is ONE fused loop (`torch.compile`: a C++/OpenMP loop on CPU, a Triton
+kernel on GPU) that reads both models' float32 logits and writes only per-block sums:
 
-- **Pruned support.** With L = max_x min(logp_theta(x), logp_target(x)), every alpha in
-  [0, 1] has Z(alpha) >= exp(L) (the term of that x), and an id with both logprobs below
-  L - PRUNE_NATS has weight exp((1-alpha) logp_theta + alpha logp_target) < exp(L - PRUNE_NATS):
-  all such ids together hold less than V exp(-PRUNE_NATS) of Z (6.4e-13 at V = 151,936),
-  at every alpha. `Rows.of` drops them when that shrinks the rows by half or more (peaked
-  models), gathering the rest into compact (B, K) rows in float64 (cheap at small K);
-  otherwise (flat rows, as real LMs' long tails are) it keeps all V columns in the input's
-  dtype, float32 in the engine: no float64 copy of the rows, ever.
-- **Few passes.** The rows are a = logp_theta, a / ln 2 and d (B, K); one evaluation of
-  g, g', g'' at alpha is w = exp2(a / ln 2 + alpha d / ln 2) (exp2 costs a third of exp on
-  CPU), then w d, w d^2, w d^3 in one buffer and four cascade row sums (~1e-7 relative at
-  V = 151,936), all in reused buffers (`Workspace`: no fresh (B, V) tensor per step). The
-  solver (safeguarded Chebyshev, warm-started) needs two or three evaluations, and the
-  diagnostics come from one more: KL(q||theta) = alpha E[d] - log Z,
-  KL(q||target) = (alpha - 1) E[d] - log Z, H(q) = log Z - E[a] - alpha E[d].
-- **Blocked inverse CDF.** The token is found from per-block sums (float64 over the blocks)
-  and one block's cumulative sum, not a cumulative sum over V.
+- `Rows.of`: each model's log normaliser (its max, then sums of exp over blocks of BLOCK
+  ids, added in float64) and the spread max d - min d (the solver's error constant);
+- `_moment_blocks` at alpha: w = exp(a + alpha d) (a = logp_theta; q* unnormalised; log Z
+  <= 0, so no overflow) and, per block, sum w, w d, w d^2, w d^3, w a; over the blocks in
+  float64. One evaluation gives g, g' = Var_q[d] and g'' (the solver's step), and the one
+  at the accepted alpha also gives log Z, both KLs and the entropy, and q*'s block masses:
+  the token is drawn from those (which block) and one block's weights (which id). No
+  (B, V) tensor is written: the rows stay the model's logits, nothing is copied to float64.
+
+A step costs three such loops with alpha fixed (two normalisers, one evaluation) and two
+or three more with alpha* (warm-started), against the dozen unfused passes of exp, products
+and row sums per evaluation that eager torch needs. Block sums keep float32 partials short
+(1,024 terms, ~1e-7 relative) before the float64 total; a long float32 accumulation over
+151,936 ids loses 5e-5 (torch's own log_softmax does).
+
+`DUAL_SAMPLING_EAGER_MATH=1` runs the same functions without torch.compile (also the
+fallback, with a warning, where compiling fails: no C++ compiler, an unsupported device).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import logging
+import math
+import os
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-TOL = 1e-7  # alpha; see solve_alpha for the stopping rule
+TOL = 1e-7  # alpha; see solve for the stopping rule
 MAX_ITER = 60
-PRUNE_NATS = 40.0  # ids with both logprobs below L - PRUNE_NATS are dropped (module docstring)
-COMPACT_SHARE = 0.5  # prune only when the kept columns are at most this share of V
-PRUNE_SAMPLE = 2048  # columns sampled to decide whether to try pruning
-CDF_BLOCK = 1024  # columns per block of the inverse CDF
-_LOG2E = 1.0 / np.log(2.0)
+BLOCK = 1024  # ids per block: the sums' float32 partials and the inverse CDF's first level
+REACH = 3e-3  # |s| max|d| up to which a step's sums come by Taylor's formula (solve)
 _FLAT_VAR = 1e-14  # Var_q[d] below this: the two rows are the same distribution
 
-
-class Workspace:
-    """Reusable buffers for a caller that runs step after step (the engine's processor).
-
-    On CPU a fresh (B, V) tensor costs a page fault per 4 KiB, more than the pass that
-    fills it; a tensor handed out stays valid until its name is asked for again."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        size = int(np.prod(shape))
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype \
-                or buffer.device != like.device:
-            buffer = self._buffers[name] = torch.empty(size, dtype=like.dtype,
-                                                       device=like.device)
-        return buffer[:size].view(shape)
+log = logging.getLogger(__name__)
 
 
-def _empty(workspace: Optional[Workspace], name: str, shape: tuple[int, ...],
-           like: torch.Tensor) -> torch.Tensor:
-    if workspace is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return workspace.get(name, shape, like)
+class _Kernel:
+    """`fn` through torch.compile with dynamic shapes (one compile serves every batch size
+    and block width; a single block row is specialised once more: `warm_up` does both at
+    start-up), or eagerly: under DUAL_SAMPLING_EAGER_MATH=1, or once compiling has failed
+    here (a warning says why)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        eager = os.environ.get("DUAL_SAMPLING_EAGER_MATH", "0") == "1"
+        self.compiled = None if eager else torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compile failure: run eagerly
+                log.warning("dual_sampling: torch.compile of %s failed (%s: %s); running it "
+                            "eagerly (correct, slower)", self.fn.__name__,
+                            type(exc).__name__, str(exc)[:300])
+                self.compiled = None
+        return self.fn(*args)
 
 
-def neglected_mass_bound(vocab_size: int) -> float:
-    """Upper bound on the share of Z(alpha), any alpha in [0, 1], held by pruned ids."""
-    return vocab_size * float(np.exp(-PRUNE_NATS))
+def _parts(logits: torch.Tensor) -> list[torch.Tensor]:
+    """Views (B, nb, width) covering (B, V): blocks of BLOCK ids, then the rest as one block."""
+    vocab = logits.shape[-1]
+    width = min(BLOCK, vocab)
+    whole = vocab // width * width
+    parts = [logits[:, :whole].unflatten(1, (vocab // width, width))]
+    if whole < vocab:
+        parts.append(logits[:, whole:].unsqueeze(1))
+    return parts
+
+
+def _dtype(logits: torch.Tensor) -> torch.dtype:
+    """What the kernels compute in: float64 for float64 rows (references, tests), else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _per_block(values: torch.Tensor, blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row values (B,) repeated for each of a part's blocks, (B * nb,)."""
+    return values.to(dtype).repeat_interleave(blocks)
+
+
+def _over_blocks(kernel: "_Kernel", theta: torch.Tensor, target: torch.Tensor,
+                 *scalars: torch.Tensor) -> torch.Tensor:
+    """kernel(theta block rows, target block rows, per-block scalars...) over every part of
+    the rows, as (B, nb, m) float32 (float64 for float64 rows; the kernels see 2-d block
+    rows: one fused loop)."""
+    out = []
+    dtype = _dtype(theta)
+    for part_theta, part_target in zip(_parts(theta), _parts(target)):
+        blocks = part_theta.shape[1]
+        sums = kernel(part_theta, part_target,
+                      *(_per_block(s, blocks, dtype) for s in scalars))
+        out.append(sums.view(theta.shape[0], blocks, -1))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def _block_rows(theta: torch.Tensor, target: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, nb, width) views as rows (B * nb, width) in the kernels' dtype, and where both
+    are finite."""
+    width, dtype = theta.shape[-1], _dtype(theta)
+    a, b = theta.reshape(-1, width).to(dtype), target.reshape(-1, width).to(dtype)
+    return a, b, (a > -math.inf) & (b > -math.inf)
+
+
+def _normaliser_blocks(theta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per block (N, 6): theta's max and sum of exp(theta - max), the same for the target,
+    and the max and min of target - theta over the ids finite in both."""
+    a, b, shared = _block_rows(theta, target)
+    top_a, top_b = a.amax(dim=-1, keepdim=True), b.amax(dim=-1, keepdim=True)
+    d = b - a
+    return torch.stack([top_a[:, 0], torch.exp(a - top_a).sum(-1),
+                        top_b[:, 0], torch.exp(b - top_b).sum(-1),
+                        torch.where(shared, d, -math.inf).amax(-1),
+                        torch.where(shared, d, math.inf).amin(-1)], -1)
+
+
+def _moment_blocks(theta: torch.Tensor, target: torch.Tensor, c_theta: torch.Tensor,
+                   c_target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per block (N, 8): sums of w d^k (k = 0..4) and w a d^k (k = 0..2), a = theta - c_theta,
+    d = (target - c_target) - a, w = exp(a + alpha d) on ids finite in both, 0 elsewhere;
+    c_theta, c_target and alpha per block (N,)."""
+    a, b, shared = _block_rows(theta, target)
+    a, b = a - c_theta[:, None], b - c_target[:, None]
+    d = torch.where(shared, b - a, 0.0)
+    a = torch.where(shared, a, 0.0)
+    w = torch.where(shared, torch.exp(a + alpha[:, None] * d), 0.0)
+    w_d = w * d
+    w_d2 = w_d * d
+    w_d3 = w_d2 * d
+    w_a = w * a
+    w_ad = w_a * d
+    return torch.stack([w.sum(-1), w_d.sum(-1), w_d2.sum(-1), w_d3.sum(-1), (w_d3 * d).sum(-1),
+                        w_a.sum(-1), w_ad.sum(-1), (w_ad * d).sum(-1)], -1)
+
+
+def _tempered_blocks(theta: torch.Tensor, target: torch.Tensor, c_theta: torch.Tensor,
+                     c_target: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor
+                     ) -> torch.Tensor:
+    """For q*^tau (tau = 1 / temperature), per block (N, 2): the max of e = log q* + log Z
+    and the sum of exp(tau (e - that max)); ids not finite in both count for nothing."""
+    a, b, shared = _block_rows(theta, target)
+    a, b = a - c_theta[:, None], b - c_target[:, None]
+    e = torch.where(shared, a + alpha[:, None] * (b - a), -math.inf)
+    top = e.amax(dim=-1, keepdim=True)
+    return torch.stack([top[:, 0], torch.exp(tau[:, None] * (e - top)).sum(-1)], -1)
+
+
+_NORMALISERS = _Kernel(_normaliser_blocks)
+_MOMENT_BLOCKS = _Kernel(_moment_blocks)
+_TEMPERED_BLOCKS = _Kernel(_tempered_blocks)
+
+
+def _log_total(top: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block (max m_k, sum of exp(x - m_k)) (B, nb) as the row's log sum of exp(x)
+    (B,) float64, and each block's share of it unnormalised: s_k exp(m_k - max_k m_k)."""
+    top, sums = top.double(), sums.double()
+    peak = top.amax(dim=1, keepdim=True)
+    mass = torch.where(top > -math.inf, sums * (top - peak).exp(), 0.0)
+    return peak[:, 0] + mass.sum(dim=1).log(), mass
 
 
 class Rows(NamedTuple):
-    """A batch of (theta, target) next-token rows in the form the solver uses."""
+    """A batch of (theta, target) next-token rows: the logits as the models gave them."""
 
-    a: torch.Tensor  # (B, K) logp_theta on the shared support, -inf off it
-    d: torch.Tensor  # (B, K) logp_target - logp_theta on the shared support, 0 off it
-    a_log2: torch.Tensor  # (B, K) a / ln 2: exp(a + alpha d) = exp2(a_log2 + alpha d / ln 2),
-    #                       and exp2 costs a third of exp on CPU
-    spread: torch.Tensor  # (B,) max d - min d over the support, float64
-    columns: Optional[torch.Tensor]  # (B, K) vocabulary id of each column; None: column = id
-    everywhere: bool  # every column is on the shared support (no -inf in a)
-    workspace: Optional[Workspace] = None  # where the (B, K) work tensors live
+    theta: torch.Tensor  # (B, V) theta's logits (any dtype; -inf: an id it never gives)
+    target: torch.Tensor  # (B, V) the target's, over the same ids
+    c_theta: torch.Tensor  # (B,) float64 log normaliser: logp_theta = theta - c_theta
+    c_target: torch.Tensor  # (B,) float64
+    d_range: torch.Tensor  # (B, 2) float64 min and max of target - theta (the logits)
+    #                        over the shared support
 
     @classmethod
-    def of(cls, logp_theta: torch.Tensor, logp_target: torch.Tensor,
-           workspace: Optional[Workspace] = None) -> "Rows":
-        """From normalised log-probabilities (B, V), float32 or float64, -inf on padded ids.
-        Computes in the input's dtype over all V columns (less a padded suffix), or in
-        float64 over the pruned support when that is at most COMPACT_SHARE of V (see the
-        module docstring). With a `workspace`, the rows and every (B, K) tensor computed
-        from them (weights included) live in its buffers until its next use."""
-        a, b = _without_padded_suffix(logp_theta, logp_target)
-        columns = None
-        keep = _pruned_support(a, b)  # (B, V) bool, or None: keep everything
-        if keep is not None:
-            a, b, columns = _gather(keep, a, b)
-        d = torch.sub(b, a, out=_empty(workspace, "d", a.shape, a))  # (B, K)
-        low, high = d.amin(dim=-1), d.amax(dim=-1)  # (two passes beat one aminmax on CPU)
-        everywhere = bool(torch.isfinite(low).all() & torch.isfinite(high).all())
-        if not everywhere:  # padded or pruned ids inside the rows: off the shared support
-            shared = torch.isfinite(a) & torch.isfinite(b)  # (B, K)
-            d = torch.where(shared, d, 0.0)
-            a = torch.where(shared, a, -torch.inf)
-            low = torch.where(shared, d, torch.inf).amin(dim=-1)
-            high = torch.where(shared, d, -torch.inf).amax(dim=-1)
-        a_log2 = torch.mul(a, _LOG2E, out=_empty(workspace, "a_log2", a.shape, a))
-        return cls(a, d, a_log2, (high - low).double(), columns, everywhere, workspace)
+    def of(cls, theta: torch.Tensor, target: torch.Tensor) -> "Rows":
+        """From both models' logits (B, V), unnormalised or log-softmaxed; views are fine
+        (the composite model hands over its logits without a copy)."""
+        n = _over_blocks(_NORMALISERS, theta, target)  # (B, nb, 6)
+        d_range = torch.stack([n[..., 5].amin(dim=1), n[..., 4].amax(dim=1)], -1).double()
+        return cls(theta, target, _log_total(n[..., 0], n[..., 1])[0],
+                   _log_total(n[..., 2], n[..., 3])[0], d_range)
+
+    @property
+    def spread(self) -> torch.Tensor:
+        """(B,) max d - min d over the shared support (>= |g''/g'|, the solver's constant)."""
+        return self.d_range[:, 1] - self.d_range[:, 0]
+
+    def d_reach(self) -> torch.Tensor:
+        """(B,) max |d| over the shared support, d = logp_target - logp_theta."""
+        return (self.d_range - (self.c_target - self.c_theta)[:, None]).abs().amax(dim=-1)
+
+    def kernel_offsets(self) -> torch.Tensor:
+        """(B, 2) float64: by how much the log normalisers the kernels use (rounded to their
+        dtype) exceed the exact ones, theta's and the target's. Their sums are of
+        w' = w exp(-kappa), kappa = offset_theta + alpha (offset_target - offset_theta), with
+        d and a shifted by constants: `Solution` corrects for both (no float32 rounding of
+        log Z's scale reaches the KLs, which vanish at alpha 0 and 1 to 1e-7)."""
+        dtype = _dtype(self.theta)
+        c = torch.stack([self.c_theta, self.c_target], -1)
+        return c.to(dtype).double() - c
+
+    @property
+    def width(self) -> int:
+        return min(BLOCK, self.theta.shape[-1])
 
     def take(self, index: torch.Tensor) -> "Rows":
-        return Rows(self.a[index], self.d[index], self.a_log2[index], self.spread[index],
-                    None if self.columns is None else self.columns[index], self.everywhere,
-                    self.workspace)
+        return Rows(*(x[index] for x in self))
 
-    def token(self, column: torch.Tensor) -> torch.Tensor:
-        """Vocabulary ids (n,) of per-row column indices (n,)."""
-        if self.columns is None:
-            return column
-        return self.columns.gather(1, column[:, None])[:, 0]
+    def moment_blocks(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(B, nb, 8) float32 block sums of w d^k (k = 0..4), w a d^k (k = 0..2) at alpha (B,)."""
+        return _over_blocks(_MOMENT_BLOCKS, self.theta, self.target, self.c_theta,
+                            self.c_target, alpha)
 
-    def at(self, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp_theta, d) (n,) at per-row column indices (n,), float64."""
-        at = column[:, None]
-        return self.a.gather(1, at)[:, 0].double(), self.d.gather(1, at)[:, 0].double()
+    def at(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp_theta, d) (n,) float64 at per-row ids (n,)."""
+        at = token[:, None]
+        a = self.theta.gather(1, at)[:, 0].double() - self.c_theta
+        return a, self.target.gather(1, at)[:, 0].double() - self.c_target - a
 
-    def scatter(self, values: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """Per-column values (n, K) as full rows (n, vocab_size), -inf on pruned and padded ids."""
-        if self.columns is None and values.shape[1] == vocab_size:
-            return values
-        full = torch.full((values.shape[0], vocab_size), -torch.inf, dtype=values.dtype,
-                          device=values.device)
-        if self.columns is None:
-            full[:, :values.shape[1]] = values
-            return full
-        return full.scatter_(1, self.columns, values)
+    def exponents(self, alpha: torch.Tensor, columns: slice | torch.Tensor = slice(None)
+                  ) -> torch.Tensor:
+        """log q* + log Z = logp_theta + alpha d (n, K) float64 at `columns` (a slice of ids,
+        or per-row ids (n, K)); -inf off the shared support."""
+        if isinstance(columns, slice):
+            theta, target = self.theta[:, columns], self.target[:, columns]
+        else:
+            theta, target = self.theta.gather(1, columns), self.target.gather(1, columns)
+        a = theta.double() - self.c_theta[:, None]
+        b = target.double() - self.c_target[:, None]
+        shared = torch.isfinite(a) & torch.isfinite(b)
+        return torch.where(shared, a + alpha.double()[:, None] * (b - a), -math.inf)
 
-
-def _without_padded_suffix(a: torch.Tensor, b: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of a and b (B, V) without the trailing columns that are -inf in every row of
-    either (a checkpoint's padded output rows): they carry no mass and cost passes."""
-    if bool(torch.isfinite(a[:, -1]).all() & torch.isfinite(b[:, -1]).all()):
-        return a, b
-    finite = torch.isfinite(a[0]) & torch.isfinite(b[0])  # (V,)
-    width = int(finite.nonzero().max().item()) + 1 if bool(finite.any()) else a.shape[1]
-    tail_a, tail_b = a[:, width:], b[:, width:]
-    if bool((torch.isinf(tail_a) | torch.isinf(tail_b)).all()):
-        return a[:, :width], b[:, :width]
-    return a, b
-
-
-def _pruned_support(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-    """The ids to keep (B, V) bool, or None when pruning would keep more than COMPACT_SHARE.
-
-    Whether to try is guessed from a strided sample of PRUNE_SAMPLE columns (a wrong guess
-    costs speed, never exactness: keeping every id is always exact); the cut itself uses
-    the exact L over all ids."""
-    vocab = a.shape[-1]
-    stride = max(1, vocab // PRUNE_SAMPLE)
-    a_seen, b_seen = a[:, ::stride], b[:, ::stride]  # (B, ~PRUNE_SAMPLE)
-    cut_seen = torch.minimum(a_seen, b_seen).amax(dim=-1, keepdim=True) - PRUNE_NATS
-    if (torch.maximum(a_seen, b_seen) < cut_seen).sum(dim=-1).min().item() \
-            < (1 - COMPACT_SHARE) * a_seen.shape[1]:
-        return None  # real LMs' usual case: their long tails sit within 40 nats
-    floor = torch.minimum(a, b).amax(dim=-1)  # (B,) L
-    keep = torch.maximum(a, b) >= (floor - PRUNE_NATS)[:, None]  # (B, V)
-    if keep.sum(dim=-1).max().item() > COMPACT_SHARE * vocab:
-        return None
-    return keep
-
-
-def _gather(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept ids of each row, in id order, as compact float64 rows (B, K): logp_theta and
-    logp_target (-inf in the padding past a row's count), and the ids (0 in the padding)."""
-    counts = keep.sum(dim=-1)  # (B,)
-    width = int(counts.max().item())
-    row, column = keep.nonzero(as_tuple=True)  # (N,) each, row-major
-    starts = counts.cumsum(0) - counts  # (B,)
-    slot = torch.arange(row.shape[0], device=row.device) - starts[row]  # (N,)
-    columns = torch.zeros((a.shape[0], width), dtype=torch.int64, device=a.device)
-    columns[row, slot] = column
-    compact = []
-    for x in (a, b):
-        out = torch.full((a.shape[0], width), -torch.inf, dtype=torch.float64, device=a.device)
-        out[row, slot] = x[row, column].double()
-        compact.append(out)
-    return compact[0], compact[1], columns
-
-
-def _moments(rows: Rows, alpha: torch.Tensor, name: str = "w", order: int = 3
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights w = exp(a + alpha d) (n, K) (q* unnormalised; log Z <= 0, so no overflow) and
-    their moments (n, order + 1) float64: sum w, sum w d, ..., sum w d^order.
-
-    Elementwise products and torch's row sums (cascade summation: float32 partials stay
-    short, ~1e-7 relative at V = 151,936), not a matrix product: BLAS accumulates a long
-    float32 dot product in a few registers, and lost 3e-4 of sum w d^k at that size."""
-    w = _empty(rows.workspace, name, rows.a.shape, rows.a)
-    scaled = (alpha * _LOG2E).to(rows.a)[:, None]  # (n, 1)
-    torch.addcmul(rows.a_log2, rows.d, scaled, out=w).exp2_()  # (n, K)
-    power = torch.mul(w, rows.d, out=_empty(rows.workspace, "w_d", rows.a.shape, rows.a))
-    sums = [w.sum(dim=-1), power.sum(dim=-1)]
-    for _ in range(order - 1):
-        sums.append(power.mul_(rows.d).sum(dim=-1))
-    return w, torch.stack(sums, dim=-1).double()
-
-
-def solve_alpha(rows: Rows, start: np.ndarray | None = None, tol: float = TOL
-                ) -> tuple[torch.Tensor, int]:
-    """alpha* per row (B,) float64 (the Chernoff point), and the number of evaluations of g.
-
-    `start` (B,) in [0, 1] is a warm start (e.g. the row's alpha* at its previous token);
-    0.5 by default.
-
-    Safeguarded Chebyshev (third-order Newton) on the convex log Z: each evaluation gives,
-    for the rows still running, g = E_q[d], g' = Var_q[d] and g'' = the third central
-    moment, all from one pass (`_moments`); the bracket [lo, hi] keeps g(lo) < 0 < g(hi).
-    The step s = -g/g' - g'' g^2 / (2 g'^3) is taken when it lands inside the bracket and
-    its cubic term is at most a quarter of the Newton step -g/g', the Newton step when that
-    lands inside, else the bracket is bisected. A row stops, taking its
-    step, once the step's estimated error is below tol: (g''/g')^2 |s|^3 for a Chebyshev
-    step (cubic convergence), |g''/2g'| s^2 for a Newton step, with the spread max d - min d
-    (>= |g''/g'|) for g''/g', or the bracket's width. The few per-row scalars live in
-    numpy: one (n, 4) copy from the device per evaluation.
-    """
-    n_rows = rows.a.shape[0]
-    device = rows.a.device
-    x = np.full(n_rows, 0.5) if start is None else np.clip(np.asarray(start, np.float64), 0, 1)
-    alpha = x.copy()
-    lo, hi = np.zeros(n_rows), np.ones(n_rows)  # the running rows' brackets
-    active = np.arange(n_rows)  # which rows are running
-    spread = rows.spread.cpu().numpy()  # >= |g''/g'|: bounds the error constants
-    evaluations = 0
-    while evaluations < MAX_ITER:
-        evaluations += 1
-        _, m = _moments(rows, torch.from_numpy(x).to(device))
-        m = m.cpu().numpy()
-        g, e2, e3 = m[:, 1] / m[:, 0], m[:, 2] / m[:, 0], m[:, 3] / m[:, 0]
-        var = e2 - g * g
-        skew = e3 - 3 * g * e2 + 2 * g ** 3  # g''
-        lo, hi = np.where(g < 0, x, lo), np.where(g > 0, x, hi)
-        flat = var <= _FLAT_VAR
-        curve = skew / np.where(flat, 1.0, var)  # g'' / g'
-        newton = -g / np.where(flat, 1.0, var)
-        correction = -0.5 * curve * newton * newton
-        cheb = newton + correction
-        # the cubic term must be a correction: far from the root it can cancel the Newton
-        # step (and its error estimate with it), stopping a row at a wrong alpha
-        use_cheb = ((np.abs(correction) <= 0.25 * np.abs(newton))
-                    & (x + cheb > lo) & (x + cheb < hi))
-        use_newton = ~use_cheb & (x + newton > lo) & (x + newton < hi)
-        error = np.where(use_cheb, spread * spread * np.abs(cheb) ** 3,
-                         np.where(use_newton, 0.5 * spread * newton * newton, np.inf))
-        step = np.where(use_cheb, x + cheb, np.where(use_newton, x + newton, 0.5 * (lo + hi)))
-        step = np.where(flat, 0.5, np.where(g == 0, x, step))
-        done = flat | (g == 0) | (error <= tol) | (hi - lo <= tol)
-        alpha[active[done]] = step[done]
-        if done.all():
-            break
-        keep = ~done
-        if not keep.all():
-            rows = rows.take(torch.from_numpy(keep).to(device))
-        active, x, lo, hi, spread = active[keep], step[keep], lo[keep], hi[keep], spread[keep]
-    else:
-        alpha[active] = x
-    return torch.from_numpy(alpha).to(device), evaluations
+    def log_q(self, alpha: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+        """Normalised log q* (B, V) float64; -inf off the shared support."""
+        return self.exponents(alpha) - log_z[:, None]
 
 
 class Mixture(NamedTuple):
-    """q* at alpha for a batch: unnormalised weights and what follows from their moments."""
+    """What q* at alpha gives per row, from its moments (all (B,) float64, nats)."""
 
-    weights: torch.Tensor  # (B, K) q* * Z, in the rows' dtype
-    log_z: torch.Tensor  # (B,) float64
-    kl_q_theta: torch.Tensor  # (B,) nats, float64
-    kl_q_target: torch.Tensor  # (B,)
-    entropy_q: torch.Tensor  # (B,)
-
-    @classmethod
-    def at(cls, rows: Rows, alpha: torch.Tensor) -> "Mixture":
-        alpha = alpha.double()
-        w, m = _moments(rows, alpha, name="weights", order=1)
-        w_a = torch.mul(w, rows.a, out=_empty(rows.workspace, "w_d", w.shape, w))
-        if not rows.everywhere:
-            w_a.nan_to_num_(nan=0.0)  # 0 * -inf off the support
-        sum_wa = w_a.sum(dim=-1).double()  # (B,)
-        log_z = m[:, 0].log()
-        mean_d, mean_a = m[:, 1] / m[:, 0], sum_wa / m[:, 0]
-        return cls(w, log_z, alpha * mean_d - log_z, (alpha - 1) * mean_d - log_z,
-                   log_z - mean_a - alpha * mean_d)
-
-    def log_q(self, rows: Rows, alpha: torch.Tensor) -> torch.Tensor:
-        """Normalised log q* (B, K) in the rows' dtype; -inf off the shared support."""
-        return (torch.addcmul(rows.a, rows.d, alpha.to(rows.a)[:, None])
-                - self.log_z.to(rows.a)[:, None])
+    log_z: torch.Tensor
+    kl_q_theta: torch.Tensor
+    kl_q_target: torch.Tensor
+    entropy_q: torch.Tensor
 
 
-def tempered(log_q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """log of q^(1/T) normalised, (B, K); a row with T <= 0 is the point mass on its argmax."""
-    greedy = temperature <= 0  # (B,)
-    scaled = log_q / torch.where(greedy, 1.0, temperature.to(log_q))[:, None]  # (B, K)
-    log_qt = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+class Solution(NamedTuple):
+    """alpha per row and q*'s block sums there (what `solve` ends with)."""
+
+    alpha: torch.Tensor  # (B,) float64
+    blocks: torch.Tensor  # (B, nb, 8) float64: sums of w d^k (k = 0..4), w a d^k (k = 0..2)
+    evaluations: int  # of the moments (passes over the vocabulary)
+    offsets: torch.Tensor  # (B, 2) float64: Rows.kernel_offsets
+
+    def take(self, index: torch.Tensor) -> "Solution":
+        return Solution(self.alpha[index], self.blocks[index], self.evaluations,
+                        self.offsets[index])
+
+    @property
+    def kappa(self) -> torch.Tensor:
+        """(B,) log of how much the block sums' w fall short of exp(log q* + log Z)."""
+        return self.offsets[:, 0] + self.alpha * (self.offsets[:, 1] - self.offsets[:, 0])
+
+    def mixture(self) -> Mixture:
+        """KL(q||theta) = alpha E[d] - log Z, KL(q||target) = (alpha - 1) E[d] - log Z,
+        H(q) = log Z - E[a] - alpha E[d], with log q = a + alpha d - log Z."""
+        m = self.blocks.sum(dim=1)  # (B, 8)
+        log_z = m[:, 0].log() + self.kappa
+        mean_d = m[:, 1] / m[:, 0] + (self.offsets[:, 1] - self.offsets[:, 0])
+        mean_a = m[:, 5] / m[:, 0] + self.offsets[:, 0]
+        return Mixture(log_z, self.alpha * mean_d - log_z, (self.alpha - 1) * mean_d - log_z,
+                       log_z - mean_a - self.alpha * mean_d)
+
+
+def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.ndarray] = None,
+          tol: float = TOL) -> Solution:
+    """alpha* per row (the Chernoff point), or alpha fixed where `fixed` (B,) bool says so,
+    with q*'s block sums at it.
+
+    `start` (B,) in [0, 1]: a fixed row's alpha, a solved row's warm start (e.g. its alpha*
+    at the previous token); 0.5 by default.
+
+    Safeguarded Chebyshev (third-order Newton) on the convex log Z: each evaluation at x
+    gives g = E_q[d], g' = Var_q[d] and g'' (third central moment); the bracket [lo, hi]
+    keeps g(lo) < 0 < g(hi). The step s = -g/g' - g'' g^2 / (2 g'^3) is taken when it lands
+    inside the bracket and its cubic term is at most a quarter of the Newton step -g/g', the
+    Newton step when that lands inside, else the bracket is bisected. A row stops, taking
+    its step, once the step's estimated error is below tol: (g''/g')^2 |s|^3 for a
+    Chebyshev step (cubic convergence), |g''/2g'| s^2 for a Newton step, with the spread
+    max d - min d (>= |g''/g'|) for g''/g'; or once the bracket is narrower than tol.
+
+    The step is not evaluated again: when |s| max|d| <= REACH, q*'s block sums at x + s
+    follow from those at x by Taylor's formula in s (`_shifted`: the kernels sum w d^k up to
+    k = 4 and w a d^k up to k = 2, so what is left is below (REACH)^3 / 6 relative); a
+    longer step is evaluated first. Evaluation points are float32 (the kernels' alpha); the
+    alpha returned is x + s in float64 (a fixed alpha exactly). Only running rows are
+    evaluated again (gathered once they are at most half of the batch).
+    """
+    n_rows = rows.theta.shape[0]
+    device = rows.theta.device
+    goal = np.full(n_rows, 0.5) if start is None else np.clip(np.asarray(start, np.float64), 0, 1)
+    fixed = np.zeros(n_rows, bool) if fixed is None else np.asarray(fixed, bool)
+    x = goal.astype(np.float32).astype(np.float64)  # the point each row is evaluated at
+    alpha = goal.copy()
+    running = np.ones(n_rows, bool)
+    lo, hi = np.zeros(n_rows), np.ones(n_rows)
+    spread = rows.spread.cpu().numpy()
+    reach = rows.d_reach().cpu().numpy()  # max |d| over the shared support
+    offsets = rows.kernel_offsets()
+    d_offset = (offsets[:, 1] - offsets[:, 0]).cpu().numpy()  # E[d] - E[the kernels' d]
+    blocks = None  # (B, nb, 8) float64 at each finished row's alpha
+    evaluations = 0
+    while running.any():
+        evaluations += 1
+        if blocks is None or 2 * running.sum() > n_rows:
+            seen = np.arange(n_rows)
+            sums = rows.moment_blocks(torch.from_numpy(x).to(device))  # (B, nb, 8)
+        else:
+            seen = np.flatnonzero(running)
+            part = rows.take(torch.from_numpy(seen).to(device))
+            sums = part.moment_blocks(torch.from_numpy(x[seen]).to(device))
+        if blocks is None:
+            blocks = torch.empty(sums.shape, dtype=torch.float64, device=device)
+        now = seen[running[seen]]  # the running rows, in `sums` at `inner`
+        inner = np.flatnonzero(running[seen])
+        step = np.where(fixed[now], alpha[now] - x[now], 0.0)
+        done = fixed[now].copy()
+        solving = np.flatnonzero(~fixed[now])
+        if len(solving):
+            rows_s = now[solving]
+            m = sums[torch.from_numpy(inner[solving]).to(device)].double().sum(dim=1).cpu().numpy()
+            s, stop = _chebyshev(m, d_offset[rows_s], x[rows_s], lo, hi, rows_s,
+                                 spread[rows_s], tol, evaluations >= MAX_ITER)
+            step[solving], done[solving] = s, stop
+        near = np.abs(step) * reach[now] <= REACH
+        finished = done & near
+        if finished.any():
+            rows_f = now[finished]
+            alpha[rows_f] = x[rows_f] + step[finished]
+            picked = torch.from_numpy(inner[finished]).to(device)
+            blocks[torch.from_numpy(rows_f).to(device)] = _shifted(
+                sums[picked].double(), torch.from_numpy(step[finished]).to(device))
+            running[rows_f] = False
+        moving = ~finished
+        x[now[moving]] = (x[now[moving]] + step[moving]).astype(np.float32)
+    return Solution(torch.from_numpy(alpha).to(device), blocks, evaluations, offsets)
+
+
+def _chebyshev(m: np.ndarray, d_offset: np.ndarray, x: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray, rows: np.ndarray, spread: np.ndarray, tol: float, last: bool
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One safeguarded step from the kernels' moments m (n, 8) at x (n,) of `rows` (their
+    d is off by -d_offset), whose brackets lo, hi (all rows) it narrows in place:
+    (step (n,), whether x + step is alpha*)."""
+    g, e2, e3 = m[:, 1] / m[:, 0], m[:, 2] / m[:, 0], m[:, 3] / m[:, 0]
+    var = e2 - g * g
+    skew = e3 - 3 * g * e2 + 2 * g ** 3  # g''
+    g = g + d_offset
+    lo[rows] = np.where(g < 0, x, lo[rows])
+    hi[rows] = np.where(g > 0, x, hi[rows])
+    low, high = lo[rows], hi[rows]
+    flat = var <= _FLAT_VAR
+    safe_var = np.where(flat, 1.0, var)
+    newton = -g / safe_var
+    correction = -0.5 * (skew / safe_var) * newton * newton
+    cheb = newton + correction
+    # the cubic term must be a correction: far from the root it can cancel the Newton
+    # step (and its error estimate with it), stopping a row at a wrong alpha
+    use_cheb = ((np.abs(correction) <= 0.25 * np.abs(newton))
+                & (x + cheb > low) & (x + cheb < high))
+    use_newton = ~use_cheb & (x + newton > low) & (x + newton < high)
+    error = np.where(use_cheb, spread * spread * np.abs(cheb) ** 3,
+                     np.where(use_newton, 0.5 * spread * newton * newton, np.inf))
+    step = np.where(use_cheb, cheb, np.where(use_newton, newton, 0.5 * (low + high) - x))
+    here = (g == 0) | ((error > tol) & ((high - low <= tol) | last))  # alpha* = x itself
+    # identical rows: alpha* = 0.5, as in mixture.py
+    step = np.where(flat, 0.5 - x, np.where(here, 0.0, step))
+    return step, flat | here | (error <= tol)
+
+
+def _shifted(sums: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Block sums (n, nb, 8) of w d^k (k = 0..4) and w a d^k (k = 0..2) at x, as at x + s
+    (n,): w(x + s) = w(x) e^(s d), expanded to the terms these sums hold."""
+    s = s[:, None]
+    w0, w1, w2, w3, w4, a0, a1, a2 = sums.unbind(-1)
+    return torch.stack([
+        w0 + s * (w1 + s / 2 * (w2 + s / 3 * (w3 + s / 4 * w4))),
+        w1 + s * (w2 + s / 2 * (w3 + s / 3 * w4)),
+        w2 + s * (w3 + s / 2 * w4),
+        w3 + s * w4,
+        w4,
+        a0 + s * (a1 + s / 2 * a2),
+        a1 + s * a2,
+        a2], -1)
+
+
+class Draw(NamedTuple):
+    """Sampled ids and their log-probability under the distribution they were drawn from."""
+
+    token: torch.Tensor  # (n,) int64 vocabulary ids
+    logp_q: torch.Tensor  # (n,) float64: log q* (temperature 1), log q*^(1/T) normalised
+    #                       (temperature T), 0 (temperature 0: the argmax)
+
+
+def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
+           temperature: torch.Tensor) -> Draw:
+    """One id per row from q* at the solution's alpha, tempered: q*^(1/T) normalised for
+    T = temperature (n,) > 0, the argmax for T <= 0; by inverse CDF over the ids in order,
+    with uniform u (n,): first the block (from the block masses), then the id inside it
+    (from that block's weights alone)."""
+    n_rows = rows.theta.shape[0]
+    device = rows.theta.device
+    token = torch.empty(n_rows, dtype=torch.int64, device=device)
+    logp_q = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    temperature = temperature.double()
+    alpha, kappa = solution.alpha, solution.kappa
+    plain, greedy = temperature == 1.0, temperature <= 0.0
+    if plain.all():  # the usual case: no copies of the rows
+        token[:] = _inverse_cdf(rows, alpha, solution.blocks[:, :, 0], u,
+                                torch.ones_like(alpha), kappa)
+        a, d = rows.at(token)
+        return Draw(token, a + alpha * d - log_z)
+    if plain.any():
+        part = rows.take(plain)
+        token[plain] = _inverse_cdf(part, alpha[plain], solution.blocks[plain, :, 0], u[plain],
+                                    torch.ones_like(alpha[plain]), kappa[plain])
+        a, d = part.at(token[plain])
+        logp_q[plain] = a + alpha[plain] * d - log_z[plain]
+    tempered = ~plain & ~greedy
+    if tempered.any():
+        part, at = rows.take(tempered), alpha[tempered]
+        tau = 1.0 / temperature[tempered]
+        blocks = _over_blocks(_TEMPERED_BLOCKS, part.theta, part.target, part.c_theta,
+                              part.c_target, at, tau)  # (n, nb, 2), e short by kappa
+        log_total, masses = _log_total(blocks[..., 0].double() * tau[:, None], blocks[..., 1])
+        top = blocks[..., 0].double().amax(dim=1) + kappa[tempered]  # the row's max of e
+        log_total = log_total + tau * kappa[tempered]  # log sum of exp(tau e)
+        token[tempered] = _inverse_cdf(part, at, masses, u[tempered], tau, top)
+        a, d = part.at(token[tempered])
+        logp_q[tempered] = tau * (a + at * d) - log_total
     if greedy.any():
-        point = torch.full_like(log_q[greedy], -torch.inf)
-        point.scatter_(1, log_q[greedy].argmax(dim=-1, keepdim=True), 0.0)
-        log_qt[greedy] = point
-    return log_qt
+        part = rows.take(greedy)
+        token[greedy] = part.exponents(alpha[greedy]).argmax(dim=-1)
+    return Draw(token, logp_q)
 
 
-def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """First index (B,) int64 where the CDF of the weights (B, K) (unnormalised q, >= 0)
-    exceeds u * total; never an index of weight 0.
-
-    Rows wider than CDF_BLOCK go in two levels: the sums of blocks of CDF_BLOCK columns
-    (accumulated over the blocks in float64) pick the block, one block's cumulative sum
-    the column; narrower rows take one float64 cumulative sum."""
-    n_rows, width = weights.shape
-    if width <= CDF_BLOCK:
-        cdf = weights.double().cumsum(dim=-1)  # (B, K)
-        threshold = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # (B, 1)
-        offset = torch.zeros_like(threshold, dtype=torch.int64)
-    else:
-        full = width // CDF_BLOCK * CDF_BLOCK
-        blocks = [weights[:, :full].reshape(n_rows, -1, CDF_BLOCK).sum(dim=-1)]  # (B, nb)
-        if full < width:
-            blocks.append(weights[:, full:].sum(dim=-1, keepdim=True))
-        block_cdf = torch.cat(blocks, dim=-1).double().cumsum(dim=-1)  # (B, nb)
-        threshold = uniforms.to(block_cdf)[:, None] * block_cdf[:, -1:]  # (B, 1)
-        block = torch.searchsorted(block_cdf, threshold, right=True)
-        block = block.clamp_(max=block_cdf.shape[-1] - 1)  # (B, 1)
-        before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-        offset = block * CDF_BLOCK  # (B, 1)
-        index = offset + torch.arange(CDF_BLOCK, device=weights.device)  # (B, CDF_BLOCK)
-        inside = weights.gather(1, index.clamp(max=width - 1)).double()
-        inside.masked_fill_(index >= width, 0.0)
-        cdf = before + inside.cumsum(dim=-1)  # (B, CDF_BLOCK)
-    column = torch.searchsorted(cdf, threshold, right=True).clamp_(max=cdf.shape[-1] - 1)
-    idx = (offset + column)[:, 0]
-    zero = weights.gather(1, idx[:, None].clamp(max=width - 1))[:, 0] <= 0
-    zero |= idx >= width
-    if zero.any():  # u * total rounded up past a block's end: the last positive entry before
-        upto = torch.arange(width, device=weights.device)[None, :] <= idx[zero, None]
-        positive = (weights[zero] > 0) & upto
-        fallback = positive.any(dim=-1)
-        last = width - 1 - positive.flip(-1).to(torch.int8).argmax(dim=-1)
-        first = (weights[zero] > 0).to(torch.int8).argmax(dim=-1)
-        idx[zero] = torch.where(fallback, last, first)
-    return idx
+def _inverse_cdf(rows: Rows, alpha: torch.Tensor, masses: torch.Tensor, u: torch.Tensor,
+                 tau: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The first id (n,) where the CDF of the weights exp(tau (e - top)), e = log q* + log Z,
+    exceeds u * total, never an id of weight 0; `masses` (n, nb) are their block sums
+    (tau, top (n,): the tempering and the scale the masses were summed at)."""
+    cdf = masses.double().cumsum(dim=-1)  # (n, nb)
+    threshold = u.double()[:, None] * cdf[:, -1:]  # (n, 1)
+    block = torch.searchsorted(cdf, threshold, right=True).clamp_(max=cdf.shape[-1] - 1)
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # (n, 1)
+    width, vocab = rows.width, rows.theta.shape[-1]
+    columns = block * width + torch.arange(width, device=cdf.device)  # (n, width)
+    e = rows.exponents(alpha, columns.clamp(max=vocab - 1))
+    weights = torch.where(columns < vocab, (tau[:, None] * (e - top[:, None])).exp(), 0.0)
+    inside = before + weights.cumsum(dim=-1)
+    column = torch.searchsorted(inside, threshold, right=True)[:, 0]  # (n,)
+    zero = column >= width
+    zero |= weights.gather(1, column.clamp(max=width - 1)[:, None])[:, 0] <= 0
+    if zero.any():  # rounding (the block's float32 mass against its float64 weights):
+        positive = weights[zero] > 0  # the last positive weight up to there, else the first
+        upto = positive & (torch.arange(width, device=cdf.device)[None, :] <= column[zero, None])
+        last = width - 1 - upto.flip(-1).to(torch.int8).argmax(dim=-1)
+        first = positive.to(torch.int8).argmax(dim=-1)
+        column[zero] = torch.where(upto.any(dim=-1), last, first)
+    return columns.gather(1, column[:, None])[:, 0]
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -375,3 +503,15 @@ def uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def warm_up(vocab_size: int, device: torch.device | str = "cpu") -> None:
+    """Compile every kernel for rows of `vocab_size` ids (a one-off at server start-up, so
+    that no request waits for it: seconds, or a cache hit in torchinductor's cache)."""
+    for batch in (1, 2):
+        theta = torch.randn(batch, vocab_size, device=device)
+        rows = Rows.of(theta, 0.5 * theta)
+        solution = solve(rows)
+        u = torch.full((batch,), 0.5, dtype=torch.float64, device=device)
+        sample(rows, solution, solution.mixture().log_z, u,
+               torch.full((batch,), 0.7, dtype=torch.float64, device=device))

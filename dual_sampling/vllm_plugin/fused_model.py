@@ -13,10 +13,12 @@ default loader reads them, sharded safetensors included), the target's come thro
 loader's `secondary_weights` with the prefix `target.`; nothing is copied or merged.
 
 `forward` returns both stacks' last hidden states side by side; `compute_logits` splits
-them, runs each model's own `compute_logits`, puts both log-softmaxes (B, V) in the worker
-stash (fused_state.py; ids past the tokenizer's vocabulary -inf in both, so padded ids are
-never sampled) and returns theta's logits: the mixing, alpha* and the token are the logits
-processor's (fused_sampler.py), which this model requires and checks for at start-up.
+them, runs each model's own `compute_logits`, puts both models' logits over the tokenizer's
+ids (B, V) in the worker stash as views, without a copy or a log-softmax (fused_state.py;
+ids past the tokenizer's vocabulary, a checkpoint's padded output rows, are left out, so
+they are never sampled) and returns theta's logits: normalising, the mixing, alpha* and
+the token are the logits processor's (fused_sampler.py, fused kernels in fused_math.py),
+which this model requires and checks for at start-up.
 """
 from __future__ import annotations
 
@@ -94,22 +96,9 @@ class DualSamplingMixtureForCausalLM(nn.Module):
         logits_target = self.target.compute_logits(hidden_target)  # (B, V_target)
         if logits_theta is None or logits_target is None:
             return logits_theta
-        fused_state.put_logprobs(self._log_softmax(logits_theta, logits_theta.shape[-1]),
-                                 self._log_softmax(logits_target, logits_theta.shape[-1]))
+        fused_state.put_logits(logits_theta[:, :self.vocab_size],
+                               logits_target[:, :self.vocab_size])
         return logits_theta
-
-    def _log_softmax(self, logits: torch.Tensor, width: int) -> torch.Tensor:
-        """log-softmax over the real vocabulary, padded with -inf to `width` columns, (B, width).
-
-        The normaliser is a row sum of exp (torch's cascade summation): torch.log_softmax's
-        own float32 accumulation leaves rows normalised to only ~5e-5 at V = 151,936, more
-        than the 1e-5 the fused records promise against transformers."""
-        real = logits[:, :self.vocab_size].float()  # (B, V)
-        out = torch.empty((logits.shape[0], width), dtype=torch.float32, device=logits.device)
-        shifted = torch.sub(real, real.amax(dim=-1, keepdim=True), out=out[:, :self.vocab_size])
-        shifted.sub_(torch.exp(shifted).sum(dim=-1, keepdim=True).log_())
-        out[:, self.vocab_size:] = -torch.inf
-        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Theta's weights come first (unprefixed), then the target's (`target.`-prefixed)."""

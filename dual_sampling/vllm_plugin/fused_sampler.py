@@ -2,7 +2,9 @@
 
 vLLM runs it (`--logits-processors dual_sampling.vllm_plugin.fused_sampler:FusedSampler`,
 set by start_vllm.sh --fused) on the logits of every step, after the composite model
-(fused_model.py) has put both models' full-vocabulary log-softmax in the worker's stash.
+(fused_model.py) has put both models' full-vocabulary logits in the worker's stash; the
+math (fused_math.py: a few fused passes over the vocabulary, compiled at start-up) reads
+them in place, before this step's writes to theta's logits.
 Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
 
     {"tag": str, "seed": int, "alpha": float | None, "temperature": float}
@@ -52,7 +54,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
 from dual_sampling.vllm_plugin import fused_math, fused_state
-from dual_sampling.vllm_plugin.fused_setup import EXTRA_KEY
+from dual_sampling.vllm_plugin.fused_setup import CONFIG_KEY, EXTRA_KEY
 
 
 @dataclass
@@ -76,9 +78,6 @@ class _Row:
         if row.tag is not None:
             fused_state.open_record(row.tag)
         return row
-
-
-_WORKSPACE = fused_math.Workspace()  # this worker's (R, V) buffers, reused step after step
 
 
 def _read_args(params: SamplingParams) -> Optional[dict[str, Any]]:
@@ -113,6 +112,12 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         if self.req_states is not None and getattr(vllm_config, "speculative_config", None):
             raise ValueError("dual_sampling's FusedSampler samples one token per request and "
                              "step: serve the fused model without speculative decoding")
+        spec = getattr(getattr(getattr(vllm_config, "model_config", None), "hf_config", None),
+                       CONFIG_KEY, None)
+        if isinstance(spec, dict):  # the composite model's server: compile the math now
+            device = device_or_states if self.req_states is None \
+                else vllm_config.device_config.device
+            fused_math.warm_up(int(spec["vocab_size"]), device)
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -173,7 +178,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     def apply(self, logits: torch.Tensor, ctx: Optional[LogitsContext] = None) -> torch.Tensor:
         """V1 calls apply(logits), V2 apply(logits, ctx)."""
-        stash = fused_state.take_logprobs()
+        stash = fused_state.take_logits()
         if stash is None or stash[0].shape[0] != logits.shape[0]:
             return logits  # a dummy or warm-up run: no forward behind it
         by_row = self._batch_rows(logits.shape[0]) if ctx is None else self._context_rows(ctx)
@@ -185,36 +190,33 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         device = logits.device
         idx = torch.tensor(index, device=device)
         if index == list(range(len(index))):  # the usual case: views, not copies of (R, V)
-            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)], _WORKSPACE)
+            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
         else:
-            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx], _WORKSPACE)  # (R, K)
-        alpha = torch.tensor([np.nan if r.alpha is None else r.alpha for r in states],
-                             dtype=torch.float64, device=device)  # (R,)
-        solve = torch.isnan(alpha)
-        evaluations = 0
-        s0 = time.perf_counter()
-        if solve.all():
-            start = np.array([r.last_alpha for r in states])
-            alpha, evaluations = fused_math.solve_alpha(rows, start)
-        elif solve.any():
-            start = np.array([r.last_alpha for r in states])[solve.cpu().numpy()]
-            alpha[solve], evaluations = fused_math.solve_alpha(rows.take(solve), start)
-        solve_s = time.perf_counter() - s0
-        mix = fused_math.Mixture.at(rows, alpha)
-        tagged = torch.tensor([r.tag is not None for r in states], device=device)
-        if not tagged.all():
-            plain = ~tagged
-            log_q = rows.take(plain).scatter(mix.log_q(rows, alpha)[plain], logits.shape[1])
-            logits[idx[plain]] = log_q.to(logits.dtype)
-        if tagged.any():
-            self._sample(logits, idx, states, tagged, rows, alpha, mix)
-        for state, value in zip(states, alpha.tolist()):
+            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])
+        fixed = np.array([r.alpha is not None for r in states])
+        start = np.array([r.last_alpha if r.alpha is None else r.alpha for r in states])
+        solution = fused_math.solve(rows, start, fixed)
+        solve_s = time.perf_counter() - t0
+        mix = solution.mixture()
+        tagged = [r.tag is not None for r in states]
+        if not all(tagged):  # stock requests: their logits become log q*, vLLM samples them
+            plain = torch.tensor([not t for t in tagged], device=device)
+            log_q = rows.take(plain).log_q(solution.alpha[plain], mix.log_z[plain])
+            full = torch.full((log_q.shape[0], logits.shape[1]), -torch.inf,
+                              dtype=logits.dtype, device=device)
+            full[:, :log_q.shape[1]] = log_q
+            logits[idx[plain]] = full
+        if any(tagged):
+            self._sample(logits, idx, states, torch.tensor(tagged, device=device), rows,
+                         solution, mix)
+        for state, value in zip(states, solution.alpha.tolist()):
             state.last_alpha = value
-        fused_state.count(len(states), solve_s, time.perf_counter() - t0, evaluations)
+        fused_state.count(len(states), solve_s, time.perf_counter() - t0,
+                          solution.evaluations)
         return logits
 
     def _sample(self, logits: torch.Tensor, idx: torch.Tensor, states: list[_Row],
-                tagged: torch.Tensor, rows: fused_math.Rows, alpha: torch.Tensor,
+                tagged: torch.Tensor, rows: fused_math.Rows, solution: fused_math.Solution,
                 mix: fused_math.Mixture) -> None:
         """Draw each tagged row's token, force it in `logits`, record its diagnostics."""
         picked = [state for state in states if state.tag is not None]
@@ -223,30 +225,18 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         u = torch.from_numpy(fused_math.uniforms(seeds, steps)).to(logits.device)  # (T,)
         temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
                                    device=logits.device)  # (T,)
-        every = bool(tagged.all())  # the usual case: no copies of the (T, K) rows
-
-        def of_tagged(x: torch.Tensor) -> torch.Tensor:
-            return x if every else x[tagged]
-
-        rows_t = rows if every else rows.take(tagged)
-        alpha_t, log_z = of_tagged(alpha), of_tagged(mix.log_z)
-        if (temperature == 1.0).all():  # q* itself: sample its unnormalised weights
-            column = fused_math.inverse_cdf(of_tagged(mix.weights), u)  # (T,)
-            logp_theta, d = rows_t.at(column)
-            logp_q = logp_theta + alpha_t * d - log_z
-        else:
-            log_sampled = fused_math.tempered(mix.log_q(rows_t, alpha_t), temperature)
-            column = fused_math.inverse_cdf(log_sampled.exp(), u)  # (T,)
-            logp_theta, d = rows_t.at(column)
-            logp_q = log_sampled.gather(1, column[:, None])[:, 0].double()
-        token = rows_t.token(column)  # (T,) vocabulary ids
+        if not bool(tagged.all()):
+            rows, solution = rows.take(tagged), solution.take(tagged)
+            mix = fused_math.Mixture(*(x[tagged] for x in mix))
+        draw = fused_math.sample(rows, solution, mix.log_z, u, temperature)
+        logp_theta, d = rows.at(draw.token)
         target_rows = idx[tagged]
         logits.index_fill_(0, target_rows, -torch.inf)
-        logits[target_rows, token] = 0.0
+        logits[target_rows, draw.token] = 0.0
         columns = {
-            "token": token, "alpha": alpha_t, "logp_theta": logp_theta,
-            "logp_target": logp_theta + d, "logp_q": logp_q,
-            "kl_q_theta": of_tagged(mix.kl_q_theta), "kl_q_target": of_tagged(mix.kl_q_target),
-            "entropy_q": of_tagged(mix.entropy_q)}
+            "token": draw.token, "alpha": solution.alpha, "logp_theta": logp_theta,
+            "logp_target": logp_theta + d, "logp_q": draw.logp_q,
+            "kl_q_theta": mix.kl_q_theta, "kl_q_target": mix.kl_q_target,
+            "entropy_q": mix.entropy_q}
         fused_state.put([r.tag for r in picked], steps.tolist(),
                         {name: value.tolist() for name, value in columns.items()})

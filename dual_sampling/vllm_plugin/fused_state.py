@@ -1,9 +1,9 @@
 """Worker-process state of a fused server, shared by the model, the sampler and the RPCs.
 
 Three things live here, in each vLLM worker process (module globals: one engine a process):
-- the step's stash: both models' full-vocabulary log-softmax, put by the composite model's
-  `compute_logits` (fused_model.py) and taken by the logits processor (fused_sampler.py)
-  in the same step;
+- the step's stash: both models' logits over the tokenizer's ids, put by the composite
+  model's `compute_logits` (fused_model.py) and taken by the logits processor
+  (fused_sampler.py) in the same step;
 - each tagged request's per-token diagnostics, appended by the processor, popped by the
   API server through `collective_rpc("dual_sampling_pop_diagnostics", args=({tag: n},))`,
   cut to the n tokens of the finished completion (a step vLLM ran past the end, as async
@@ -36,12 +36,13 @@ _lock = threading.Lock()  # records are written by the model step, popped by RPC
 _counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0}
 
 
-def put_logprobs(logp_theta: torch.Tensor, logp_target: torch.Tensor) -> None:
-    """This step's log-softmax of both models over the same ids, each (B, V)."""
-    _stash[0] = (logp_theta, logp_target)
+def put_logits(theta: torch.Tensor, target: torch.Tensor) -> None:
+    """This step's logits of both models over the same ids, each (B, V) (unnormalised or
+    log-softmaxed: the processor normalises them; views of the model's own tensors)."""
+    _stash[0] = (theta, target)
 
 
-def take_logprobs() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def take_logits() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The stash put this step (then cleared), or None (a dummy run without a forward)."""
     stash, _stash[0] = _stash[0], None
     return stash
