@@ -123,15 +123,21 @@ def _block_rows(theta: torch.Tensor, target: torch.Tensor
 
 
 def _normaliser_blocks(theta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per block (N, 6): theta's max and sum of exp(theta - max), the same for the target,
-    and the max and min of target - theta over the ids finite in both."""
+    """Per block (N, 12): for theta, then the target, its max m, the sum of exp(x - m) over
+    its finite ids and, over the ids finite in both, the sums of exp(x - m) u^k, k = 0..2
+    (u = target - theta: the moments of d at alpha = 0 and 1, for the solver's first
+    point); then the max and min of u over the ids finite in both."""
     a, b, shared = _block_rows(theta, target)
-    top_a, top_b = a.amax(dim=-1, keepdim=True), b.amax(dim=-1, keepdim=True)
-    d = b - a
-    return torch.stack([top_a[:, 0], torch.exp(a - top_a).sum(-1),
-                        top_b[:, 0], torch.exp(b - top_b).sum(-1),
-                        torch.where(shared, d, -math.inf).amax(-1),
-                        torch.where(shared, d, math.inf).amin(-1)], -1)
+    u = torch.where(shared, b - a, 0.0)
+    out = []
+    for x in (a, b):
+        top = x.amax(dim=-1, keepdim=True)
+        e = torch.exp(x - top)
+        e_shared = torch.where(shared, e, 0.0)
+        e_u = e_shared * u
+        out += [top[:, 0], e.sum(-1), e_shared.sum(-1), e_u.sum(-1), (e_u * u).sum(-1)]
+    return torch.stack(out + [torch.where(shared, u, -math.inf).amax(-1),
+                              torch.where(shared, u, math.inf).amin(-1)], -1)
 
 
 def _moment_blocks(theta: torch.Tensor, target: torch.Tensor, c_theta: torch.Tensor,
@@ -173,10 +179,16 @@ _TEMPERED_BLOCKS = _Kernel(_tempered_blocks)
 def _log_total(top: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block (max m_k, sum of exp(x - m_k)) (B, nb) as the row's log sum of exp(x)
     (B,) float64, and each block's share of it unnormalised: s_k exp(m_k - max_k m_k)."""
-    top, sums = top.double(), sums.double()
+    scale, peak = _block_scale(top)
+    mass = scale * sums.double()
+    return peak + mass.sum(dim=1).log(), mass
+
+
+def _block_scale(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(m_k - max_k m_k) (B, nb) float64 (0 for a block without finite ids), and the max."""
+    top = top.double()
     peak = top.amax(dim=1, keepdim=True)
-    mass = torch.where(top > -math.inf, sums * (top - peak).exp(), 0.0)
-    return peak[:, 0] + mass.sum(dim=1).log(), mass
+    return torch.where(top > -math.inf, (top - peak).exp(), 0.0), peak[:, 0]
 
 
 class Rows(NamedTuple):
@@ -188,15 +200,25 @@ class Rows(NamedTuple):
     c_target: torch.Tensor  # (B,) float64
     d_range: torch.Tensor  # (B, 2) float64 min and max of target - theta (the logits)
     #                        over the shared support
+    ends: torch.Tensor  # (B, 4) float64 g(0), g'(0), g(1), g'(1): the mean and variance of
+    #                     d under theta and under the target (on the shared support)
 
     @classmethod
     def of(cls, theta: torch.Tensor, target: torch.Tensor) -> "Rows":
         """From both models' logits (B, V), unnormalised or log-softmaxed; views are fine
         (the composite model hands over its logits without a copy)."""
-        n = _over_blocks(_NORMALISERS, theta, target)  # (B, nb, 6)
-        d_range = torch.stack([n[..., 5].amin(dim=1), n[..., 4].amax(dim=1)], -1).double()
-        return cls(theta, target, _log_total(n[..., 0], n[..., 1])[0],
-                   _log_total(n[..., 2], n[..., 3])[0], d_range)
+        n = _over_blocks(_NORMALISERS, theta, target)  # (B, nb, 12)
+        c, ends = [], []
+        for model in (0, 5):  # theta, target
+            scale, peak = _block_scale(n[..., model])
+            sums = (scale[..., None] * n[..., model + 1: model + 5].double()).sum(dim=1)
+            c.append(peak + sums[:, 0].log())
+            mean = sums[:, 2] / sums[:, 1]  # of u = d + (c_target - c_theta)
+            ends.append((mean, sums[:, 3] / sums[:, 1] - mean * mean))
+        shift = c[1] - c[0]
+        d_range = torch.stack([n[..., 11].amin(dim=1), n[..., 10].amax(dim=1)], -1).double()
+        return cls(theta, target, c[0], c[1], d_range, torch.stack(
+            [ends[0][0] - shift, ends[0][1], ends[1][0] - shift, ends[1][1]], -1))
 
     @property
     def spread(self) -> torch.Tensor:
@@ -316,13 +338,16 @@ def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.nda
     """
     n_rows = rows.theta.shape[0]
     device = rows.theta.device
-    goal = np.full(n_rows, 0.5) if start is None else np.clip(np.asarray(start, np.float64), 0, 1)
+    goal = np.full(n_rows, np.nan) if start is None else np.asarray(start, np.float64).copy()
+    guess = np.isnan(goal)
+    if guess.any():
+        goal[guess] = first_guess(rows.ends[torch.from_numpy(guess).to(device)].cpu().numpy())
+    goal = np.clip(goal, 0.0, 1.0)
     fixed = np.zeros(n_rows, bool) if fixed is None else np.asarray(fixed, bool)
     x = goal.astype(np.float32).astype(np.float64)  # the point each row is evaluated at
     alpha = goal.copy()
     running = np.ones(n_rows, bool)
     lo, hi = np.zeros(n_rows), np.ones(n_rows)
-    spread = rows.spread.cpu().numpy()
     reach = rows.d_reach().cpu().numpy()  # max |d| over the shared support
     offsets = rows.kernel_offsets()
     d_offset = (offsets[:, 1] - offsets[:, 0]).cpu().numpy()  # E[d] - E[the kernels' d]
@@ -348,7 +373,7 @@ def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.nda
             rows_s = now[solving]
             m = sums[torch.from_numpy(inner[solving]).to(device)].double().sum(dim=1).cpu().numpy()
             s, stop = _chebyshev(m, d_offset[rows_s], x[rows_s], lo, hi, rows_s,
-                                 spread[rows_s], tol, evaluations >= MAX_ITER)
+                                 tol, evaluations >= MAX_ITER)
             step[solving], done[solving] = s, stop
         near = np.abs(step) * reach[now] <= REACH
         finished = done & near
@@ -365,14 +390,15 @@ def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.nda
 
 
 def _chebyshev(m: np.ndarray, d_offset: np.ndarray, x: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, rows: np.ndarray, spread: np.ndarray, tol: float, last: bool
+               hi: np.ndarray, rows: np.ndarray, tol: float, last: bool
                ) -> tuple[np.ndarray, np.ndarray]:
     """One safeguarded step from the kernels' moments m (n, 8) at x (n,) of `rows` (their
     d is off by -d_offset), whose brackets lo, hi (all rows) it narrows in place:
     (step (n,), whether x + step is alpha*)."""
-    g, e2, e3 = m[:, 1] / m[:, 0], m[:, 2] / m[:, 0], m[:, 3] / m[:, 0]
+    g, e2, e3, e4 = (m[:, k] / m[:, 0] for k in range(1, 5))
     var = e2 - g * g
     skew = e3 - 3 * g * e2 + 2 * g ** 3  # g''
+    third = e4 - 4 * g * e3 + 6 * g * g * e2 - 3 * g ** 4 - 3 * var * var  # g'''
     g = g + d_offset
     lo[rows] = np.where(g < 0, x, lo[rows])
     hi[rows] = np.where(g > 0, x, hi[rows])
@@ -387,13 +413,39 @@ def _chebyshev(m: np.ndarray, d_offset: np.ndarray, x: np.ndarray, lo: np.ndarra
     use_cheb = ((np.abs(correction) <= 0.25 * np.abs(newton))
                 & (x + cheb > low) & (x + cheb < high))
     use_newton = ~use_cheb & (x + newton > low) & (x + newton < high)
-    error = np.where(use_cheb, spread * spread * np.abs(cheb) ** 3,
-                     np.where(use_newton, 0.5 * spread * newton * newton, np.inf))
+    curve = skew / safe_var  # g'' / g'
+    # e' = K e^3 for a Chebyshev step, (g''/2g') e^2 for a Newton one; 4x for safety
+    cubic = np.abs(0.5 * curve * curve - third / (6 * safe_var))
+    error = 4 * np.where(use_cheb, cubic * np.abs(cheb) ** 3,
+                         np.where(use_newton, 0.5 * np.abs(curve) * newton * newton, np.inf))
     step = np.where(use_cheb, cheb, np.where(use_newton, newton, 0.5 * (low + high) - x))
     here = (g == 0) | ((error > tol) & ((high - low <= tol) | last))  # alpha* = x itself
     # identical rows: alpha* = 0.5, as in mixture.py
     step = np.where(flat, 0.5 - x, np.where(here, 0.0, step))
     return step, flat | here | (error <= tol)
+
+
+_QUINTIC = np.linalg.inv(np.array([[1.0, 1, 1], [3, 4, 5], [6, 12, 20]]))
+_GRID = np.linspace(0.0, 1.0, 129)
+
+
+def first_guess(ends: np.ndarray) -> np.ndarray:
+    """alpha* estimated (n,) from g and g' at 0 and 1, `ends` (n, 4) (Rows.ends): the
+    minimiser on [0, 1] of the quintic F with F = log Z = 0 at both ends and the same
+    slopes and curvatures there; 0.5 where g does not change sign."""
+    g0, v0, g1, v1 = ends.T
+    c1, c2 = g0, v0 / 2
+    rhs = np.stack([-(c1 + c2), g1 - c1 - 2 * c2, v1 - 2 * c2], -1)  # (n, 3)
+    c3, c4, c5 = (rhs @ _QUINTIC.T).T
+    x = _GRID[None, :]
+    slope = (c1[:, None] + 2 * c2[:, None] * x + 3 * c3[:, None] * x ** 2
+             + 4 * c4[:, None] * x ** 3 + 5 * c5[:, None] * x ** 4)  # F' on the grid
+    up = (slope[:, :-1] < 0) & (slope[:, 1:] >= 0)
+    i = up.argmax(axis=-1)
+    rows = np.arange(len(i))
+    low, high = slope[rows, i], slope[rows, i + 1]
+    guess = _GRID[i] + (_GRID[1] - _GRID[0]) * low / np.where(high > low, low - high, -1.0)
+    return np.where(up.any(axis=-1) & np.isfinite(guess), guess, 0.5)
 
 
 def _shifted(sums: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

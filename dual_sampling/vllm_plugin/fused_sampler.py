@@ -66,7 +66,6 @@ class _Row:
     alpha: Optional[float]
     temperature: float
     output_ids: list[int] = field(default_factory=list)  # V1's live list of generated ids
-    last_alpha: float = 0.5  # warm start of the next solve
     step: int = 0  # position in the completion of the token sampled this step
 
     @classmethod
@@ -194,7 +193,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         else:
             rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])
         fixed = np.array([r.alpha is not None for r in states])
-        start = np.array([r.last_alpha if r.alpha is None else r.alpha for r in states])
+        start = np.array([np.nan if r.alpha is None else r.alpha for r in states])
         solution = fused_math.solve(rows, start, fixed)
         solve_s = time.perf_counter() - t0
         mix = solution.mixture()
@@ -209,8 +208,6 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         if any(tagged):
             self._sample(logits, idx, states, torch.tensor(tagged, device=device), rows,
                          solution, mix)
-        for state, value in zip(states, solution.alpha.tolist()):
-            state.last_alpha = value
         fused_state.count(len(states), solve_s, time.perf_counter() - t0,
                           solution.evaluations)
         return logits
