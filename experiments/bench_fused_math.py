@@ -4,15 +4,17 @@
                                            [--repeats 3] [--threads 1] [--compare OLD.py]
 
 Times one step's work of the fused logits processor on both models' float32 logits, as the
-engine hands them over: `Rows.of` (the normalisers) + `solve` (warm-started, as at every
-token after the first; with alpha fixed: `solve` with `fixed`) + the mixture's diagnostics +
-`sample`, best of `--repeats`, next to one `torch.log_softmax` of the same (B, V) logits (vLLM's
+engine hands them over: `Rows.of` (the normalisers) + `solve` (from `first_guess`, as the
+server does; with alpha fixed: `solve` with `fixed`) + the mixture's diagnostics + `sample`,
+best of `--repeats`, next to one `torch.log_softmax` of the same (B, V) logits (vLLM's
 sampler does a softmax of that size every step). Logits are LM-like: N(0, 1) times a per-row
 scale in [2, 4] (a long tail within 40 nats of the top; real LMs look like that), the target a
 perturbation of theta's. `--compare` times another version of the module side by side (e.g.
 `git show REV:dual_sampling/vllm_plugin/fused_math.py > old.py`; a version from before the
 compiled kernels is timed with the two log-softmaxes its composite model computed), and
-prints the largest |alpha difference| between the two. The kernels compile before timing.
+prints the largest |alpha difference| between the two (an old module is warm-started 0.05
+from alpha*, as it was at every token). `max |alpha err|` is against the numpy reference
+(`mixture.solve_alpha` in float64 at tol 1e-12). The kernels compile before timing.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from dual_sampling import mixture
 from dual_sampling.vllm_plugin import fused_math
 
 
@@ -39,10 +42,12 @@ def pair(batch: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 def step(module: ModuleType, theta: torch.Tensor, target: torch.Tensor, start: np.ndarray,
          u: torch.Tensor, fixed: bool = False) -> torch.Tensor:
-    """One engine step's math on the logits; alpha (B,)."""
+    """One engine step's math on the logits; alpha (B,). `start` is the fixed alpha, or an
+    old module's warm start (this one starts from its first_guess, as the server does)."""
     if hasattr(module, "solve"):
         rows = module.Rows.of(theta, target)
-        solution = module.solve(rows, start, np.full(len(start), fixed))
+        first = start if fixed or not hasattr(module, "first_guess") else None
+        solution = module.solve(rows, first, np.full(len(start), fixed))
         mix = solution.mixture()
         module.sample(rows, solution, mix.log_z, u, torch.ones_like(u))
         return solution.alpha
@@ -88,9 +93,9 @@ def main() -> None:
     for vocab in args.vocab:
         for batch in args.batch:
             theta, target = pair(batch, vocab)
-            exact = fused_math.solve(fused_math.Rows.of(theta.double(), target.double()),
-                                     tol=1e-12).alpha
-            start = np.clip(exact.numpy() + np.random.default_rng(0).normal(0, 0.05, batch), 0, 1)
+            exact = mixture.solve_alpha(theta.double().numpy(), target.double().numpy(),
+                                        tol=1e-12)
+            start = np.clip(exact + np.random.default_rng(0).normal(0, 0.05, batch), 0, 1)
             u = torch.rand(batch, dtype=torch.float64)
             timed = {}
             for name, module in (("new", fused_math), ("old", other)):
@@ -101,11 +106,13 @@ def main() -> None:
                     timed[name, fixed] = best_ms(
                         lambda: step(module, theta, target, start, u, fixed), args.repeats)
             rows = fused_math.Rows.of(theta, target)
-            evaluations = fused_math.solve(rows, start).evaluations
+            solution = fused_math.solve(rows)
+            error = np.abs(solution.alpha.numpy() - exact).max()
             softmax_ms = best_ms(lambda: torch.log_softmax(theta, -1), args.repeats)
             row = [vocab, batch, f"{softmax_ms:.1f}", f"{timed['new', False]:.1f}",
-                   f"{timed['new', True]:.1f}", evaluations,
-                   f"{timed['new', False] / softmax_ms:.1f}x"]
+                   f"{timed['new', True]:.1f}", solution.evaluations,
+                   f"{timed['new', False] / softmax_ms:.1f}x",
+                   f"{timed['new', True] / softmax_ms:.1f}x", f"{error:.1e}"]
             if other is not None:
                 alpha_old = step(other, theta, target, start, u)
                 row += [f"{timed['old', False]:.1f}", f"{timed['old', True]:.1f}",
@@ -114,7 +121,7 @@ def main() -> None:
                         f"{(step(fused_math, theta, target, start, u) - alpha_old).abs().max().item():.1e}"]
             table.append(row)
     headers = ["V", "B", "log_softmax ms", "alpha* step ms", "fixed step ms", "evaluations (alpha*)",
-               "alpha* step / log_softmax"]
+               "alpha* step / log_softmax", "fixed step / log_softmax", "max |alpha err|"]
     if other is not None:
         headers += ["old alpha* ms", "old fixed ms", "speed-up alpha*", "speed-up fixed",
                     "max |alpha diff|"]

@@ -26,9 +26,10 @@ kernel on GPU) that reads both models' float32 logits and writes only per-block 
   the token is drawn from those (which block) and one block's weights (which id). No
   (B, V) tensor is written: the rows stay the model's logits, nothing is copied to float64.
 
-A step costs three such loops with alpha fixed (two normalisers, one evaluation) and two
-or three more with alpha* (warm-started), against the dozen unfused passes of exp, products
-and row sums per evaluation that eager torch needs. Block sums keep float32 partials short
+A step costs two such loops with alpha fixed (the normalisers, one evaluation) and usually
+three with alpha* (the normalisers, two evaluations from `first_guess`, the last step by
+Taylor's formula), against the dozen unfused passes of exp, products and row sums per
+evaluation that eager torch needs. Block sums keep float32 partials short
 (1,024 terms, ~1e-7 relative) before the float64 total; a long float32 accumulation over
 151,936 ids loses 5e-5 (torch's own log_softmax does).
 
@@ -48,6 +49,7 @@ import torch
 TOL = 1e-7  # alpha; see solve for the stopping rule
 MAX_ITER = 60
 BLOCK = 1024  # ids per block: the sums' float32 partials and the inverse CDF's first level
+CHUNK = 1 << 22  # ids (rows x vocabulary) per kernel call at most (_over_blocks)
 REACH = 3e-3  # |s| max|d| up to which a step's sums come by Taylor's formula (solve)
 _FLAT_VAR = 1e-14  # Var_q[d] below this: the two rows are the same distribution
 
@@ -99,18 +101,32 @@ def _per_block(values: torch.Tensor, blocks: int, dtype: torch.dtype) -> torch.T
 
 
 def _over_blocks(kernel: "_Kernel", theta: torch.Tensor, target: torch.Tensor,
-                 *scalars: torch.Tensor) -> torch.Tensor:
+                 *scalars: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """kernel(theta block rows, target block rows, per-block scalars...) over every part of
-    the rows, as (B, nb, m) float32 (float64 for float64 rows; the kernels see 2-d block
-    rows: one fused loop)."""
-    out = []
+    the rows (or of the rows at `index`, which the scalars are then given for), as
+    (B, nb, m) float32 (float64 for float64 rows; the kernels see 2-d block rows: one fused
+    loop). At most CHUNK ids go to one call: the loop's intermediates then stay in the
+    cache and the allocator reuses their memory (a call over 256 x 151,936 ids ran 3.9x
+    slower than the same in calls of 32 rows: each call's fresh buffers fault in page by
+    page); rows picked by `index` are copied one chunk at a time."""
     dtype = _dtype(theta)
-    for part_theta, part_target in zip(_parts(theta), _parts(target)):
-        blocks = part_theta.shape[1]
-        sums = kernel(part_theta, part_target,
-                      *(_per_block(s, blocks, dtype) for s in scalars))
-        out.append(sums.view(theta.shape[0], blocks, -1))
-    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+    n_rows = theta.shape[0] if index is None else index.shape[0]
+    step = max(1, CHUNK // theta.shape[-1])
+    chunks = []
+    for first in range(0, n_rows, step):
+        picked = slice(first, first + step)
+        if index is None:
+            chunk_theta, chunk_target = theta[picked], target[picked]
+        else:
+            chunk_theta, chunk_target = theta[index[picked]], target[index[picked]]
+        out = []
+        for part_theta, part_target in zip(_parts(chunk_theta), _parts(chunk_target)):
+            blocks = part_theta.shape[1]
+            sums = kernel(part_theta, part_target,
+                          *(_per_block(s[picked], blocks, dtype) for s in scalars))
+            out.append(sums.view(chunk_theta.shape[0], blocks, -1))
+        chunks.append(out[0] if len(out) == 1 else torch.cat(out, dim=1))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
 
 def _block_rows(theta: torch.Tensor, target: torch.Tensor
@@ -171,7 +187,23 @@ def _tempered_blocks(theta: torch.Tensor, target: torch.Tensor, c_theta: torch.T
     return torch.stack([top[:, 0], torch.exp(tau[:, None] * (e - top)).sum(-1)], -1)
 
 
+def _block_weights(theta: torch.Tensor, target: torch.Tensor, columns: torch.Tensor,
+                   c_theta: torch.Tensor, c_target: torch.Tensor, alpha: torch.Tensor,
+                   tau: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """exp(tau (e - top)) (n, K) float64 at per-row ids `columns` (n, K), e = log q* + log Z;
+    0 at ids past the vocabulary or off the shared support (the inverse CDF's second level:
+    one kernel, where a dozen eager ops over (n, BLOCK) cost a quarter of a step at 256 rows)."""
+    vocab = theta.shape[-1]
+    at = columns.clamp(max=vocab - 1)
+    a = theta.gather(1, at).double() - c_theta[:, None]
+    b = target.gather(1, at).double() - c_target[:, None]
+    shared = (columns < vocab) & (a > -math.inf) & (b > -math.inf)
+    e = a + alpha[:, None] * (b - a)
+    return torch.where(shared, torch.exp(tau[:, None] * (e - top[:, None])), 0.0)
+
+
 _NORMALISERS = _Kernel(_normaliser_blocks)
+_BLOCK_WEIGHTS = _Kernel(_block_weights)
 _MOMENT_BLOCKS = _Kernel(_moment_blocks)
 _TEMPERED_BLOCKS = _Kernel(_tempered_blocks)
 
@@ -246,10 +278,15 @@ class Rows(NamedTuple):
     def take(self, index: torch.Tensor) -> "Rows":
         return Rows(*(x[index] for x in self))
 
-    def moment_blocks(self, alpha: torch.Tensor) -> torch.Tensor:
-        """(B, nb, 8) float32 block sums of w d^k (k = 0..4), w a d^k (k = 0..2) at alpha (B,)."""
-        return _over_blocks(_MOMENT_BLOCKS, self.theta, self.target, self.c_theta,
-                            self.c_target, alpha)
+    def moment_blocks(self, alpha: torch.Tensor, index: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """(n, nb, 8) float32 block sums of w d^k (k = 0..4), w a d^k (k = 0..2) at alpha
+        (n,), of every row (n = B) or of the rows at `index` (n,)."""
+        c_theta, c_target = self.c_theta, self.c_target
+        if index is not None:
+            c_theta, c_target = c_theta[index], c_target[index]
+        return _over_blocks(_MOMENT_BLOCKS, self.theta, self.target, c_theta, c_target,
+                            alpha, index=index)
 
     def at(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp_theta, d) (n,) float64 at per-row ids (n,)."""
@@ -317,8 +354,9 @@ def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.nda
     """alpha* per row (the Chernoff point), or alpha fixed where `fixed` (B,) bool says so,
     with q*'s block sums at it.
 
-    `start` (B,) in [0, 1]: a fixed row's alpha, a solved row's warm start (e.g. its alpha*
-    at the previous token); 0.5 by default.
+    `start` (B,) in [0, 1]: a fixed row's alpha, a solved row's first point; NaN (and the
+    default) takes `first_guess` from the ends' moments (Rows.ends), which usually leaves
+    one or two evaluations plus the Taylor step, with no state carried between tokens.
 
     Safeguarded Chebyshev (third-order Newton) on the convex log Z: each evaluation at x
     gives g = E_q[d], g' = Var_q[d] and g'' (third central moment); the bracket [lo, hi]
@@ -360,8 +398,8 @@ def solve(rows: Rows, start: Optional[np.ndarray] = None, fixed: Optional[np.nda
             sums = rows.moment_blocks(torch.from_numpy(x).to(device))  # (B, nb, 8)
         else:
             seen = np.flatnonzero(running)
-            part = rows.take(torch.from_numpy(seen).to(device))
-            sums = part.moment_blocks(torch.from_numpy(x[seen]).to(device))
+            sums = rows.moment_blocks(torch.from_numpy(x[seen]).to(device),
+                                      torch.from_numpy(seen).to(device))
         if blocks is None:
             blocks = torch.empty(sums.shape, dtype=torch.float64, device=device)
         now = seen[running[seen]]  # the running rows, in `sums` at `inner`
@@ -523,10 +561,10 @@ def _inverse_cdf(rows: Rows, alpha: torch.Tensor, masses: torch.Tensor, u: torch
     threshold = u.double()[:, None] * cdf[:, -1:]  # (n, 1)
     block = torch.searchsorted(cdf, threshold, right=True).clamp_(max=cdf.shape[-1] - 1)
     before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # (n, 1)
-    width, vocab = rows.width, rows.theta.shape[-1]
+    width = rows.width
     columns = block * width + torch.arange(width, device=cdf.device)  # (n, width)
-    e = rows.exponents(alpha, columns.clamp(max=vocab - 1))
-    weights = torch.where(columns < vocab, (tau[:, None] * (e - top[:, None])).exp(), 0.0)
+    weights = _BLOCK_WEIGHTS(rows.theta, rows.target, columns, rows.c_theta, rows.c_target,
+                             alpha.double(), tau.double(), top.double())  # (n, width)
     inside = before + weights.cumsum(dim=-1)
     column = torch.searchsorted(inside, threshold, right=True)[:, 0]  # (n,)
     zero = column >= width
