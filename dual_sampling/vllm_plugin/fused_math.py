@@ -212,8 +212,16 @@ def _log_total(top: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, tor
     """Per-block (max m_k, sum of exp(x - m_k)) (B, nb) as the row's log sum of exp(x)
     (B,) float64, and each block's share of it unnormalised: s_k exp(m_k - max_k m_k)."""
     scale, peak = _block_scale(top)
-    mass = scale * sums.double()
+    mass = _scaled(scale, sums.double())
     return peak + mass.sum(dim=1).log(), mass
+
+
+def _scaled(scale: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Block sums times their scale (B, nb[, m]); 0 for a block without finite ids, whose
+    sums are NaN (exp(-inf - -inf))."""
+    if sums.dim() > scale.dim():
+        scale = scale[..., None]
+    return torch.where(scale > 0, scale * sums, 0.0)
 
 
 def _block_scale(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +251,7 @@ class Rows(NamedTuple):
         c, ends = [], []
         for model in (0, 5):  # theta, target
             scale, peak = _block_scale(n[..., model])
-            sums = (scale[..., None] * n[..., model + 1: model + 5].double()).sum(dim=1)
+            sums = _scaled(scale, n[..., model + 1: model + 5].double()).sum(dim=1)
             c.append(peak + sums[:, 0].log())
             mean = sums[:, 2] / sums[:, 1]  # of u = d + (c_target - c_theta)
             ends.append((mean, sums[:, 3] / sums[:, 1] - mean * mean))
@@ -457,7 +465,8 @@ def _chebyshev(m: np.ndarray, d_offset: np.ndarray, x: np.ndarray, lo: np.ndarra
     error = 4 * np.where(use_cheb, cubic * np.abs(cheb) ** 3,
                          np.where(use_newton, 0.5 * np.abs(curve) * newton * newton, np.inf))
     step = np.where(use_cheb, cheb, np.where(use_newton, newton, 0.5 * (low + high) - x))
-    here = (g == 0) | ((error > tol) & ((high - low <= tol) | last))  # alpha* = x itself
+    # alpha* = x itself; at the last evaluation whatever the moments say (NaN included)
+    here = (g == 0) | last | ((error > tol) & (high - low <= tol))
     # identical rows: alpha* = 0.5, as in mixture.py
     step = np.where(flat, 0.5 - x, np.where(here, 0.0, step))
     return step, flat | here | (error <= tol)
