@@ -190,7 +190,8 @@ def test_float32_logits_at_a_real_vocabulary_match_float64():
 def test_chunked_and_indexed_evaluations_equal_one_call(monkeypatch):
     """Kernel calls split into chunks of rows, and evaluations of a subset of rows (by index,
     as the solver does once most rows have converged), give the same block sums as one
-    call over the whole batch, and so the same alpha*, diagnostics and tokens."""
+    call over the whole batch, and so the same alpha*, diagnostics and tokens (to rounding:
+    after many shapes dynamo may run a kernel eagerly, which sums in another order)."""
     a, b = random_pair(np.random.default_rng(3), 7, 2500, 3.0, pad=2)
     rows = rows_of(a, b)
     alpha = torch.linspace(0.1, 0.9, 7, dtype=torch.float64)
@@ -200,12 +201,12 @@ def test_chunked_and_indexed_evaluations_equal_one_call(monkeypatch):
     ones = torch.ones(7, dtype=torch.float64)
     token = fused_math.sample(rows, solution, solution.mixture().log_z, u, ones).token
     monkeypatch.setattr(fused_math, "CHUNK", 2 * 2500)  # two rows a call
-    torch.testing.assert_close(rows.moment_blocks(alpha), whole, rtol=0, atol=0)
+    torch.testing.assert_close(rows.moment_blocks(alpha), whole, rtol=1e-12, atol=1e-300)
     index = torch.tensor([5, 0, 3])
     torch.testing.assert_close(rows.moment_blocks(alpha[index], index), whole[index],
-                               rtol=0, atol=0)
+                               rtol=1e-12, atol=1e-300)
     chunked = fused_math.solve(rows)
-    torch.testing.assert_close(chunked.alpha, solution.alpha, rtol=0, atol=0)
-    torch.testing.assert_close(chunked.blocks, solution.blocks, rtol=0, atol=0)
+    torch.testing.assert_close(chunked.alpha, solution.alpha, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(chunked.blocks, solution.blocks, rtol=1e-12, atol=1e-300)
     assert (fused_math.sample(rows, chunked, chunked.mixture().log_z, u, ones).token
             == token).all()
