@@ -10,7 +10,8 @@ Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
     {"tag": str, "seed": int, "alpha": float | None, "temperature": float}
 
 - alpha None solves alpha* (the Chernoff point, to 1e-7, from fused_math.first_guess:
-  the quintic log Z through both ends' g and g', which the normaliser pass gives); a number in [0, 1] fixes it for this request (a sweep needs no restart).
+  the quintic log Z through both ends' g and g', which the normaliser pass gives); a
+  number in [0, 1] fixes it for this request (a sweep needs no restart).
 - A tagged row SAMPLES ITS TOKEN HERE: from q*^(1/T) normalised (T = temperature, 0 =
   argmax), by inverse CDF with one uniform from (seed, number of tokens generated so far)
   (fused_math.uniforms), so a request's tokens depend on its seed alone, not on batching,
