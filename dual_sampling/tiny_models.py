@@ -73,9 +73,10 @@ def default_models_dir() -> Path:
     return Path(__file__).resolve().parents[1] / ".cache" / "tiny_models"
 
 
-def _publish(build_dir: Path, out_dir: Path, marker: dict) -> None:
+def _publish(build_dir: Path, out_dir: Path, marker: dict, marker_name: str = MARKER_NAME
+             ) -> None:
     """Write the marker into a finished build and move it to `out_dir` (replacing it)."""
-    (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+    (build_dir / marker_name).write_text(json.dumps(marker, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     build_dir.rename(out_dir)
@@ -101,35 +102,47 @@ def make_tiny_models(
     hash) unless `force`. Concurrent callers serialise on a lock file beside `out_dir`; the
     build goes to a temporary sibling directory and is renamed into place when complete.
     """
-    out_dir = Path(out_dir).resolve()
     config = dict(
         recipe=RECIPE_VERSION, seed=seed, vocab_size=vocab_size, train_steps=train_steps,
         architecture=ARCHITECTURE, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATE, head_scale=HEAD_SCALE,
         corpus_sha256=hashlib.sha256(corpus_path().read_bytes()).hexdigest(),
     )
+    return build_once(out_dir, config, _build, MARKER_NAME, "tiny models", force=force)
+
+
+def build_once(out_dir: str | os.PathLike, config: dict, build, marker_name: str, what: str,
+               force: bool = False) -> dict[str, Path]:
+    """`{"theta": out_dir/theta, "target": out_dir/target}`, built by `build(build_dir,
+    config) -> stats` unless `out_dir` already holds a complete build of `config`.
+
+    Complete means both models' files are there and the marker `marker_name` holds the hash
+    of `config`. Concurrent callers serialise on a lock file beside `out_dir`; the build goes
+    to a temporary sibling directory and is renamed into place when complete, so a killed
+    build leaves nothing that looks finished."""
+    out_dir = Path(out_dir).resolve()
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     paths = {name: out_dir / name for name in MODEL_NAMES}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if not force and _is_complete(out_dir, config_hash):
+        if not force and _is_complete(out_dir, config_hash, marker_name):
             return paths
         started = time.perf_counter()
         build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
         try:
-            stats = _build(build_dir, config)
+            stats = build(build_dir, config)
             marker = dict(config_hash=config_hash, config=config, stats=stats,
                           build_seconds=round(time.perf_counter() - started, 2))
-            _publish(build_dir, out_dir, marker)
+            _publish(build_dir, out_dir, marker, marker_name)
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
-    print(f"tiny models in {out_dir} ({marker['build_seconds']} s): {json.dumps(stats)}")
+    print(f"{what} in {out_dir} ({marker['build_seconds']} s): {json.dumps(stats)}")
     return paths
 
 
-def read_marker(out_dir: str | os.PathLike) -> dict:
+def read_marker(out_dir: str | os.PathLike, marker_name: str = MARKER_NAME) -> dict:
     """The marker of a complete build: config, config_hash, stats, build_seconds."""
-    return json.loads((Path(out_dir) / MARKER_NAME).read_text())
+    return json.loads((Path(out_dir) / marker_name).read_text())
 
 
 @contextlib.contextmanager
@@ -142,13 +155,13 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_complete(out_dir: Path, config_hash: str) -> bool:
+def _is_complete(out_dir: Path, config_hash: str, marker_name: str) -> bool:
     needed = ("config.json", "generation_config.json", "model.safetensors",
               "tokenizer.json", "tokenizer_config.json")
     if not all((out_dir / name / file).is_file() for name in MODEL_NAMES for file in needed):
         return False
     try:
-        return read_marker(out_dir)["config_hash"] == config_hash
+        return read_marker(out_dir, marker_name)["config_hash"] == config_hash
     except (OSError, ValueError, KeyError):
         return False
 

@@ -144,22 +144,28 @@ def speed_arguments(doc: str, batches: str, repeats: int) -> argparse.ArgumentPa
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--models", help="dir with theta/ and target/ (default: the tiny pair; "
+                        "the real pair: .cache/real_models, python -m dual_sampling.real_models)")
     return parser
+
+
+def bench_models(args: argparse.Namespace) -> dict[str, Path]:
+    """`{"theta": dir, "target": dir}`: `--models`, else the tiny pair (built once)."""
+    return ({m: Path(args.models) / m for m in ("theta", "target")} if args.models
+            else ensure_tiny_models())
 
 
 def main() -> None:
     parser = speed_arguments(__doc__, batches="1,32", repeats=2)
-    parser.add_argument("--models", help="dir with theta/ and target/ (default: tiny models)")
     parser.add_argument("--positions", type=int, default=512)
     parser.add_argument("--parts", default="speed,error", help="speed, error or both")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    models = ({m: Path(args.models) / m for m in ("theta", "target")} if args.models
-              else ensure_tiny_models())
+    models = bench_models(args)
     if "speed" in parts:
         print_speed(args, models)
     if "error" in parts:
-        err = topk_error_table(models, [5, 20, 50, 100], args.positions)
+        err = topk_error_table(models, [5, 20, 50, 100, 200], args.positions)
         print(f"\n### Top-k approximation error ({args.positions} positions of the shipped "
               f"corpus)\n")
         print(tabulate(err, headers=["k", "missing", "mean |alpha_k - alpha_full|", "TV(q_full, q_k)",

