@@ -106,8 +106,12 @@ def _build(build_dir: Path, config: dict) -> dict:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
+    print(f"making the real pair in {build_dir.parent} (once, about 5 minutes on 2 cores): "
+          f"dequantising {GGUF_FILE}", flush=True)
     torch.manual_seed(config["seed"])
     source = gguf_path()
     try:
@@ -129,6 +133,8 @@ def _build(build_dir: Path, config: dict) -> dict:
     timings = {"dequantise_s": time.perf_counter() - started}
 
     theta = _cut(target, config["theta_layers"])
+    print(f"sampling the target's replies to {config['distill']['prompts']} chat prompts",
+          flush=True)
     chats = _target_replies(target, tokenizer, config)
     timings["replies_s"] = time.perf_counter() - started - sum(timings.values())
     losses = _distill(theta, target, chats, config)
@@ -196,6 +202,7 @@ def _distill(theta, target, chats: list[list[int]], config: dict) -> list[float]
     """Minimise KL(target || theta) over the full vocabulary at every position of random
     batches of `chats`; returns the loss (nats per position) of every step."""
     import torch
+    from tqdm import tqdm
 
     settings = config["distill"]
     rng = random.Random(config["seed"])
@@ -203,7 +210,7 @@ def _distill(theta, target, chats: list[list[int]], config: dict) -> list[float]
                                   weight_decay=0.0)
     theta.train()
     losses = []
-    for _ in range(settings["steps"]):
+    for _ in tqdm(range(settings["steps"]), desc="distilling theta", unit="step"):
         batch = rng.sample(chats, settings["batch_size"])
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), EOS_ID)  # (B, L)

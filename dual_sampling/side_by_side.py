@@ -1,6 +1,7 @@
 """Completions of theta alone, the target alone and q* side by side, from one fused server.
 
     python -m dual_sampling.side_by_side URL PROMPTS [--count 3] [--max-tokens 64] [--seed 0]
+                                         [--temperature 1.0]
 
 Samples the first `count` prompts of PROMPTS (a prompts file as sample mode reads it) three
 times through `DualSampler` with the same seed: alpha fixed at 0 (pi_theta), fixed at 1
@@ -29,23 +30,27 @@ def prompt_text(row: dict[str, Any]) -> str:
     return row["messages"][-1]["content"] if "messages" in row else row["prompt"]
 
 
-def completions(url: str, prompts: list[dict[str, Any]], max_tokens: int, seed: int
-                ) -> dict[str, list[dict[str, Any]]]:
+def completions(url: str, prompts: list[dict[str, Any]], max_tokens: int, seed: int,
+                temperature: float = 1.0) -> dict[str, list[dict[str, Any]]]:
     """The records of each column's run, in prompt order."""
     with SyncDualSampler(url, chat_template=True, seed=seed) as sampler:
-        return {title: sampler.sample(prompts, max_tokens=max_tokens, alpha=alpha, seed=seed)
+        return {title: sampler.sample(prompts, max_tokens=max_tokens, alpha=alpha, seed=seed,
+                                      temperature=temperature)
                 for title, alpha in COLUMNS}
 
 
-def cell(record: dict[str, Any], width: int) -> str:
+def cell(record: dict[str, Any], width: int, eos_text: str) -> str:
     ending = "ended" if record["finish_reason"] == "stop" else "cut at max_tokens"
     footer = f"[{record['num_tokens']} tokens, {ending}, mean alpha {record['mean_alpha']:.2f}]"
-    return textwrap.fill(record["completion"].strip(), width) + "\n" + footer
+    text = record["completion"]
+    if record["finish_reason"] == "stop" and text.endswith(eos_text):
+        text = text[:-len(eos_text)]  # the footer says it ended
+    return textwrap.fill(text.strip(), width) + "\n" + footer
 
 
 def table(prompts: list[dict[str, Any]], columns: dict[str, list[dict[str, Any]]],
-          width: int = 34) -> str:
-    rows = [[textwrap.fill(prompt_text(p), 18)] + [cell(columns[title][i], width)
+          eos_text: str = "", width: int = 34) -> str:
+    rows = [[textwrap.fill(prompt_text(p), 18)] + [cell(columns[title][i], width, eos_text)
                                                  for title, _ in COLUMNS]
             for i, p in enumerate(prompts)]
     return tabulate(rows, headers=["prompt"] + [title for title, _ in COLUMNS],
@@ -59,9 +64,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eos-text", default="<|im_end|>",
+                        help="dropped from the end of a completion that ended at EOS")
     args = parser.parse_args()
     prompts = read_prompts(args.prompts)[:args.count]
-    print(table(prompts, completions(args.url, prompts, args.max_tokens, args.seed)))
+    columns = completions(args.url, prompts, args.max_tokens, args.seed, args.temperature)
+    print(table(prompts, columns, args.eos_text))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Run from the repository root, with the package installed (`pip install -e .`):
 
     python experiments/bench_topk.py                   # starts its own CPU server (tiny theta)
     python experiments/bench_topk.py --url http://127.0.0.1:8000   # a running plugin server
+    python experiments/bench_topk.py --model-dir .cache/real_models/target   # the real target
 
 Sequences of 128 tokens cut from the shipped corpus, k = 128, batches of 1, 8 and 16
 sequences. /v1/topk: one request per batch, timed until the arrays are decoded (int8
@@ -105,6 +106,9 @@ def report(rows: list[dict], disk: float, k: int, length: int, repeats: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server with the plugin; default: start one")
+    parser.add_argument("--model-dir", type=Path,
+                        help="the model of a server started here (default: tiny theta; the "
+                        "real target: .cache/real_models/target)")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -112,7 +116,7 @@ def main() -> None:
     server = None
     if args.url is None:
         server = Servers(run_dir=Path(tempfile.mkdtemp(prefix="bench_topk_")),
-                         models={"model": ensure_tiny_models()["theta"]},
+                         models={"model": args.model_dir or ensure_tiny_models()["theta"]},
                          max_logprobs=max(256, args.k))
         server.start("model")
     try:

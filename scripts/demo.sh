@@ -28,11 +28,13 @@ if [[ $TINY == 1 ]]; then
   MODELS=.cache/tiny_models
   PROMPTS=dual_sampling/assets/prompts.jsonl
   MAX_TOKENS=48
+  TEMPERATURE=1.0
   python -m dual_sampling.tiny_models "$MODELS"
 else
   MODELS=.cache/real_models
   PROMPTS=dual_sampling/assets/chat_prompts.jsonl
   MAX_TOKENS=96
+  TEMPERATURE=0.7  # small models ramble at T = 1
   python -m dual_sampling.real_models "$MODELS"
 fi
 trap './start_vllm.sh stop --run-dir "$RUN_DIR"' EXIT
@@ -44,15 +46,16 @@ if [[ $TWO_SERVERS == 1 ]]; then
     -- --max-model-len 2048
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
     target.url=http://127.0.0.1:8001 data.prompts="$PROMPTS" output_dir="$OUT" \
-    sample.max_tokens=$MAX_TOKENS "$@"
+    sample.max_tokens=$MAX_TOKENS sample.temperature=$TEMPERATURE "$@"
 else
   OUT=runs/demo$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --fused --run-dir "$RUN_DIR" \
     --theta "$MODELS/theta" --target "$MODELS/target" --port 8000 -- --max-model-len 2048
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
-    data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=$MAX_TOKENS "$@"
+    data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=$MAX_TOKENS \
+    sample.temperature=$TEMPERATURE "$@"
   # the same seed as the run above: its q* column is the dataset's first completions
   python -m dual_sampling.side_by_side http://127.0.0.1:8000 "$PROMPTS" --count 3 \
-    --max-tokens $MAX_TOKENS
+    --max-tokens $MAX_TOKENS --temperature $TEMPERATURE
 fi
 echo "dataset: $(pwd)/$OUT/samples.jsonl  summary: $(pwd)/$OUT/summary.json"
