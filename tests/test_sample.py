@@ -279,3 +279,27 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert "restart on the others" in stdout + stderr
     check_dataset(out, len(PROMPTS))
+
+
+def test_a_resume_with_other_token_settings_is_refused(tmp_path):
+    """A run started again on its output_dir with another temperature (or alpha, top_k,
+    max_tokens, stop, seed) is refused before any request: its samples would come from
+    another distribution than the ones it resumes (the demo once resumed a T = 1 dataset at
+    T = 0.7 and reported 0.7)."""
+    from types import SimpleNamespace
+
+    from dual_sampling.config import SampleParams
+    from dual_sampling.errors import ConfigError
+    from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
+
+    def config(**params):
+        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params))
+
+    check_resume(tmp_path, config(temperature=1.0, stop=["\n"]))
+    check_resume(tmp_path, config(temperature=1.0, stop=["\n"], n=4, concurrency=2))
+    for changed, key in ((dict(temperature=0.7), "sample.temperature=1.0 there, 0.7 now"),
+                         (dict(alpha=0.5), "sample.alpha=None there, 0.5 now"),
+                         (dict(stop=[]), "sample.stop"), (dict(seed=1), "seed=0 there")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            check_resume(tmp_path, config(**{"temperature": 1.0, "stop": ["\n"], **changed}))
+    assert json.loads((tmp_path / RUN_PARAMS_FILE).read_text())["sample.temperature"] == 1.0

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from dual_sampling import data, groups, report, sample_stats
 from dual_sampling.config import SampleRunConfig
 from dual_sampling.coordinator import StepStats
+from dual_sampling.errors import ConfigError
 from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
 from dual_sampling.sampling import Sampling, make_clients
 from dual_sampling.tracking import Tracker
@@ -45,9 +46,34 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 GROUPS_FILE = "groups.jsonl"
+RUN_PARAMS_FILE = "run_params.json"
+# the settings that decide which tokens a sample gets: a resumed run must keep them
+TOKEN_SHAPING = ("alpha", "temperature", "top_k", "missing", "max_tokens", "stop")
 TABLE_COLUMNS = ("index", "sample_index", "prompt", "completion", "mean_alpha", "finish_reason")
 # files written before groups have no sample_index: each of their records is sample 0
 SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),))
+
+
+def check_resume(out: Path, config: SampleRunConfig) -> None:
+    """Record the token-shaping settings of a run in `out/run_params.json`, or, when `out`
+    already holds them, refuse (ConfigError naming each key) a run that changes any: its
+    samples would be drawn from another distribution than those it resumes."""
+    wanted = {"seed": config.seed,
+              **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING}}
+    wanted = json.loads(json.dumps(wanted))  # lists and None as JSON gives them back
+    path = out / RUN_PARAMS_FILE
+    if path.is_file():
+        found = json.loads(path.read_text())
+        changed = [f"{key}={found.get(key)!r} there, {value!r} now"
+                   for key, value in wanted.items() if found.get(key) != value]
+        if changed:
+            raise ConfigError(
+                f"output_dir {out} holds samples drawn with other settings ("
+                + "; ".join(changed) + "): resuming would mix two distributions in one "
+                "dataset. Give a new output_dir, or the settings the run started with.")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
 def run(config: SampleRunConfig) -> dict[str, Any]:
@@ -60,6 +86,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
     out = Path(config.output_dir)
+    check_resume(out, config)
     thetas = make_clients(config.theta, "theta", params.concurrency)
     targets = make_clients(config.target, "target", params.concurrency)
     async with AsyncExitStack() as stack:
