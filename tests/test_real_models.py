@@ -246,3 +246,20 @@ def test_load_theta_of_a_perturbed_real_theta(real_fused, real_models, reference
         np.testing.assert_allclose(got["logp_theta"], exact, atol=LOGP_TOL)
         np.testing.assert_allclose(got["logp_q"], got["logp_theta"], atol=1e-5)
     assert result["logp_theta"] != back["logp_theta"]
+
+
+def test_side_by_side_table_shows_each_distribution_and_how_it_ended():
+    from dual_sampling.side_by_side import COLUMNS, table
+
+    def record(text: str, finish: str, alpha: float) -> dict:
+        return {"completion": text, "finish_reason": finish, "num_tokens": 7,
+                "mean_alpha": alpha}
+
+    columns = {title: [record(f"Paris ({title}).<|im_end|>", "stop", alpha or 0.5)]
+               for title, alpha in COLUMNS}
+    columns[COLUMNS[1][0]] = [record("Paris and", "length", 1.0)]
+    shown = table([{"messages": CHATS[0]}], columns, eos_text="<|im_end|>")
+    for title, _ in COLUMNS:
+        assert title in shown
+    assert "<|im_end|>" not in shown and "capital of France?" in shown
+    assert shown.count("ended") == 2 and "cut at max_tokens" in shown
