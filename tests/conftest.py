@@ -25,6 +25,20 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """The real pair (SmolLM2-135M-Instruct and a distilled 12-layer theta), built once."""
+    from dual_sampling.real_models import ensure_real_models
+    return ensure_real_models()
+
+
+@pytest.fixture(scope="module")
+def real_reference(real_models):
+    """transformers on the real pair's float32 weights (per module: 0.8 GB, freed after)."""
+    from dual_sampling.reference import Reference
+    return Reference(real_models)
+
+
+@pytest.fixture(scope="session")
 def servers(tiny_models, tmp_path_factory) -> Servers:
     """theta and target servers (with this package's plugin), up for the whole session."""
     if shutil.which("curl") is None:
