@@ -38,7 +38,7 @@ def refresh_tied_head(module: nn.Module) -> bool:
     new values into it, but re-processes only the layers it loaded into, and a tied head is
     never loaded: on CPU the head keeps the packed GEMM weights it made at start-up from the
     old values (`dispatch_cpu_unquantized_gemm`), so the served theta was the new body under
-    the old head (logprobs off by 0.2 on the real pair; tests/test_real_models.py). The
+    the old head (logprobs off by 0.2 on the real pair; tests/test_real_fused.py). The
     head's own post-load step rebuilds them from the shared parameter (on GPU it does
     nothing: the head reads the parameter itself)."""
     config = getattr(module, "config", None)
