@@ -43,16 +43,10 @@ CHATS = [
 ]
 
 
-# 0.5 GiB of KV cache (start_vllm.sh --cpu gives 1): the suite's session servers are up too,
-# and 24 GiB did not hold them with both real server sets (an OOM in CI, 2026-12-05)
-REAL_SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "0.5"}
-
-
 @pytest.fixture(scope="module")
 def real_fused(real_models, tmp_path_factory) -> Servers:
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_fused"),
-                     models=dict(real_models), extra=("--max-model-len", "2048"),
-                     env=REAL_SERVER_ENV)
+                     models=dict(real_models), extra=("--max-model-len", "2048"))
     server.start_fused()
     yield server
     server.stop()

@@ -10,14 +10,13 @@ import pytest
 from dual_sampling.api import SyncDualSampler
 from dual_sampling.launch import Servers
 from test_fused import chernoff_alpha
-from test_real_fused import CHATS, LOGP_TOL, REAL_SERVER_ENV, chat_ids
+from test_real_fused import CHATS, LOGP_TOL, chat_ids
 
 
 @pytest.fixture(scope="module")
 def real_pair(real_models, tmp_path_factory) -> Servers:
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_pair"),
-                     models=dict(real_models), extra=("--max-model-len", "2048"),
-                     env=REAL_SERVER_ENV)
+                     models=dict(real_models), extra=("--max-model-len", "2048"))
     server.start("theta", "target")
     yield server
     server.stop()
