@@ -32,3 +32,8 @@ class ThetaChangedError(ServerMismatchError):
 class CheckpointRefusedError(ServerError):
     """load_theta refused a checkpoint (shapes, config, tokenizer, path); the server keeps
     serving its previous weights. The message names what differs."""
+
+
+class MergeError(DataError):
+    """The job folders of a sharded run do not make one dataset (a shard or sample missing
+    or doubled, settings that differ); the message names the jobs, shards and samples."""

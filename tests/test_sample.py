@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dual_sampling import mixture
+from dual_sampling import merge, mixture
 from dual_sampling.records import read_records
 
 pytestmark = pytest.mark.server
@@ -257,6 +257,9 @@ def test_sharded_submitit_local_run_unions_to_the_unsharded_dataset(servers, fir
     union = {r["index"]: r["completion_token_ids"] for part in parts for r in part}
     whole = {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
     assert union == whole
+    assert merge.merge(sharded)["num_jobs"] == 2  # the jobs' shard.json cover every prompt
+    assert [(r["index"], r["completion_token_ids"])
+            for r in read_records(sharded / "samples.jsonl")] == sorted(whole.items())
 
 
 def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):

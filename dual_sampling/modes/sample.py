@@ -19,6 +19,8 @@ started again with the same output_dir skips the samples already written. The su
 (all records in the file) goes to `output_dir/summary.json`, W&B and stdout; with n > 1 the
 group weights go to `output_dir/groups.jsonl` (dual_sampling/groups.py), and with
 `sample.report=true` the plots to `output_dir/report.html` (dual_sampling/report.py).
+`output_dir/shard.json` says which prompts the run covers, for `python -m
+dual_sampling.merge` to join the jobs of a sharded sweep into one dataset.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 GROUPS_FILE = "groups.jsonl"
 RUN_PARAMS_FILE = "run_params.json"
+SHARD_FILE = "shard.json"
 # the settings that decide which tokens a sample gets: a resumed run must keep them
 TOKEN_SHAPING = ("alpha", "temperature", "top_k", "missing", "max_tokens", "stop")
 TABLE_COLUMNS = ("index", "sample_index", "prompt", "completion", "mean_alpha", "finish_reason")
@@ -76,6 +79,18 @@ def check_resume(out: Path, config: SampleRunConfig) -> None:
     path.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
+def write_shard(out: Path, config: SampleRunConfig, num_prompts: int) -> None:
+    """Write `out/shard.json`: the prompts file (absolute path), its number of prompts
+    before sharding, `data.shard_index`, `num_shards`, `limit` and `sample.n`. The prompt
+    indices this run covers are not stored: a prompt's `index` is its position in the file,
+    so they are `data.select(range(num_prompts), shard_index, num_shards, limit)`. Every run
+    rewrites it, so a resume with a greater n records that n (dual_sampling/merge.py)."""
+    shard = {"prompts": str(Path(config.data.prompts).resolve()), "num_prompts": num_prompts,
+             "shard_index": config.data.shard_index, "num_shards": config.data.num_shards,
+             "limit": config.data.limit, "n": config.sample.n}
+    (out / SHARD_FILE).write_text(json.dumps(shard, indent=2) + "\n")
+
+
 def run(config: SampleRunConfig) -> dict[str, Any]:
     return asyncio.run(_run(config))
 
@@ -83,10 +98,12 @@ def run(config: SampleRunConfig) -> dict[str, Any]:
 async def _run(config: SampleRunConfig) -> dict[str, Any]:
     params = config.sample
     prompts = data.read_prompts(config.data.prompts, config.data.prompt_field)
+    num_prompts = len(prompts)
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
     out = Path(config.output_dir)
     check_resume(out, config)
+    write_shard(out, config, num_prompts)
     thetas = make_clients(config.theta, "theta", params.concurrency)
     targets = make_clients(config.target, "target", params.concurrency)
     async with AsyncExitStack() as stack:
