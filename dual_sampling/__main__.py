@@ -1,7 +1,9 @@
 """Hydra entry point: `python -m dual_sampling mode=sample|topk|perplexity|score key=value ...`.
 
 Config errors (ConfigError) and every other DualSamplingError are printed as one clear
-line and exit with status 2, before any request when the config is at fault.
+line and exit with status 2, before any request when the config is at fault. A run holds
+its output_dir's lock (dual_sampling/run_lock.py) and, with `server.launch=fused|pair`, its
+own engine (dual_sampling/self_serve.py) while it runs.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dual_sampling.config import register_schemas, to_run_config
 from dual_sampling.errors import DualSamplingError
+from dual_sampling.run_lock import run_lock
+from dual_sampling.self_serve import serving
 
 log = logging.getLogger("dual_sampling")
 OVERRIDES_FILE = "overrides.yaml"
@@ -30,6 +34,13 @@ def _sweep_output_dir(output_dir: str) -> str:
     if hc.mode == RunMode.MULTIRUN and Path(output_dir).resolve() != Path(hc.runtime.output_dir).resolve():
         return str(Path(output_dir) / f"job{hc.job.num}")
     return output_dir
+
+
+def _sweep_group(output_dir: str) -> str | None:
+    """The W&B group of a sweep's jobs: the name of the run dir that holds them."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(output_dir).resolve().parent.name
 
 
 def _keep_overrides(output_dir: str) -> None:
@@ -47,9 +58,12 @@ def main(cfg: DictConfig) -> None:
     try:
         run_config = to_run_config(cfg)
         run_config.output_dir = _sweep_output_dir(run_config.output_dir)
-        _keep_overrides(run_config.output_dir)
-        from dual_sampling.modes import run_mode
-        run_mode(run_config)
+        run_config.wandb.group = run_config.wandb.group or _sweep_group(run_config.output_dir)
+        with run_lock(run_config.output_dir):
+            _keep_overrides(run_config.output_dir)
+            from dual_sampling.modes import run_mode
+            with serving(run_config):
+                run_mode(run_config)
     except DualSamplingError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

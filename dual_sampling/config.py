@@ -71,6 +71,8 @@ class WandbConfig:
     dir: Optional[str] = None
     """Where W&B writes its files; None puts them in `output_dir`."""
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None
+    """W&B group; None in a multirun puts the jobs of one run in one group (the run dir's name)."""
     log_every: int = 8
     """Log per-step metrics every this many coordinator steps."""
 
@@ -174,6 +176,48 @@ class SampleParams:
         return DEFAULT_TOP_K if self.top_k is None else self.top_k
 
 
+LAUNCH_KINDS = ("none", "fused", "pair")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ServerLaunchConfig:
+    """The engine a job starts for itself (dual_sampling/self_serve.py), on the devices its
+    scheduler gave it (CUDA_VISIBLE_DEVICES from SLURM or Ray), stopped on every way out."""
+
+    launch: str = "none"
+    """`none`: use running servers at theta.url/target.url; `fused`: start one engine with
+    both models (start_vllm.sh --fused); `pair`: start a theta and a target server."""
+    theta: Optional[str] = None
+    """theta's checkpoint (a local directory or a hub name the nodes can read)."""
+    target: Optional[str] = None
+    """The target's checkpoint."""
+    tp: int = 1
+    """Tensor-parallel size of each engine (start_vllm.sh --tp)."""
+    device: str = "auto"
+    """`cuda`, `cpu` (start_vllm.sh --cpu), or `auto`: cuda when a GPU is visible."""
+    max_model_len: Optional[int] = None
+    """Context length of the engines (None: the model's)."""
+    timeout_s: int = 900
+    """How long to wait for the engine to answer before giving up."""
+    extra_args: list[str] = field(default_factory=list)
+    """More vLLM arguments, e.g. `[--gpu-memory-utilization,0.85]`."""
+
+    def check(self, key: str) -> None:
+        _require(self.launch in LAUNCH_KINDS, f"{key}.launch", self.launch,
+                 f"choose one of {LAUNCH_KINDS}")
+        if self.launch != "none":
+            for role in ("theta", "target"):
+                _require(bool(getattr(self, role)), f"{key}.{role}", getattr(self, role),
+                         f"{key}.launch={self.launch} starts an engine with both models: "
+                         f"give {key}.theta=CHECKPOINT {key}.target=CHECKPOINT")
+        _require(self.tp >= 1, f"{key}.tp", self.tp, "must be >= 1")
+        _require(self.device in DEVICES, f"{key}.device", self.device, f"choose one of {DEVICES}")
+        _require(self.max_model_len is None or self.max_model_len >= 16, f"{key}.max_model_len",
+                 self.max_model_len, "must be >= 16 (or null: the model's)")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0")
+
+
 @dataclass
 class RunConfig:
     """What every mode shares."""
@@ -212,6 +256,9 @@ class SampleRunConfig(RunConfig):
     target: ServerConfig = field(default_factory=lambda: ServerConfig(url="http://127.0.0.1:8001"))
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     sample: SampleParams = field(default_factory=SampleParams)
+    server: ServerLaunchConfig = field(default_factory=ServerLaunchConfig)
+    """An engine this job starts for itself (`server.launch=fused|pair`) instead of theta.url
+    and target.url."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Start and stop vLLM servers through `start_vllm.sh`, read their metrics (tests, benchmarks).
+"""Start and stop vLLM servers through `start_vllm.sh`, read their metrics (tests, benchmarks,
+and the engine of a self-serving job: dual_sampling/self_serve.py).
 
     servers = Servers(run_dir=Path("/tmp/vllm"), models={"theta": a, "target": b})
     servers.start("theta", "target")   # free loopback ports, waits for /health
@@ -52,6 +53,8 @@ class Servers:
     max_logprobs: int = 256
     env: dict[str, str] = field(default_factory=dict)  # over os.environ, for start_vllm.sh
     cpu: bool = True  # start_vllm.sh --cpu; False: vLLM's defaults for the device it finds
+    timeout_s: int = 900  # start_vllm.sh --timeout: how long to wait for each server
+    script_args: tuple[str, ...] = ()  # more start_vllm.sh options (--tp, --watch-pid, ...)
 
     def url(self, role: str) -> str:
         return f"http://127.0.0.1:{self.ports[role]}"
@@ -73,7 +76,8 @@ class Servers:
     def _script(self, role_args: list[str]) -> None:
         args = ["bash", str(START_SCRIPT), *(["--cpu"] if self.cpu else []),
                 "--run-dir", str(self.run_dir),
-                "--max-logprobs", str(self.max_logprobs), "--timeout", "900", *role_args]
+                "--max-logprobs", str(self.max_logprobs), "--timeout", str(self.timeout_s),
+                *self.script_args, *role_args]
         env = {**os.environ, "PYTHON": sys.executable, **self.env}
         done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)
         if done.returncode != 0:

@@ -4,9 +4,11 @@
 #   ./start_vllm.sh --theta MODEL --target MODEL [--theta-port 8000] [--target-port 8001] \
 #                   [--model MODEL --port 8002] [--cpu] [--max-logprobs 256] \
 #                   [--theta-gpus 0] [--target-gpus 1] [--tp 1] [--dp 1] \
-#                   [--run-dir DIR] [--timeout 600] [-- extra vLLM args]
+#                   [--run-dir DIR] [--timeout 600] [--watch-pid PID] [-- extra vLLM args]
 #   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
+# --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
+# dual_sampling/self_serve.py).
 #
 # --fused serves both models in ONE engine (role `fused`, the composite model of
 # dual_sampling/vllm_plugin/fused_model.py): it first checks the pair (one tokenizer,
@@ -32,6 +34,7 @@ THETA_EXTENSION=dual_sampling.vllm_plugin.theta_worker.ThetaWorkerExtension
 PYTHON="${PYTHON:-python}"
 MAX_LOGPROBS=256
 TIMEOUT=600
+WATCH_PID=""
 CPU=0
 FUSED=0
 TP=1
@@ -85,6 +88,7 @@ while [[ $# -gt 0 ]]; do
     --max-logprobs) MAX_LOGPROBS="$2"; shift 2 ;;
     --run-dir) RUN_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
+    --watch-pid) WATCH_PID="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "start_vllm.sh: unknown argument '$1'" >&2; usage 2 ;;
@@ -152,3 +156,10 @@ for role in "${ROLES[@]}"; do start_one "$role"; done
 status=0
 for role in "${ROLES[@]}"; do wait_one "$role" || status=1; done
 if [[ $status != 0 ]]; then stop_servers >/dev/null; exit 1; fi
+# --watch-pid: a watchdog stops these servers once that process is gone, however it ended
+# (a job killed with SIGKILL cannot stop its own engine). It keeps no pid file: `stop` does
+# not need it, and it ends by itself with the process it watches.
+if [[ -n "$WATCH_PID" ]]; then
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 2; done; bash "$2" stop --run-dir "$3"' \
+    _ "$WATCH_PID" "$0" "$RUN_DIR" >>"$RUN_DIR/watchdog.log" 2>&1 </dev/null &
+fi

@@ -31,7 +31,7 @@ class Tracker:
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
         self.run = wandb.init(
             project=config.wandb.project, entity=config.wandb.entity, name=config.wandb.name,
-            tags=list(config.wandb.tags), mode=config.wandb.mode, id=run_id, resume="allow",
+            tags=list(config.wandb.tags), group=config.wandb.group, mode=config.wandb.mode, id=run_id, resume="allow",
             dir=config.wandb.dir or str(out), config=dataclasses.asdict(config),
             job_type=config.mode_name, settings=settings)
         self.enabled = config.wandb.mode != "disabled"
