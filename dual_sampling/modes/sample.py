@@ -58,17 +58,22 @@ SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),
 
 
 def check_resume(out: Path, config: SampleRunConfig) -> None:
-    """Record the token-shaping settings of a run in `out/run_params.json`, or, when `out`
-    already holds them, refuse (ConfigError naming each key) a run that changes any: its
-    samples would be drawn from another distribution than those it resumes."""
+    """Record the token-shaping settings and the shard of a run in `out/run_params.json`,
+    or, when `out` already holds them, refuse (ConfigError naming each key) a run that
+    changes any: its samples would be drawn from another distribution than those it resumes,
+    or belong to another shard's job (files from before shards were recorded are not held
+    to the shard)."""
     wanted = {"seed": config.seed,
-              **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING}}
+              **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING},
+              "data.shard_index": config.data.shard_index,
+              "data.num_shards": config.data.num_shards}
     wanted = json.loads(json.dumps(wanted))  # lists and None as JSON gives them back
     path = out / RUN_PARAMS_FILE
     if path.is_file():
         found = json.loads(path.read_text())
         changed = [f"{key}={found.get(key)!r} there, {value!r} now"
-                   for key, value in wanted.items() if found.get(key) != value]
+                   for key, value in wanted.items()
+                   if found.get(key) != value and (key in found or not key.startswith("data."))]
         if changed:
             raise ConfigError(
                 f"output_dir {out} holds samples drawn with other settings ("
