@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from contextlib import AsyncExitStack
 from typing import Any, Optional, Sequence
 
@@ -65,13 +66,15 @@ class DualSampler:
     target_url: the target server(s); not needed with a fused theta_url.
     transport, top_k, missing, concurrency: as `sample.*` in conf/ (config.SampleParams).
     chat_template: render `{"messages": ...}` prompts with the served chat template.
+    api_key: the servers' API key (start_vllm.sh --api-key), sent as `Authorization: Bearer`;
+    None reads the environment variable VLLM_API_KEY (unset or empty: no key sent).
     """
 
     def __init__(self, theta_url: str | Sequence[str],
                  target_url: str | Sequence[str] | None = None, *, transport: str = "auto",
                  top_k: Optional[int] = None, missing: str = "kth", concurrency: int = 32,
                  seed: int = 0, chat_template: bool = False, timeout_s: float = 120.0,
-                 max_retries: int = 2) -> None:
+                 max_retries: int = 2, api_key: Optional[str] = None) -> None:
         self.theta_urls, self.target_urls = _urls(theta_url), _urls(target_url)
         if not self.theta_urls:
             raise ConfigError("DualSampler: `theta_url` is empty: give the theta (or fused) "
@@ -81,6 +84,7 @@ class DualSampler:
         self.defaults.check("DualSampler")
         self.seed, self.chat_template = seed, chat_template
         self.timeout_s, self.max_retries = timeout_s, max_retries
+        self._api_key = api_key or os.environ.get("VLLM_API_KEY") or None
         self.calls = 0
         self._stack: Optional[AsyncExitStack] = None
         self.thetas: list[VLLMClient] = []
@@ -90,7 +94,10 @@ class DualSampler:
         def client(url: str, name: str, urls: list[str], i: int) -> VLLMClient:
             return VLLMClient(url, name=name if len(urls) == 1 else f"{name}[{i}]",
                               timeout_s=self.timeout_s, max_retries=self.max_retries,
-                              max_connections=2 * self.defaults.concurrency + 8)
+                              max_connections=2 * self.defaults.concurrency + 8,
+                              api_key=self._api_key,
+                              api_key_hint="pass it as DualSampler(api_key=...) or set the "
+                                           "environment variable VLLM_API_KEY")
 
         self._stack = AsyncExitStack()
         self.thetas = [client(u, "theta", self.theta_urls, i)

@@ -3,13 +3,15 @@
 `VLLMClient` is the one client the modes use: HTTP and retries come from
 `dual_sampling.http_client` (the retry policy is documented there), logprob requests from
 `dual_sampling.logprob_client`; this module adds the server's facts (`describe`), tokenising
-through the server, and the check that two servers share a tokenizer.
+through the server, and the check that two servers share a tokenizer. `server_client` makes
+the client of a configured server (`theta`, `teacher`, ...), with its API key.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from dual_sampling.errors import (CheckpointRefusedError, MalformedResponseError, ServerError,
                                   ServerMismatchError)
@@ -17,6 +19,9 @@ from dual_sampling.http_client import _field, _is_missing_route
 from dual_sampling.logprob_client import TOPK_PATH, LogprobClient  # noqa: F401  (callers import it here)
 from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
 from dual_sampling.theta_format import PIN_HEADER
+
+if TYPE_CHECKING:
+    from dual_sampling.config import ServerConfig
 
 INFO_PATH = "/v1/dual_sampling/info"  # this package's plugin (dual_sampling/vllm_plugin/info.py)
 
@@ -154,6 +159,19 @@ class VLLMClient(LogprobClient):
     async def detokenize(self, token_ids: list[int]) -> str:
         reply = await self.post("/detokenize", {"tokens": token_ids})
         return _field(reply, "prompt", self._where("POST", "/detokenize"))
+
+
+def server_client(server: ServerConfig, key: str, *, url: Optional[str] = None,
+                  name: Optional[str] = None, max_connections: int = 64) -> VLLMClient:
+    """The client of the server configured under config key `key` (`theta`, `teacher`, ...):
+    `url` (one replica; default `server.url`), named `name` (default `key`), with the API key
+    read from the environment variable named by `<key>.api_key_env` (unset or empty: none)."""
+    return VLLMClient(url or server.url, name=name or key, model=server.model,
+                      timeout_s=server.timeout_s, max_retries=server.max_retries,
+                      max_connections=max_connections,
+                      api_key=os.environ.get(server.api_key_env) or None,
+                      api_key_hint=f"set the environment variable {server.api_key_env} "
+                                   f"(named by `{key}.api_key_env`) to it")
 
 
 async def check_same_tokenizer(a: VLLMClient, info_a: ServerInfo, b: VLLMClient,

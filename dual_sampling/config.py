@@ -44,6 +44,9 @@ class ServerConfig:
     """Per-request timeout in seconds (connect + read)."""
     max_retries: int = 2
     """Retries on connection errors, timeouts, 408, 429 and 5xx (never other 4xx)."""
+    api_key_env: str = "VLLM_API_KEY"
+    """NAME of the environment variable that holds this server's API key (unset or empty:
+    no key sent); the key itself never enters the config, its logs or `.hydra/`."""
 
     @property
     def urls(self) -> list[str]:
@@ -56,6 +59,13 @@ class ServerConfig:
                      f"{key}.url", url, "must start with http:// or https://")
         _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0")
         _require(self.max_retries >= 0, f"{key}.max_retries", self.max_retries, "must be >= 0")
+        name = self.api_key_env
+        if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+            # the value is not echoed: a key given here by mistake stays out of the logs
+            raise ConfigError(f"config key `{key}.api_key_env` is invalid: it names the "
+                              f"environment variable holding the key (letters, digits and _, "
+                              f"such as VLLM_API_KEY), never the key itself. Fix it on the "
+                              f"command line (`{key}.api_key_env=...`) or in conf/.")
 
 
 @dataclass

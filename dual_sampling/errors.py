@@ -37,3 +37,8 @@ class CheckpointRefusedError(ServerError):
 class MergeError(DataError):
     """The job folders of a sharded run do not make one dataset (a shard or sample missing
     or doubled, settings that differ); the message names the jobs, shards and samples."""
+
+
+class AuthenticationError(ServerError):
+    """A server refused this client's API key, or its lack of one (HTTP 401/403); never
+    retried. The message names the server and says where the key comes from, never the key."""

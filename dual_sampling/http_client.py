@@ -4,7 +4,11 @@ Retry policy (anchored on the OpenAI Python client's): connection errors, timeou
 429 and 5xx are retried `max_retries` times (2 by default) with exponential backoff from
 0.5 s doubling to at most 8 s, plus up to 25% jitter; any other 4xx and any malformed 2xx
 body fail at once. Every error that reaches the caller is a `ServerError` naming the
-server, the request and what to do. `dual_sampling.client.VLLMClient` builds on it.
+server, the request and what to do; 401/403 (a server started with an API key that did not
+get it) is `AuthenticationError`. `dual_sampling.client.VLLMClient` builds on it.
+
+API key: `api_key` goes out as `Authorization: Bearer ...` on every request (vLLM's
+`--api-key`/`VLLM_API_KEY` guards every `/v1` route); it is never logged nor put in a message.
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ import aiohttp
 from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt,
                       wait_exponential_jitter)
 
-from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
+from dual_sampling.errors import (AuthenticationError, MalformedResponseError, ServerError,
+                                  ThetaChangedError)
 from dual_sampling.theta_format import CHANGED as THETA_CHANGED
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+AUTH_STATUSES = frozenset({401, 403})
 
 
 class _RetryableError(Exception):
@@ -30,11 +36,16 @@ class _RetryableError(Exception):
 
 
 class HttpClient:
-    """Async HTTP to one server. Use as `async with Client(url, name=...) as c:`."""
+    """Async HTTP to one server. Use as `async with Client(url, name=...) as c:`.
+
+    api_key: sent as `Authorization: Bearer ...` (None: no key). api_key_hint: how a user
+    gives this client its key, for the message of an `AuthenticationError`."""
 
     def __init__(self, url: str, *, name: str = "server", model: Optional[str] = None,
                  timeout_s: float = 120.0, max_retries: int = 2, max_connections: int = 64,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 8.0) -> None:
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 8.0,
+                 api_key: Optional[str] = None,
+                 api_key_hint: str = "pass the server's key as `api_key=`") -> None:
         self.url = url.rstrip("/")
         self.name = name
         self.model = model
@@ -45,12 +56,16 @@ class HttpClient:
         self._max_connections = max_connections
         self._session: Optional[aiohttp.ClientSession] = None
         self.headers: dict[str, str] = {}  # sent with every request (a pinned theta version)
+        # kept apart from `headers`, which other code reads and may show
+        self.auth_headers: dict[str, str] = (
+            {"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self.api_key_hint = api_key_hint
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> "HttpClient":
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=3.0),
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers=self.auth_headers)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -64,6 +79,15 @@ class HttpClient:
     def _where(self, method: str, path: str) -> str:
         return f"{self.name} server at {self.url} ({method} {path})"
 
+    def refused_key(self, where: str, status: int) -> AuthenticationError:
+        """The error for a 401/403 from the server at `where` (the transports' too)."""
+        sent = ("the API key sent was not accepted" if self.auth_headers
+                else "no API key was sent and the server requires one")
+        return AuthenticationError(
+            f"{where} answered HTTP {status}: {sent}. Give this client the server's key: "
+            f"{self.api_key_hint}; it is the key the server was started with "
+            f"(./start_vllm.sh --api-key KEY, or VLLM_API_KEY in its environment).")
+
     # -- raw requests with the retry policy ---------------------------------------------
     async def _once(self, method: str, path: str, body: Any, want: str) -> Any:
         assert self._session is not None, "use `async with` on the client"
@@ -71,6 +95,8 @@ class HttpClient:
             async with self._session.request(method, self.url + path, json=body,
                                              headers=self.headers) as resp:
                 payload = await resp.read()
+                if resp.status in AUTH_STATUSES:
+                    raise self.refused_key(self._where(method, path), resp.status)
                 if resp.status in RETRY_STATUSES:
                     raise _RetryableError(f"HTTP {resp.status}: {payload[:300]!r}")
                 if resp.status == 409 and THETA_CHANGED.encode() in payload:

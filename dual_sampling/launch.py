@@ -55,6 +55,8 @@ class Servers:
     cpu: bool = True  # start_vllm.sh --cpu; False: vLLM's defaults for the device it finds
     timeout_s: int = 900  # start_vllm.sh --timeout: how long to wait for each server
     script_args: tuple[str, ...] = ()  # more start_vllm.sh options (--tp, --watch-pid, ...)
+    # the servers' API key, handed to start_vllm.sh as VLLM_API_KEY (never argv, never shown)
+    api_key: str | None = field(default=None, repr=False)
 
     def url(self, role: str) -> str:
         return f"http://127.0.0.1:{self.ports[role]}"
@@ -78,7 +80,8 @@ class Servers:
                 "--run-dir", str(self.run_dir),
                 "--max-logprobs", str(self.max_logprobs), "--timeout", str(self.timeout_s),
                 *self.script_args, *role_args]
-        env = {**os.environ, "PYTHON": sys.executable, **self.env}
+        env = {**os.environ, "PYTHON": sys.executable, **self.env,
+               **({"VLLM_API_KEY": self.api_key} if self.api_key else {})}
         done = subprocess.run(args + ["--", *self.extra], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"start_vllm.sh failed:\n{done.stdout}\n{done.stderr}")

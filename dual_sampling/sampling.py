@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
+from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer, server_client
 from dual_sampling.config import SampleParams, ServerConfig
 from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, SampleSettings,
                                        Sequence, StepStats)
@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 
 def make_clients(server: ServerConfig, name: str, concurrency: int) -> list[VLLMClient]:
-    """One client per replica URL; replicas are named `theta[0]`, `theta[1]`, ..."""
+    """One client per replica URL (config key `name`, its API key from `<name>.api_key_env`);
+    replicas are named `theta[0]`, `theta[1]`, ..."""
     urls = server.urls
-    return [VLLMClient(url, name=name if len(urls) == 1 else f"{name}[{i}]", model=server.model,
-                       timeout_s=server.timeout_s, max_retries=server.max_retries,
-                       max_connections=2 * concurrency + 8) for i, url in enumerate(urls)]
+    return [server_client(server, name, url=url, name=name if len(urls) == 1 else f"{name}[{i}]",
+                          max_connections=2 * concurrency + 8) for i, url in enumerate(urls)]
 
 
 async def preflight(thetas: list[VLLMClient], theta_infos: list[ServerInfo],

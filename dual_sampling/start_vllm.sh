@@ -4,11 +4,17 @@
 #   ./start_vllm.sh --theta MODEL --target MODEL [--theta-port 8000] [--target-port 8001] \
 #                   [--model MODEL --port 8002] [--cpu] [--max-logprobs 256] \
 #                   [--theta-gpus 0] [--target-gpus 1] [--tp 1] [--dp 1] \
-#                   [--run-dir DIR] [--timeout 600] [--watch-pid PID] [-- extra vLLM args]
+#                   [--run-dir DIR] [--timeout 600] [--watch-pid PID] [--api-key KEY] \
+#                   [-- extra vLLM args]
 #   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
 # --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
 # dual_sampling/self_serve.py).
+# --api-key KEY (default: VLLM_API_KEY from the environment; prefer it, argv shows in `ps`)
+# makes every server refuse requests to /v1/... without `Authorization: Bearer KEY` (HTTP
+# 401; /health stays open). The key reaches vLLM as VLLM_API_KEY in the server's environment,
+# never on its command line nor in the run dir; clients read it from the environment variable
+# named by `<role>.api_key_env` (default VLLM_API_KEY; docs/serving.md, "API keys").
 #
 # --fused serves both models in ONE engine (role `fused`, the composite model of
 # dual_sampling/vllm_plugin/fused_model.py): it first checks the pair (one tokenizer,
@@ -35,6 +41,7 @@ PYTHON="${PYTHON:-python}"
 MAX_LOGPROBS=256
 TIMEOUT=600
 WATCH_PID=""
+API_KEY="${VLLM_API_KEY:-}"
 CPU=0
 FUSED=0
 TP=1
@@ -89,12 +96,18 @@ while [[ $# -gt 0 ]]; do
     --run-dir) RUN_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --watch-pid) WATCH_PID="$2"; shift 2 ;;
+    --api-key) API_KEY="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "start_vllm.sh: unknown argument '$1'" >&2; usage 2 ;;
   esac
 done
 [[ ${#ROLES[@]} -gt 0 ]] || { echo "start_vllm.sh: give --theta/--target (or --model)" >&2; usage 2; }
+for arg in "${EXTRA[@]}"; do
+  [[ $arg == --api-key* ]] && { echo "start_vllm.sh: give the key as start_vllm.sh --api-key KEY (or VLLM_API_KEY), not after --: vLLM's own flag puts it in ps and the logs" >&2; exit 2; }
+done
+# the servers inherit the key from this environment; vLLM reads VLLM_API_KEY itself
+if [[ -n $API_KEY ]]; then export VLLM_API_KEY="$API_KEY"; fi
 mkdir -p "$RUN_DIR"
 FUSED_ARGS=()
 if [[ $FUSED == 1 ]]; then
@@ -133,10 +146,28 @@ start_one() {
   echo $! >"$RUN_DIR/$role.pid"
 }
 
+# The HTTP status of GET $1 (000: no answer). The key's header goes to curl on stdin, from a
+# builtin through a pipe: not in any argv (ps) and not in a file.
+http_status() {
+  local args=(-s -o /dev/null -w '%{http_code}' --max-time 5)
+  if [[ -n $API_KEY ]]; then
+    printf 'Authorization: Bearer %s\n' "$API_KEY" | curl "${args[@]}" -H @- "$1" || true
+  else
+    curl "${args[@]}" "$1" || true
+  fi
+}
+
 wait_one() {
   local role="$1" port="${PORT[$1]}" pid; pid="$(cat "$RUN_DIR/$role.pid")"
-  local deadline=$((SECONDS + TIMEOUT))
-  until curl -sf "http://127.0.0.1:$port/health" >/dev/null && curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
+  local deadline=$((SECONDS + TIMEOUT)) models=""
+  until [[ "$(http_status "http://127.0.0.1:$port/health")" == 200 ]] \
+      && models="$(http_status "http://127.0.0.1:$port/v1/models")" && [[ $models == 200 ]]; do
+    if [[ $models == 401 || $models == 403 ]]; then
+      local sent="a request without an API key"
+      [[ -n $API_KEY ]] && sent="the API key given to start_vllm.sh"
+      echo "error: the $role server is up but refused $sent (HTTP $models on /v1/models): give the key as start_vllm.sh --api-key KEY or VLLM_API_KEY, and nowhere else" >&2
+      return 1
+    fi
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "error: the $role server (${MODEL[$role]}) died during start-up; last lines of $RUN_DIR/$role.log:" >&2
       tail -n 40 "$RUN_DIR/$role.log" >&2

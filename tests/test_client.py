@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from dual_sampling.client import VLLMClient
-from dual_sampling.errors import MalformedResponseError, ServerError
+from dual_sampling.errors import AuthenticationError, MalformedResponseError, ServerError
 
 
 class FakeServer:
@@ -84,6 +84,14 @@ def test_client_error_is_not_retried():
     result, calls = _run(["400"])
     assert calls == 1
     assert isinstance(result, ServerError) and "HTTP 400" in str(result)
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_a_refused_api_key_is_not_retried_and_says_what_to_do(status):
+    result, calls = _run([status] * 3)
+    assert calls == 1 and isinstance(result, AuthenticationError)
+    assert "theta server at http://127.0.0.1:" in str(result)
+    assert f"HTTP {status}: no API key was sent" in str(result) and "api_key=" in str(result)
 
 
 def test_hang_times_out_and_is_retried():

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from dual_sampling import data
 from dual_sampling.actual_logprobs import Scorer, check_raw_logprobs, choose_scorer
-from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.client import ServerInfo, VLLMClient, server_client
 from dual_sampling.config import PerplexityParams, PerplexityRunConfig
 from dual_sampling.errors import ConfigError, DataError, ServerMismatchError
 from dual_sampling.tracking import Tracker
@@ -149,9 +149,7 @@ async def _run(config: PerplexityRunConfig) -> dict[str, Any]:
     params = config.ppl
     texts = {path: data.read_corpus(path) for path in config.data.path}
     out = Path(config.output_dir)
-    client = VLLMClient(config.model.url, name="model", model=config.model.model,
-                        timeout_s=config.model.timeout_s, max_retries=config.model.max_retries,
-                        max_connections=params.concurrency + 4)
+    client = server_client(config.model, "model", max_connections=params.concurrency + 4)
     async with client:
         info = await preflight(client, params)
         scorer, route = choose_scorer(client, info, params.context_length)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from dual_sampling import data, mixture, scoring
 from dual_sampling.actual_logprobs import STOCK_ROUTE, Scorer, check_raw_logprobs, choose_scorer
-from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer
+from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer, server_client
 from dual_sampling.config import ScoreParams, ScoreRunConfig, ServerConfig
 from dual_sampling.data import ScoreItem
 from dual_sampling.errors import DataError
@@ -274,9 +274,8 @@ def run(config: ScoreRunConfig) -> dict[str, Any]:
 
 
 def _client(server: ServerConfig, name: str, params: ScoreParams) -> VLLMClient:
-    return VLLMClient(server.url, name=name, model=server.model, timeout_s=server.timeout_s,
-                      max_retries=server.max_retries,
-                      max_connections=params.concurrency * params.batch_size + TOKENIZE_IN_FLIGHT)
+    return server_client(server, name, max_connections=params.concurrency * params.batch_size
+                         + TOKENIZE_IN_FLIGHT)
 
 
 async def _run(config: ScoreRunConfig) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from dual_sampling import data
-from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.client import ServerInfo, VLLMClient, server_client
 from dual_sampling.config import TopkRunConfig
 from dual_sampling.errors import ConfigError, DataError
 from dual_sampling.topk_format import (CACHE_COMPRESSION, ERROR_BOUNDS, INDEX_FILE,
@@ -244,9 +244,7 @@ def run(config: TopkRunConfig) -> dict[str, Any]:
 async def _run(config: TopkRunConfig, out: Path) -> dict[str, Any]:
     params = config.topk
     inputs = load_inputs(config)
-    client = VLLMClient(config.teacher.url, name="teacher", model=config.teacher.model,
-                        timeout_s=config.teacher.timeout_s, max_retries=config.teacher.max_retries,
-                        max_connections=params.concurrency + 8)
+    client = server_client(config.teacher, "teacher", max_connections=params.concurrency + 8)
     async with client:
         info = await client.describe()
         max_length = (info.max_model_len - 1) if info.max_model_len else None

@@ -17,11 +17,13 @@ message and its seen keys in one STEP message, sent back to back, so a step cost
 trip whatever mix of new and old sequences it holds.
 
 Failures: a refusal from the server (bad token, k over --max-logprobs, too many sessions,
-context over --max-model-len) raises `ServerError` at once. A lost connection or a reply slower
-than `timeout_s` is retried up to `max_retries` times (backoff 0.5 s doubling): the transport
-reconnects and reopens every active key from the full context the coordinator passes in, so
-the tokens stay the same. Closing the socket (aclose, a crash, a killed process) is enough for
-the server to abort every session of this connection and free its KV cache.
+context over --max-model-len) raises `ServerError` at once, and a handshake refused with
+401/403 `AuthenticationError` (the socket sends the client's API key, as its requests do).
+A lost connection or a reply slower than `timeout_s` is retried up to `max_retries` times
+(backoff 0.5 s doubling): the transport reconnects and reopens every active key from the
+full context the coordinator passes in, so the tokens stay the same. Closing the socket
+(aclose, a crash, a killed process) is enough for the server to abort every session of this
+connection and free its KV cache.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
 from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
+from dual_sampling.http_client import AUTH_STATUSES
 from dual_sampling.theta_format import CHANGED_PREFIX
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class _ServerSessions:
     def __init__(self, client: VLLMClient, *, timeout_s: float, max_retries: int,
                  backoff_initial_s: float) -> None:
         self.name, self.url = client.name, client.url
+        self.client = client  # its API key, and the error that a refused key raises
         self.ws_url = "ws" + self.url[len("http"):] + wire.PATH
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_initial_s = backoff_initial_s
@@ -74,12 +78,14 @@ class _ServerSessions:
         if self._ws is not None and not self._ws.closed:
             return
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            self._http = aiohttp.ClientSession(headers=self.client.auth_headers)
         try:
             self._ws = await self._http.ws_connect(self.ws_url, max_msg_size=0, autoping=True,
                                                   headers=self.headers,
                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in AUTH_STATUSES:
+                raise self.client.refused_key(self._where(), exc.status) from exc
             raise ServerError(
                 f"{self._where()} refused the session WebSocket (HTTP {exc.status}): the "
                 f"server lacks this package's plugin. Start it with ./start_vllm.sh "
@@ -261,8 +267,9 @@ class _ServerSessions:
 class SessionTransport:
     """Resident sessions on both servers (`Transport` of dual_sampling.coordinator).
 
-    `theta` and `target` give each server's URL and name (VLLMClient objects; only `url`
-    and `name` are read). Use `async with SessionTransport(...)` or call `aclose()`.
+    `theta` and `target` give each server's URL, name and API key (VLLMClient objects; `url`,
+    `name`, `headers` and `auth_headers` are read). Use `async with SessionTransport(...)` or
+    call `aclose()`.
     """
 
     def __init__(self, theta: VLLMClient, target: VLLMClient, *, timeout_s: float = 120.0,
