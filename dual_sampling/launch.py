@@ -97,6 +97,23 @@ class Servers:
                 return
             time.sleep(0.2)
 
+    def alive(self, role: str) -> bool:
+        """Whether the role's server process (as started here) is still running."""
+        pid_file = self.run_dir / f"{role}.pid"
+        if not pid_file.is_file():
+            return False
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def log_tail(self, role: str, lines: int) -> list[str]:
+        """The last non-empty lines of the role's server log."""
+        log_file = self.run_dir / f"{role}.log"
+        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
     def stop(self) -> None:
         subprocess.run(["bash", str(START_SCRIPT), "stop", "--run-dir", str(self.run_dir)],
                        capture_output=True)

@@ -41,11 +41,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def engine_servers(launch: ServerLaunchConfig, run_dir: Path) -> Servers:
+def engine_servers(launch: ServerLaunchConfig, run_dir: Path, api_key: str | None = None) -> Servers:
     """The start_vllm.sh call for this launch config (started by `serving`).
 
     A pair gets disjoint GPUs when there are enough (theta the first tp, the target the next
-    tp), else both engines share them at 0.45 of the GPU memory each."""
+    tp), else both engines share them at 0.45 of the GPU memory each. `api_key` guards the
+    engine (None: none, unless VLLM_API_KEY is set, which start_vllm.sh honours)."""
     gpus = visible_gpus() if launch.device != "cpu" else []
     cpu = launch.device == "cpu" or (launch.device == "auto" and not gpus)
     extra = ["--tp", str(launch.tp)]
@@ -60,7 +61,8 @@ def engine_servers(launch: ServerLaunchConfig, run_dir: Path) -> Servers:
             vllm_args += ["--gpu-memory-utilization", "0.45"]
     return Servers(run_dir=run_dir, models={"theta": Path(launch.theta), "target": Path(launch.target)},
                    extra=tuple(vllm_args), cpu=cpu, timeout_s=launch.timeout_s,
-                   script_args=tuple(extra + ["--watch-pid", str(os.getpid())]))
+                   script_args=tuple(extra + ["--watch-pid", str(os.getpid())]),
+                   api_key=api_key)
 
 
 @contextmanager
@@ -92,7 +94,9 @@ def serving(config: RunConfig) -> Iterator[RunConfig]:
     if launch is None or launch.launch == "none":
         yield config
         return
-    servers = engine_servers(launch, Path(config.output_dir) / ENGINE_DIR)
+    # the engine takes the key theta's clients send (theta.api_key_env), so the two agree
+    servers = engine_servers(launch, Path(config.output_dir) / ENGINE_DIR,
+                             os.environ.get(config.theta.api_key_env) or None)
     with ExitStack() as stack:
         stack.callback(servers.stop)
         stack.enter_context(stop_on_signals(servers.stop))
