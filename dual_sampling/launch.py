@@ -103,10 +103,14 @@ class Servers:
         if not pid_file.is_file():
             return False
         try:
-            os.kill(int(pid_file.read_text()), 0)
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
         except (OSError, ValueError):
             return False
-        return True
+        # a killed server whose parent (start_vllm.sh) is gone can stay a zombie where the
+        # container's init does not reap: signal 0 still reaches it
+        stat = Path(f"/proc/{pid}/stat")
+        return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
     def log_tail(self, role: str, lines: int) -> list[str]:
         """The last non-empty lines of the role's server log."""
