@@ -296,7 +296,8 @@ def test_a_resume_with_other_token_settings_is_refused(tmp_path):
     from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
 
     def config(**params):
-        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params))
+        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params),
+                               data=SimpleNamespace(shard_index=0, num_shards=1))
 
     check_resume(tmp_path, config(temperature=1.0, stop=["\n"]))
     check_resume(tmp_path, config(temperature=1.0, stop=["\n"], n=4, concurrency=2))

@@ -142,8 +142,9 @@ def test_a_stopped_or_killed_engine_loses_nothing_and_leaves_no_process(referenc
     assert code == 128 + signal.SIGTERM, log[-3000:]
     assert "stopping the engine" in log
     assert_no_new_vllm(before)
-    with pytest.raises(ProcessLookupError):
-        os.kill(engine_pid, 0)
+    # gone, or a zombie left unreaped by this container's init
+    stat = Path(f"/proc/{engine_pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
 
     job = cli(*command)
     written = len(samples.read_text().splitlines())
