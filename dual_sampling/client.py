@@ -9,7 +9,6 @@ the client of a configured server (`theta`, `teacher`, ...), with its API key.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -169,7 +168,7 @@ def server_client(server: ServerConfig, key: str, *, url: Optional[str] = None,
     return VLLMClient(url or server.url, name=name or key, model=server.model,
                       timeout_s=server.timeout_s, max_retries=server.max_retries,
                       max_connections=max_connections,
-                      api_key=os.environ.get(server.api_key_env) or None,
+                      api_key=server.api_key,
                       api_key_hint=f"set the environment variable {server.api_key_env} "
                                    f"(named by `{key}.api_key_env`) to it")
 

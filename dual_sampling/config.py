@@ -9,6 +9,7 @@ dataclasses, whose `__post_init__` calls each section's `check(key)`, which rais
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -47,6 +48,11 @@ class ServerConfig:
     api_key_env: str = "VLLM_API_KEY"
     """NAME of the environment variable that holds this server's API key (unset or empty:
     no key sent); the key itself never enters the config, its logs or `.hydra/`."""
+
+    @property
+    def api_key(self) -> Optional[str]:
+        """This server's API key: the value of the variable `api_key_env` (unset or empty: None)."""
+        return os.environ.get(self.api_key_env) or None
 
     @property
     def urls(self) -> list[str]:

@@ -165,8 +165,7 @@ def check_jobs(run_dir: Path, jobs: list[Job]) -> None:
     """Raise MergeError unless the jobs make one dataset (the module docstring's checks)."""
     problems = (_disagreements(jobs, SHARD_FILE,
                                lambda job: {k: job.shard.get(k) for k in SHARED_SHARD_FIELDS})
-                + _disagreements(jobs, RUN_PARAMS_FILE, lambda job: {
-                    k: v for k, v in job.run_params.items() if not k.startswith("data.")}))
+                + _disagreements(jobs, RUN_PARAMS_FILE, lambda job: job.run_params))
     if problems:
         raise MergeError(f"{run_dir}: the jobs were not run with the same settings, so their "
                          f"samples are not one dataset: " + " | ".join(problems)

@@ -96,7 +96,7 @@ def serving(config: RunConfig) -> Iterator[RunConfig]:
         return
     # the engine takes the key theta's clients send (theta.api_key_env), so the two agree
     servers = engine_servers(launch, Path(config.output_dir) / ENGINE_DIR,
-                             os.environ.get(config.theta.api_key_env) or None)
+                             config.theta.api_key)
     with ExitStack() as stack:
         stack.callback(servers.stop)
         stack.enter_context(stop_on_signals(servers.stop))

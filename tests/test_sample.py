@@ -296,8 +296,7 @@ def test_a_resume_with_other_token_settings_is_refused(tmp_path):
     from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
 
     def config(**params):
-        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params),
-                               data=SimpleNamespace(shard_index=0, num_shards=1))
+        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params))
 
     check_resume(tmp_path, config(temperature=1.0, stop=["\n"]))
     check_resume(tmp_path, config(temperature=1.0, stop=["\n"], n=4, concurrency=2))
@@ -307,3 +306,26 @@ def test_a_resume_with_other_token_settings_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             check_resume(tmp_path, config(**{"temperature": 1.0, "stop": ["\n"], **changed}))
     assert json.loads((tmp_path / RUN_PARAMS_FILE).read_text())["sample.temperature"] == 1.0
+
+
+def test_a_resume_into_another_shards_output_dir_is_refused(tmp_path):
+    """`-m ... data.shard_index=1` re-run into the job dir of shard 0 would mix two shards in
+    one job: refused naming the keys; the same shard with a greater n resumes."""
+    from types import SimpleNamespace
+
+    from dual_sampling.config import SampleParams
+    from dual_sampling.errors import ConfigError
+    from dual_sampling.modes.sample import SHARD_FILE, write_shard
+
+    def config(shard_index, num_shards=2, n=1):
+        return SimpleNamespace(sample=SampleParams(n=n), data=SimpleNamespace(
+            prompts=str(tmp_path / "p.jsonl"), shard_index=shard_index, num_shards=num_shards,
+            limit=None))
+
+    write_shard(tmp_path, config(0), 10)
+    write_shard(tmp_path, config(0, n=3), 10)
+    for shard_index, num_shards, key in ((1, 2, "data.shard_index=0 there, 1 now"),
+                                         (0, 4, "data.num_shards=2 there, 4 now")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            write_shard(tmp_path, config(shard_index, num_shards), 10)
+    assert json.loads((tmp_path / SHARD_FILE).read_text())["n"] == 3

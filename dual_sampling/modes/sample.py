@@ -58,22 +58,17 @@ SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),
 
 
 def check_resume(out: Path, config: SampleRunConfig) -> None:
-    """Record the token-shaping settings and the shard of a run in `out/run_params.json`,
-    or, when `out` already holds them, refuse (ConfigError naming each key) a run that
-    changes any: its samples would be drawn from another distribution than those it resumes,
-    or belong to another shard's job (files from before shards were recorded are not held
-    to the shard)."""
+    """Record the token-shaping settings of a run in `out/run_params.json`, or, when `out`
+    already holds them, refuse (ConfigError naming each key) a run that changes any: its
+    samples would be drawn from another distribution than those it resumes."""
     wanted = {"seed": config.seed,
-              **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING},
-              "data.shard_index": config.data.shard_index,
-              "data.num_shards": config.data.num_shards}
+              **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING}}
     wanted = json.loads(json.dumps(wanted))  # lists and None as JSON gives them back
     path = out / RUN_PARAMS_FILE
     if path.is_file():
         found = json.loads(path.read_text())
         changed = [f"{key}={found.get(key)!r} there, {value!r} now"
-                   for key, value in wanted.items()
-                   if found.get(key) != value and (key in found or not key.startswith("data."))]
+                   for key, value in wanted.items() if found.get(key) != value]
         if changed:
             raise ConfigError(
                 f"output_dir {out} holds samples drawn with other settings ("
@@ -89,11 +84,19 @@ def write_shard(out: Path, config: SampleRunConfig, num_prompts: int) -> None:
     before sharding, `data.shard_index`, `num_shards`, `limit` and `sample.n`. The prompt
     indices this run covers are not stored: a prompt's `index` is its position in the file,
     so they are `data.select(range(num_prompts), shard_index, num_shards, limit)`. Every run
-    rewrites it, so a resume with a greater n records that n (dual_sampling/merge.py)."""
+    rewrites it, so a resume with a greater n records that n (dual_sampling/merge.py); a run
+    of another shard than the one `out` holds is refused (ConfigError naming the keys)."""
     shard = {"prompts": str(Path(config.data.prompts).resolve()), "num_prompts": num_prompts,
              "shard_index": config.data.shard_index, "num_shards": config.data.num_shards,
              "limit": config.data.limit, "n": config.sample.n}
-    (out / SHARD_FILE).write_text(json.dumps(shard, indent=2) + "\n")
+    path = out / SHARD_FILE
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    if changed := [f"data.{key}={found[key]!r} there, {shard[key]!r} now"
+                   for key in ("shard_index", "num_shards") if found.get(key, shard[key]) != shard[key]]:
+        raise ConfigError(f"output_dir {out} holds another shard's samples ({'; '.join(changed)}): "
+                          f"resuming would mix two shards in one job. Give this shard's "
+                          f"output_dir, or the shard the run started with.")
+    path.write_text(json.dumps(shard, indent=2) + "\n")
 
 
 def run(config: SampleRunConfig) -> dict[str, Any]:
