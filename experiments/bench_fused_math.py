@@ -1,4 +1,5 @@
-"""The fused sampler's math alone (fused_math), per engine step, over vocabulary and batch size.
+"""The fused sampler's math alone (fused/kernels.py), per engine step, over vocabulary and
+batch size.
 
     python experiments/bench_fused_math.py [--vocab 2048 32000 151936] [--batch 1 32 256]
                                            [--repeats 3] [--threads 1] [--compare OLD.py]
@@ -10,11 +11,13 @@ best of `--repeats`, next to one `torch.log_softmax` of the same (B, V) logits (
 sampler does a softmax of that size every step). Logits are LM-like: N(0, 1) times a per-row
 scale in [2, 4] (a long tail within 40 nats of the top; real LMs look like that), the target a
 perturbation of theta's. `--compare` times another version of the module side by side (e.g.
-`git show REV:dual_sampling/vllm_plugin/fused_math.py > old.py`; a version from before the
-compiled kernels is timed with the two log-softmaxes its composite model computed), and
-prints the largest |alpha difference| between the two (an old module is warm-started 0.05
-from alpha*, as it was at every token). `max |alpha err|` is against the numpy reference
-(`mixture.solve_alpha` in float64 at tol 1e-12). The kernels compile before timing.
+`git show REV:dual_sampling/vllm_plugin/fused/kernels.py > old.py`, or
+`REV:dual_sampling/vllm_plugin/fused_math.py` for a revision before the fused/ package; a
+version from before the compiled kernels is timed with the two log-softmaxes its composite
+model computed), and prints the largest |alpha difference| between the two (an old module
+is warm-started 0.05 from alpha*, as it was at every token). `max |alpha err|` is against the
+numpy reference (`mixture.solve_alpha` in float64 at tol 1e-12). The kernels compile before
+timing.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 from tabulate import tabulate
 
 from dual_sampling import mixture
-from dual_sampling.vllm_plugin import fused_math
+from dual_sampling.vllm_plugin.fused import kernels
 
 
 def pair(batch: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,7 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def load(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fused_math_compared", path)
+    spec = importlib.util.spec_from_file_location("kernels_compared", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -85,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compare", help="another fused_math.py to time side by side")
+    parser.add_argument("--compare", help="another fused/kernels.py to time side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     other = load(args.compare) if args.compare else None
@@ -98,15 +101,15 @@ def main() -> None:
             start = np.clip(exact + np.random.default_rng(0).normal(0, 0.05, batch), 0, 1)
             u = torch.rand(batch, dtype=torch.float64)
             timed = {}
-            for name, module in (("new", fused_math), ("old", other)):
+            for name, module in (("new", kernels), ("old", other)):
                 if module is None:
                     continue
                 for fixed in (False, True):
                     step(module, theta, target, start, u, fixed)  # compiles, warms buffers
                     timed[name, fixed] = best_ms(
                         lambda: step(module, theta, target, start, u, fixed), args.repeats)
-            rows = fused_math.Rows.of(theta, target)
-            solution = fused_math.solve(rows)
+            rows = kernels.Rows.of(theta, target)
+            solution = kernels.solve(rows)
             error = np.abs(solution.alpha.numpy() - exact).max()
             softmax_ms = best_ms(lambda: torch.log_softmax(theta, -1), args.repeats)
             row = [vocab, batch, f"{softmax_ms:.1f}", f"{timed['new', False]:.1f}",
@@ -118,7 +121,7 @@ def main() -> None:
                 row += [f"{timed['old', False]:.1f}", f"{timed['old', True]:.1f}",
                         f"{timed['old', False] / timed['new', False]:.1f}x",
                         f"{timed['old', True] / timed['new', True]:.1f}x",
-                        f"{(step(fused_math, theta, target, start, u) - alpha_old).abs().max().item():.1e}"]
+                        f"{(step(kernels, theta, target, start, u) - alpha_old).abs().max().item():.1e}"]
             table.append(row)
     headers = ["V", "B", "log_softmax ms", "alpha* step ms", "fixed step ms", "evaluations (alpha*)",
                "alpha* step / log_softmax", "fixed step / log_softmax", "max |alpha err|"]

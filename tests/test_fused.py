@@ -29,8 +29,8 @@ from dual_sampling.launch import START_SCRIPT, Servers
 from dual_sampling.sampling import wants_fused
 from dual_sampling.records import read_records
 from dual_sampling.transports.fused import PATH, prompt_seed
-from dual_sampling.vllm_plugin.fused_route import ENGINE_PATH
-from dual_sampling.vllm_plugin.fused_setup import FusedSetupError, hf_overrides
+from dual_sampling.vllm_plugin.fused.route import ENGINE_PATH
+from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, hf_overrides
 
 VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
 PROMPTS = [f"Prompt number {i}: the standard library module" for i in range(24)]
@@ -132,7 +132,7 @@ def test_a_pair_with_different_kv_layouts_serves_fused_and_matches_transformers(
     from transformers import AutoConfig
 
     from dual_sampling.reference import Reference
-    from dual_sampling.vllm_plugin.fused_setup import kv_bytes_per_token
+    from dual_sampling.vllm_plugin.fused.setup import kv_bytes_per_token
     models = hetero_server.models
     with urllib.request.urlopen(hetero_server.url("fused") + ENGINE_PATH, timeout=30) as reply:
         engine = json.loads(reply.read())

@@ -11,11 +11,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 from dual_sampling import mixture
-from dual_sampling.vllm_plugin import fused_math
+from dual_sampling.vllm_plugin.fused import kernels
 
 
-def rows_of(a: np.ndarray, b: np.ndarray) -> fused_math.Rows:
-    return fused_math.Rows.of(torch.as_tensor(a), torch.as_tensor(b))
+def rows_of(a: np.ndarray, b: np.ndarray) -> kernels.Rows:
+    return kernels.Rows.of(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def random_pair(rng: np.random.Generator, rows: int, vocab: int, scale: float, pad: int = 0):
@@ -32,7 +32,7 @@ def chernoff_scipy(a: np.ndarray, b: np.ndarray) -> float:
     return res.x
 
 
-def assert_diagnostics(solution: fused_math.Solution, a: np.ndarray, b: np.ndarray,
+def assert_diagnostics(solution: kernels.Solution, a: np.ndarray, b: np.ndarray,
                        atol: float) -> None:
     """The solution's log Z, KLs and entropy against numpy's at the solution's own alpha."""
     alpha = solution.alpha.numpy()
@@ -59,14 +59,14 @@ def test_alpha_and_diagnostics_match_numpy(seed, rows, vocab, scale, pad, warm, 
     pad = min(pad, vocab - 1)
     a, b = random_pair(rng, rows, vocab, scale, pad)
     start = rng.uniform(size=rows) if warm else None
-    solution = fused_math.solve(rows_of(a + shift, b - shift), start)
+    solution = kernels.solve(rows_of(a + shift, b - shift), start)
     want = mixture.solve_alpha(a, b, tol=1e-12)
     shared = np.isfinite(a) & np.isfinite(b)
     q, d = np.exp(mixture.log_mixture(a, b, want)), np.where(shared, b, 0) - np.where(shared, a, 0)
     var = (q * d * d).sum(-1) - (q * d).sum(-1) ** 2
     # 1e-6, or what float64 rounding of g (~1e-16 here) allows: that over g' = Var_q[d]
     assert (np.abs(solution.alpha.numpy() - want) <= 1e-6 + 1e-15 / np.maximum(var, 1e-300)).all()
-    assert solution.evaluations < fused_math.MAX_ITER
+    assert solution.evaluations < kernels.MAX_ITER
     assert_diagnostics(solution, a, b, atol=1e-9)
 
 
@@ -74,7 +74,7 @@ def test_a_fixed_alpha_is_exact_and_needs_one_pass():
     rng = np.random.default_rng(5)
     a, b = random_pair(rng, 6, 2500, 3.0, pad=2)
     alpha = np.array([0.0, 0.1, 0.3, 0.5, 0.77, 1.0])
-    solution = fused_math.solve(rows_of(a, b), alpha, np.ones(6, bool))
+    solution = kernels.solve(rows_of(a, b), alpha, np.ones(6, bool))
     assert solution.evaluations == 1 and (solution.alpha.numpy() == alpha).all()
     assert_diagnostics(solution, a, b, atol=1e-9)
 
@@ -85,14 +85,14 @@ def test_a_chebyshev_step_that_cancels_newton_is_not_taken():
     a = np.array([[-0.06549518, -2.75834759]])
     b = np.array([[-7.44786369, -5.82854908e-04]])
     b = b - logsumexp(b, axis=-1, keepdims=True)
-    solution = fused_math.solve(rows_of(a, b))
+    solution = kernels.solve(rows_of(a, b))
     assert abs(solution.alpha.item() - chernoff_scipy(a[0], b[0])) < 1e-6
 
 
 def test_alpha_matches_scipy_on_peaked_rows():
     rng = np.random.default_rng(0)
     a, b = random_pair(rng, 8, 1024, 6.0, pad=24)
-    solution = fused_math.solve(rows_of(a, b))
+    solution = kernels.solve(rows_of(a, b))
     for row in range(8):
         assert abs(solution.alpha[row].item() - chernoff_scipy(a[row], b[row])) < 1e-6
     assert solution.evaluations <= 8
@@ -103,7 +103,7 @@ def test_identical_rows_give_one_half_and_log_q_matches_numpy():
     a, b = random_pair(rng, 4, 50, 3.0)
     b[0] = a[0]
     rows = rows_of(a, b)
-    solution = fused_math.solve(rows, np.array([0.2, 0.5, 0.5, 0.5]))
+    solution = kernels.solve(rows, np.array([0.2, 0.5, 0.5, 0.5]))
     assert solution.alpha[0].item() == 0.5
     mix = solution.mixture()
     np.testing.assert_allclose(rows.log_q(solution.alpha, mix.log_z).numpy(),
@@ -122,12 +122,12 @@ def test_tokens_match_numpy_inverse_cdf_at_every_temperature(vocab):
         a[:4, : vocab // 2] = -np.inf  # whole blocks of zeros
         a[:4] -= logsumexp(a[:4], axis=-1, keepdims=True)
     rows = rows_of(a, b)
-    solution = fused_math.solve(rows)
+    solution = kernels.solve(rows)
     alpha = solution.alpha.numpy()
     u = np.concatenate([rng.uniform(size=30), [0.0, 1 - 2**-53]])
     temperature = np.array([1.0, 0.5, 2.0, 0.0] * 8)
-    draw = fused_math.sample(rows, solution, solution.mixture().log_z, torch.as_tensor(u),
-                             torch.as_tensor(temperature))
+    draw = kernels.sample(rows, solution, solution.mixture().log_z, torch.as_tensor(u),
+                          torch.as_tensor(temperature))
     log_q = mixture.log_mixture(a, b, alpha)
     for t in (1.0, 0.5, 2.0):
         pick = temperature == t
@@ -145,10 +145,10 @@ def test_tokens_match_numpy_inverse_cdf_at_every_temperature(vocab):
 def test_uniforms_depend_on_seed_and_step_only():
     seeds = np.array([1, 2, 1, 7], dtype=np.uint64)
     steps = np.array([0, 0, 5, 3])
-    u = fused_math.uniforms(seeds, steps)
+    u = kernels.uniforms(seeds, steps)
     assert ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 4
-    np.testing.assert_array_equal(fused_math.uniforms(seeds[2:3], steps[2:3]), u[2:3])
-    many = fused_math.uniforms(np.full(20000, 3, np.uint64), np.arange(20000))
+    np.testing.assert_array_equal(kernels.uniforms(seeds[2:3], steps[2:3]), u[2:3])
+    many = kernels.uniforms(np.full(20000, 3, np.uint64), np.arange(20000))
     assert abs(many.mean() - 0.5) < 0.01
 
 
@@ -160,10 +160,10 @@ def test_float32_logits_at_a_real_vocabulary_match_float64():
     generator = torch.Generator().manual_seed(0)
     theta = torch.randn(4, 151936, generator=generator) * 3 + 7
     target = theta + torch.randn(4, 151936, generator=generator) * 1.5 - 3
-    rows = fused_math.Rows.of(theta, target)
-    solution = fused_math.solve(rows, np.full(4, 0.2))
-    exact_rows = fused_math.Rows.of(theta.double(), target.double())
-    exact = fused_math.solve(exact_rows, tol=1e-12)
+    rows = kernels.Rows.of(theta, target)
+    solution = kernels.solve(rows, np.full(4, 0.2))
+    exact_rows = kernels.Rows.of(theta.double(), target.double())
+    exact = kernels.solve(exact_rows, tol=1e-12)
     a64 = theta.double().log_softmax(-1).numpy()
     b64 = target.double().log_softmax(-1).numpy()
     x = exact.alpha.numpy()[:, None]
@@ -177,13 +177,13 @@ def test_float32_logits_at_a_real_vocabulary_match_float64():
                                    atol=1e-6)
     u = torch.as_tensor(np.random.default_rng(0).uniform(size=4))
     ones = torch.ones(4, dtype=torch.float64)
-    token = fused_math.sample(rows, solution, mix.log_z, u, ones).token
-    assert (token == fused_math.sample(exact_rows, exact, exact_mix.log_z, u, ones).token).all()
+    token = kernels.sample(rows, solution, mix.log_z, u, ones).token
+    assert (token == kernels.sample(exact_rows, exact, exact_mix.log_z, u, ones).token).all()
     # the compiled kernel and the same function run eagerly
     alpha = torch.full((4,), 0.3)
     compiled = rows.moment_blocks(alpha)
-    eager = fused_math._over_blocks(fused_math._MOMENT_BLOCKS.fn, theta, target, rows.c_theta,
-                                    rows.c_target, alpha)
+    eager = kernels._over_blocks(kernels._MOMENT_BLOCKS.fn, theta, target, rows.c_theta,
+                                 rows.c_target, alpha)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
@@ -196,17 +196,17 @@ def test_chunked_and_indexed_evaluations_equal_one_call(monkeypatch):
     rows = rows_of(a, b)
     alpha = torch.linspace(0.1, 0.9, 7, dtype=torch.float64)
     whole = rows.moment_blocks(alpha)
-    solution = fused_math.solve(rows)
+    solution = kernels.solve(rows)
     u = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
     ones = torch.ones(7, dtype=torch.float64)
-    token = fused_math.sample(rows, solution, solution.mixture().log_z, u, ones).token
-    monkeypatch.setattr(fused_math, "CHUNK", 2 * 2500)  # two rows a call
+    token = kernels.sample(rows, solution, solution.mixture().log_z, u, ones).token
+    monkeypatch.setattr(kernels, "CHUNK", 2 * 2500)  # two rows a call
     torch.testing.assert_close(rows.moment_blocks(alpha), whole, rtol=1e-12, atol=1e-300)
     index = torch.tensor([5, 0, 3])
     torch.testing.assert_close(rows.moment_blocks(alpha[index], index), whole[index],
                                rtol=1e-12, atol=1e-300)
-    chunked = fused_math.solve(rows)
+    chunked = kernels.solve(rows)
     torch.testing.assert_close(chunked.alpha, solution.alpha, rtol=1e-12, atol=1e-300)
     torch.testing.assert_close(chunked.blocks, solution.blocks, rtol=1e-12, atol=1e-300)
-    assert (fused_math.sample(rows, chunked, chunked.mixture().log_z, u, ones).token
+    assert (kernels.sample(rows, chunked, chunked.mixture().log_z, u, ones).token
             == token).all()

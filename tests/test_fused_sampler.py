@@ -24,9 +24,9 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
-from dual_sampling.vllm_plugin import fused_state
-from dual_sampling.vllm_plugin.fused_sampler import FusedSampler
-from dual_sampling.vllm_plugin.fused_setup import EXTRA_KEY, SAMPLER
+from dual_sampling.vllm_plugin.fused import state
+from dual_sampling.vllm_plugin.fused.sampler import FusedSampler
+from dual_sampling.vllm_plugin.fused.setup import EXTRA_KEY, SAMPLER
 
 VOCAB = 40
 
@@ -46,7 +46,7 @@ def logprobs(request: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
 def stash_and_logits(batch: list[tuple[int, int]]) -> torch.Tensor:
     """Put the stash of logits rows `batch` = [(request, position), ...]; theta's logits."""
     pairs = [logprobs(r, p) for r, p in batch]
-    fused_state.put_logits(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+    state.put_logits(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
     return torch.stack([a for a, _ in pairs]).clone()
 
 
@@ -76,13 +76,13 @@ class Request:
 
 
 def fresh() -> FusedSampler:
-    fused_state._records.clear()
-    fused_state._removed_at.clear()
+    state._records.clear()
+    state._removed_at.clear()
     return FusedSampler(None, torch.device("cpu"), False)
 
 
 def pop(requests: list[Request]) -> dict[str, dict]:
-    return fused_state.pop({r.tag: len(r.output) for r in requests})
+    return state.pop({r.tag: len(r.output) for r in requests})
 
 
 def run_v1(requests: list[Request], async_scheduling: bool) -> dict[str, dict]:
@@ -136,7 +136,7 @@ def run_v2(requests: list[Request]) -> dict[str, dict]:
     prompt_len = np.zeros(8, dtype=np.int32)
     sampler = FusedSampler(SimpleNamespace(speculative_config=None), SimpleNamespace(
         prompt_len=SimpleNamespace(np=prompt_len), prefill_len=SimpleNamespace(np=prompt_len)))
-    fused_state._records.clear()
+    state._records.clear()
     free, waiting, active = [6, 3], list(requests), {}
     prefilled: set[int] = set()
     extra_done: set[int] = set()
@@ -156,7 +156,7 @@ def run_v2(requests: list[Request]) -> dict[str, dict]:
             else:
                 pos.append(request.prompt_len - 1 + len(request.output))
         batch = [(active[s].index, p + 1 - active[s].prompt_len) for s, p in zip(slots, pos)]
-        fused_state.put_logits(*(torch.stack(x) for x in zip(*[
+        state.put_logits(*(torch.stack(x) for x in zip(*[
             logprobs(r, max(p, 0)) for r, p in batch])))
         logits = torch.zeros(len(slots), VOCAB)
         mapping = torch.tensor(slots)
@@ -217,9 +217,9 @@ def test_a_record_keeps_positions_after_a_discarded_step():
     for position in range(4):
         out.append(forced_tokens(sampler.apply(stash_and_logits([(0, position)])))[0])
     sampler.apply(stash_and_logits([(0, 4)]))  # the discarded step: position 4
-    assert len(fused_state._records["t"]["token"]) == 5
-    fused_state.put(["t"], [9], {name: [0.0] for name in fused_state.FIELDS})  # a gap
-    record = fused_state.pop({"t": 4})["t"]
+    assert len(state._records["t"]["token"]) == 5
+    state.put(["t"], [9], {name: [0.0] for name in state.FIELDS})  # a gap
+    record = state.pop({"t": 4})["t"]
     assert record["token"] == out and all(len(v) == 4 for v in record.values())
 
 
@@ -244,7 +244,7 @@ def test_v2_a_request_resumed_after_preemption_keeps_its_record():
     sampler.add_request(0, params("r", 3))
     assert not torch.isneginf(step(5)).any()  # a chunk of the re-prefill: left alone
     tokens.append(forced_tokens(step(7))[0])  # position 3
-    record = fused_state.pop({"r": 4})["r"]
+    record = state.pop({"r": 4})["r"]
     assert record["token"] == tokens and len(record["alpha"]) == 4
 
 

@@ -3,7 +3,7 @@
     coordinator = FusedCoordinator(client, FusedSettings(...), on_finished)
     await coordinator.run(prompts)        # prompts: an async iterator of PromptItem
 
-A fused server (start_vllm.sh --fused; dual_sampling/vllm_plugin/fused_*.py) runs pi_theta
+A fused server (start_vllm.sh --fused; dual_sampling/vllm_plugin/fused/) runs pi_theta
 and pi_t in one vLLM engine and samples every token inside vLLM's decode loop from the
 exact q* over the full vocabulary, recording each token's diagnostics in the engine. So
 nothing happens per token here: each prompt is one POST to the server's fused route, which
@@ -35,7 +35,7 @@ from dual_sampling.coordinator import (TOKEN_FIELDS, PromptItem, Sequence, StepS
                                        sequence_seed)
 from dual_sampling.errors import MalformedResponseError
 
-PATH = "/v1/dual_sampling/fused/generate"  # dual_sampling/vllm_plugin/fused_route.py
+PATH = "/v1/dual_sampling/fused/generate"  # dual_sampling/vllm_plugin/fused/route.py
 EXACT = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
          "entropy_q")  # what the server returns per token; q* covers the whole vocabulary
 

@@ -5,7 +5,7 @@ loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.s
 Each module in `ROUTE_MODULES` exposes a FastAPI `router`. `register_general` is the
 `vllm.general_plugins` hook, which vLLM runs in every process of a server (API server,
 engine core, workers): the engine tunings (tuning.py) and the composite two-model class of
-fused servers (fused_model.py), registered by name: it is imported only by a fused server.
+fused servers (fused/model.py), registered by name: it is imported only by a fused server.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import importlib
 from argparse import Namespace
 from typing import Any
 
-ROUTE_MODULES = ("info", "topk", "session", "fused_route", "theta_route")
+ROUTE_MODULES = ("info", "topk", "session", "fused.route", "theta_route")
 ROUTE_FEATURES = {"session": "sessions"}  # route module -> the compat feature it needs
 
 
@@ -37,11 +37,12 @@ class DualSamplingPlugin:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.dual_sampling_args = args
-        from dual_sampling.vllm_plugin import fused_route, theta_route
+        from dual_sampling.vllm_plugin import theta_route
+        from dual_sampling.vllm_plugin.fused import route
         theta_route.init_state(state, engine_client.model_config,
                                str(engine_client.model_config.served_model_name))
-        if fused_route.is_fused(engine_client):
-            state.dual_sampling_engine = await fused_route.check_engine(engine_client)
+        if route.is_fused(engine_client):
+            state.dual_sampling_engine = await route.check_engine(engine_client)
 
 
 def make_plugin() -> DualSamplingPlugin:
@@ -53,9 +54,9 @@ def register_general() -> None:
     from vllm import ModelRegistry
 
     from dual_sampling.vllm_plugin import compat, tuning
-    from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE
+    from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
     compat.warn_if_unpinned()
     tuning.register()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
-            ARCHITECTURE, f"dual_sampling.vllm_plugin.fused_model:{ARCHITECTURE}")
+            ARCHITECTURE, f"dual_sampling.vllm_plugin.fused.model:{ARCHITECTURE}")

@@ -6,7 +6,7 @@ leading parameters a callable must take. `usable(feature)` checks them and, when
 missing or changed, logs one warning naming it and returns False, so the caller leaves vLLM
 stock (the feature is a speed-up; stock behaviour gives the same outputs).
 
-`fused` is different: the fused engine (fused_*.py) is built on these names and has no stock
+`fused` is different: the fused engine (fused/*.py) is built on these names and has no stock
 fallback, so a fused server of another vLLM fails at start-up where one is gone; listing them
 here makes an upgrade fail one clear test instead. They include the behaviour its processor
 relies on under async scheduling (V1 fills the -1 placeholders of tokens in flight before
@@ -92,7 +92,7 @@ PRIVATE: dict[str, tuple[Private, ...]] = {
         Private("vllm.engine.protocol", "StreamingInput"),
         Private("vllm.inputs.engine", "tokens_input"),
     ),
-    "fused": (  # fused_model.py, fused_sampler.py, fused_state.py: no stock fallback
+    "fused": (  # fused/model.py, fused/sampler.py, fused/state.py: no stock fallback
         Private("vllm.model_executor.models.utils", "init_vllm_registered_model",
                 ("vllm_config", "prefix", "hf_config", "architectures")),
         Private("vllm.model_executor.model_loader.default_loader", "DefaultModelLoader.Source",

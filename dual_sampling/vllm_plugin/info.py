@@ -13,7 +13,7 @@ import importlib
 from fastapi import APIRouter, Request
 
 from dual_sampling.vllm_plugin import route_modules
-from dual_sampling.vllm_plugin.fused_route import is_fused
+from dual_sampling.vllm_plugin.fused.route import is_fused
 from dual_sampling.vllm_plugin.theta_route import state_of
 
 router = APIRouter()

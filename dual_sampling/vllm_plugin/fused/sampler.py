@@ -1,24 +1,24 @@
 """The fused server's logits processor: alpha*, q* and the token itself, every engine step.
 
-vLLM runs it (`--logits-processors dual_sampling.vllm_plugin.fused_sampler:FusedSampler`,
+vLLM runs it (`--logits-processors dual_sampling.vllm_plugin.fused.sampler:FusedSampler`,
 set by start_vllm.sh --fused) on the logits of every step, after the composite model
-(fused_model.py) has put both models' full-vocabulary logits in the worker's stash; the
-math (fused_math.py: a few fused passes over the vocabulary, compiled at start-up) reads
+(fused/model.py) has put both models' full-vocabulary logits in the worker's stash; the
+math (fused/kernels.py: a few fused passes over the vocabulary, compiled at start-up) reads
 them in place, before this step's writes to theta's logits.
 Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
 
     {"tag": str, "seed": int, "alpha": float | None, "temperature": float}
 
-- alpha None solves alpha* (the Chernoff point, to 1e-7, from fused_math.first_guess:
+- alpha None solves alpha* (the Chernoff point, to 1e-7, from kernels.first_guess:
   the quintic log Z through both ends' g and g', which the normaliser pass gives); a
   number in [0, 1] fixes it for this request (a sweep needs no restart).
 - A tagged row SAMPLES ITS TOKEN HERE: from q*^(1/T) normalised (T = temperature, 0 =
   argmax), by inverse CDF with one uniform from (seed, number of tokens generated so far)
-  (fused_math.uniforms), so a request's tokens depend on its seed alone, not on batching,
+  (kernels.uniforms), so a request's tokens depend on its seed alone, not on batching,
   preemption or resume. The row's logits become 0 at that token and -inf elsewhere, so
   vLLM's own sampler picks it at any temperature, top-p or top-k. Its exact per-token
   diagnostics (token, alpha, logp_theta, logp_target, logp_q under the distribution
-  sampled, KL(q*||theta), KL(q*||target), H(q*)) go to fused_state under the tag.
+  sampled, KL(q*||theta), KL(q*||target), H(q*)) go to `state` under the tag.
 - A row without the extra args (a stock /v1/completions request) gets log q* with alpha*
   as its logits: vLLM then samples q* with the request's own temperature, seed, top-p.
 
@@ -36,7 +36,7 @@ start_vllm.sh leaves it on (`--no-async-scheduling` turns it off):
   the uniform of each position is the one synchronous scheduling uses.
 - `apply` runs once more for a request that has just finished (EOS, a stop string, the
   length limit) before the scheduler removes it; that step's token is discarded. Its
-  diagnostics land one position past the completion, and `fused_state.pop` returns each
+  diagnostics land one position past the completion, and `state.pop` returns each
   record cut to the completion's length, so they never reach a reply. Stop strings, found in
   the API server after the fact, can cost a few such steps under either scheduling.
 Speculative decoding is refused (V1 refuses custom processors with it; V2 here).
@@ -54,8 +54,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
-from dual_sampling.vllm_plugin import fused_math, fused_state
-from dual_sampling.vllm_plugin.fused_setup import CONFIG_KEY, EXTRA_KEY
+from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
 
 
 @dataclass
@@ -76,7 +76,7 @@ class _Row:
                   temperature=float(args.get("temperature", 1.0)),
                   output_ids=output_ids if output_ids is not None else [])
         if row.tag is not None:
-            fused_state.open_record(row.tag)
+            state.open_record(row.tag)
         return row
 
 
@@ -117,7 +117,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         if isinstance(spec, dict):  # the composite model's server: compile the math now
             device = device_or_states if self.req_states is None \
                 else vllm_config.device_config.device
-            fused_math.warm_up(int(spec["vocab_size"]), device)
+            kernels.warm_up(int(spec["vocab_size"]), device)
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -137,12 +137,12 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
             if direction == MoveDirectionality.SWAP and row_b is not None:
                 self.rows[a] = row_b
             elif row_b is not None and row_b.tag is not None:
-                fused_state.mark_removed(row_b.tag)
+                state.mark_removed(row_b.tag)
 
     def _drop(self, index: int, table: Optional[dict[int, _Row]] = None) -> None:
         row = (self.rows if table is None else table).pop(index, None)
         if row is not None and row.tag is not None:
-            fused_state.mark_removed(row.tag)
+            state.mark_removed(row.tag)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """V2: a request takes slot `req_idx` (a slot's previous request has left)."""
@@ -178,7 +178,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     def apply(self, logits: torch.Tensor, ctx: Optional[LogitsContext] = None) -> torch.Tensor:
         """V1 calls apply(logits), V2 apply(logits, ctx)."""
-        stash = fused_state.take_logits()
+        stash = state.take_logits()
         if stash is None or stash[0].shape[0] != logits.shape[0]:
             return logits  # a dummy or warm-up run: no forward behind it
         by_row = self._batch_rows(logits.shape[0]) if ctx is None else self._context_rows(ctx)
@@ -190,12 +190,12 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         device = logits.device
         idx = torch.tensor(index, device=device)
         if index == list(range(len(index))):  # the usual case: views, not copies of (R, V)
-            rows = fused_math.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
+            rows = kernels.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
         else:
-            rows = fused_math.Rows.of(stash[0][idx], stash[1][idx])
+            rows = kernels.Rows.of(stash[0][idx], stash[1][idx])
         fixed = np.array([r.alpha is not None for r in states])
         start = np.array([np.nan if r.alpha is None else r.alpha for r in states])
-        solution = fused_math.solve(rows, start, fixed)
+        solution = kernels.solve(rows, start, fixed)
         solve_s = time.perf_counter() - t0
         mix = solution.mixture()
         tagged = [r.tag is not None for r in states]
@@ -209,24 +209,24 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         if any(tagged):
             self._sample(logits, idx, states, torch.tensor(tagged, device=device), rows,
                          solution, mix)
-        fused_state.count(len(states), solve_s, time.perf_counter() - t0,
-                          solution.evaluations)
+        state.count(len(states), solve_s, time.perf_counter() - t0,
+                    solution.evaluations)
         return logits
 
     def _sample(self, logits: torch.Tensor, idx: torch.Tensor, states: list[_Row],
-                tagged: torch.Tensor, rows: fused_math.Rows, solution: fused_math.Solution,
-                mix: fused_math.Mixture) -> None:
+                tagged: torch.Tensor, rows: kernels.Rows, solution: kernels.Solution,
+                mix: kernels.Mixture) -> None:
         """Draw each tagged row's token, force it in `logits`, record its diagnostics."""
-        picked = [state for state in states if state.tag is not None]
+        picked = [row for row in states if row.tag is not None]
         seeds = np.array([r.seed for r in picked], dtype=np.uint64)
         steps = np.array([r.step for r in picked], dtype=np.uint64)
-        u = torch.from_numpy(fused_math.uniforms(seeds, steps)).to(logits.device)  # (T,)
+        u = torch.from_numpy(kernels.uniforms(seeds, steps)).to(logits.device)  # (T,)
         temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
                                    device=logits.device)  # (T,)
         if not bool(tagged.all()):
             rows, solution = rows.take(tagged), solution.take(tagged)
-            mix = fused_math.Mixture(*(x[tagged] for x in mix))
-        draw = fused_math.sample(rows, solution, mix.log_z, u, temperature)
+            mix = kernels.Mixture(*(x[tagged] for x in mix))
+        draw = kernels.sample(rows, solution, mix.log_z, u, temperature)
         logp_theta, d = rows.at(draw.token)
         target_rows = idx[tagged]
         logits.index_fill_(0, target_rows, -torch.inf)
@@ -236,5 +236,5 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
             "logp_target": logp_theta + d, "logp_q": draw.logp_q,
             "kl_q_theta": mix.kl_q_theta, "kl_q_target": mix.kl_q_target,
             "entropy_q": mix.entropy_q}
-        fused_state.put([r.tag for r in picked], steps.tolist(),
-                        {name: value.tolist() for name, value in columns.items()})
+        state.put([r.tag for r in picked], steps.tolist(),
+                  {name: value.tolist() for name, value in columns.items()})

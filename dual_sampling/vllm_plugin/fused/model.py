@@ -1,12 +1,12 @@
 """`DualSamplingMixtureForCausalLM`: pi_theta and pi_t as two submodules of one vLLM model.
 
-The server is started on the theta checkpoint with hf-overrides (fused_setup.py writes
+The server is started on the theta checkpoint with hf-overrides (fused/setup.py writes
 them) that name this architecture and add `dual_sampling_fused`: the target checkpoint's
 path, both original architectures and the real vocabulary size. Each model is built by
 vLLM's own model class (`init_vllm_registered_model`), so tensor parallelism, prefix
 caching, continuous batching and CUDA graphs stay vLLM's; both stacks' attention layers get
 KV cache (same token stream, same positions, same block size) in one KV-cache group, each
-layer with its own head size and KV heads (fused_setup.py checks that vLLM can group them).
+layer with its own head size and KV heads (fused/setup.py checks that vLLM can group them).
 
 Weights load from where the checkpoints lie: theta's are the served model's own (vLLM's
 default loader reads them, sharded safetensors included), the target's come through the
@@ -14,10 +14,10 @@ loader's `secondary_weights` with the prefix `target.`; nothing is copied or mer
 
 `forward` returns both stacks' last hidden states side by side; `compute_logits` splits
 them, runs each model's own `compute_logits`, puts both models' logits over the tokenizer's
-ids (B, V) in the worker stash as views, without a copy or a log-softmax (fused_state.py;
+ids (B, V) in the worker stash as views, without a copy or a log-softmax (fused/state.py;
 ids past the tokenizer's vocabulary, a checkpoint's padded output rows, are left out, so
 they are never sampled) and returns theta's logits: normalising, the mixing, alpha* and
-the token are the logits processor's (fused_sampler.py, fused kernels in fused_math.py),
+the token are the logits processor's (fused/sampler.py, fused kernels in fused/kernels.py),
 which this model requires and checks for at start-up.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 from vllm.transformers_utils.config import get_config
 
-from dual_sampling.vllm_plugin import fused_state
-from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE, CONFIG_KEY, SAMPLER
+from dual_sampling.vllm_plugin.fused import state
+from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, CONFIG_KEY, SAMPLER
 
 TARGET_PREFIX = "target."
 
@@ -64,7 +64,7 @@ class DualSamplingMixtureForCausalLM(nn.Module):
                 f"{ARCHITECTURE} runs with --pipeline-parallel-size 1 only (got "
                 f"{vllm_config.parallel_config.pipeline_parallel_size}); use --tp instead.")
         # theta's own config, not the served one: that one carries the larger model's head
-        # size and KV heads for vLLM's buffers (fused_setup.hf_overrides)
+        # size and KV heads for vLLM's buffers (setup.hf_overrides)
         trust = vllm_config.model_config.trust_remote_code
         theta_config = get_config(vllm_config.model_config.model, trust_remote_code=trust)
         target_config = get_config(spec["target"], trust_remote_code=trust)
@@ -96,8 +96,8 @@ class DualSamplingMixtureForCausalLM(nn.Module):
         logits_target = self.target.compute_logits(hidden_target)  # (B, V_target)
         if logits_theta is None or logits_target is None:
             return logits_theta
-        fused_state.put_logits(logits_theta[:, :self.vocab_size],
-                               logits_target[:, :self.vocab_size])
+        state.put_logits(logits_theta[:, :self.vocab_size],
+                         logits_target[:, :self.vocab_size])
         return logits_theta
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,11 +1,11 @@
 """Check a theta/target pair for one fused engine and print the vLLM arguments that serve it.
 
-    python -m dual_sampling.vllm_plugin.fused_setup THETA_DIR TARGET_DIR   # one arg a line
+    python -m dual_sampling.vllm_plugin.fused.setup THETA_DIR TARGET_DIR   # one arg a line
 
 start_vllm.sh --fused runs this before starting the server: on a pair that cannot share
 one engine it exits 1 with a `FusedSetupError` naming the checkpoints and what to do, before
 any vLLM work. The server runs on the theta checkpoint itself with `--hf-overrides` naming
-the composite architecture (fused_model.py) and the target's path, so nothing is written to
+the composite architecture (fused/model.py) and the target's path, so nothing is written to
 disk and theta's tokenizer and generation config are the server's.
 
 Guards:
@@ -22,12 +22,12 @@ Guards:
   `check_kv_groups` asks that same vLLM function about the pair's layers, so a pair is
   refused (naming each model's attention kinds) exactly when vLLM would split it: sliding
   window in one model only, two windows, hybrid layer patterns, MLA beside MHA. The server
-  checks again at start-up that the engine made one group (fused_state.kv_cache_summary,
+  checks again at start-up that the engine made one group (state.kv_cache_summary,
   called by the endpoint plugin) and logs the KV bytes per token it allocated.
 
 The composite's top-level config is theta's with the larger head size, KV-head count and
 attention-head count of the two (vLLM sizes some buffers from it, e.g. the Triton attention
-backend's scratch from the top-level head size and KV heads); fused_model.py builds theta
+backend's scratch from the top-level head size and KV heads); fused/model.py builds theta
 from its own checkpoint's config, so the override never reaches a submodel.
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from dual_sampling.errors import DualSamplingError
-ARCHITECTURE = "DualSamplingMixtureForCausalLM"  # fused_model.py
-CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused_model.py reads
+ARCHITECTURE = "DualSamplingMixtureForCausalLM"  # fused/model.py
+CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused/model.py reads
 EXTRA_KEY = "dual_sampling_fused"  # SamplingParams.extra_args key of fused requests
-SAMPLER = "dual_sampling.vllm_plugin.fused_sampler:FusedSampler"
-WORKER_EXTENSION = "dual_sampling.vllm_plugin.fused_state.FusedWorkerExtension"
+SAMPLER = "dual_sampling.vllm_plugin.fused.sampler:FusedSampler"
+WORKER_EXTENSION = "dual_sampling.vllm_plugin.fused.state.FusedWorkerExtension"
 PROBE = "Hello, world! 123 <s> \u00fcn\u00ef\n\tdef f(x): return x ** 2  # \u65e5\u672c"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

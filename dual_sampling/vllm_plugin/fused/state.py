@@ -2,8 +2,8 @@
 
 Three things live here, in each vLLM worker process (module globals: one engine a process):
 - the step's stash: both models' logits over the tokenizer's ids, put by the composite
-  model's `compute_logits` (fused_model.py) and taken by the logits processor
-  (fused_sampler.py) in the same step;
+  model's `compute_logits` (fused/model.py) and taken by the logits processor
+  (fused/sampler.py) in the same step;
 - each tagged request's per-token diagnostics, appended by the processor, popped by the
   API server through `collective_rpc("dual_sampling_pop_diagnostics", args=({tag: n},))`,
   cut to the n tokens of the finished completion (a step vLLM ran past the end, as async

@@ -6,7 +6,7 @@ Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. Reques
      "alpha": null | 0.3, "temperature": 1.0, "stop": [], "ignore_eos": false}
 
 Each prompt becomes one ordinary engine request (vLLM batches them with everything else in
-flight), tagged in `extra_args` so the logits processor (fused_sampler.py) samples its tokens
+flight), tagged in `extra_args` so the logits processor (fused/sampler.py) samples its tokens
 from q* with the prompt's seed and records each token's diagnostics in the worker. When a
 request finishes, its record, cut to the completion's length, comes back through one
 `collective_rpc` for all the requests that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
@@ -19,7 +19,7 @@ alpha*, solver iterations) for benchmarks.
 `GET /v1/dual_sampling/fused/engine`: how the engine runs the fused model (model runner V1
 or V2, async scheduling, the KV-cache groups with their bytes per token and the token
 capacity), read once at start-up by `check_engine`, which refuses to serve unless the
-engine made one KV-cache group (fused_setup.py's check, seen from the engine's side).
+engine made one KV-cache group (fused/setup.py's check, seen from the engine's side).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from dual_sampling.vllm_plugin.fused_setup import ARCHITECTURE, EXTRA_KEY
+from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
 GENERATE_PATH = "/v1/dual_sampling/fused/generate"
