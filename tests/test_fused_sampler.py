@@ -189,6 +189,17 @@ def make_requests() -> list[Request]:
             Request(3, stop_at=4)]
 
 
+def assert_same_records(got: dict, want: dict) -> None:
+    """The same tokens; the float diagnostics to 1e-7: the kernels' block sums are OpenMP
+    reductions whose order varies from run to run on CPU (seen: 1e-8 apart, 3 runs in 10)."""
+    assert got.keys() == want.keys()
+    for name in want:
+        if name == "token":
+            assert got[name] == want[name]
+        else:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-7, atol=1e-7)
+
+
 def test_async_scheduling_gives_the_tokens_and_records_of_synchronous_scheduling():
     sync_requests, async_requests = make_requests(), make_requests()
     sync = run_v1(sync_requests, async_scheduling=False)
@@ -196,7 +207,7 @@ def test_async_scheduling_gives_the_tokens_and_records_of_synchronous_scheduling
     for a, b in zip(sync_requests, async_requests):
         assert len(a.output) == a.stop_at and b.output == a.output
         assert sync[a.tag]["token"] == a.output
-        assert assynced[b.tag] == sync[a.tag]  # the discarded extra step is not in it
+        assert_same_records(assynced[b.tag], sync[a.tag])  # the discarded extra step: not in it
 
 
 def test_model_runner_v2_gives_the_tokens_and_records_of_v1():
@@ -205,7 +216,7 @@ def test_model_runner_v2_gives_the_tokens_and_records_of_v1():
     v2 = run_v2(v2_requests)
     for a, b in zip(v1_requests, v2_requests):
         assert b.output == a.output
-        assert v2[b.tag] == v1[a.tag]
+        assert_same_records(v2[b.tag], v1[a.tag])
 
 
 def test_a_record_keeps_positions_after_a_discarded_step():

@@ -18,7 +18,9 @@ ids (B, V) in the worker stash as views, without a copy or a log-softmax (fused/
 ids past the tokenizer's vocabulary, a checkpoint's padded output rows, are left out, so
 they are never sampled) and returns theta's logits: normalising, the mixing, alpha* and
 the token are the logits processor's (fused/sampler.py, fused kernels in fused/kernels.py),
-which this model requires and checks for at start-up.
+which this model requires and checks for at start-up. Under speculative decoding
+(`start_vllm.sh --fused --speculate K`) theta is also vLLM's draft model and speculate.py
+does that work for the K + 1 verified positions of each request instead.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class FusedModelError(RuntimeError):
 class DualSamplingMixtureForCausalLM(nn.Module):
     """theta and target in one engine; see the module docstring."""
 
+    dual_sampling_composite = True  # what speculate.py asks of a runner's model
+
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__()
         hf_config = vllm_config.model_config.hf_config
@@ -55,7 +59,12 @@ class DualSamplingMixtureForCausalLM(nn.Module):
                 f"with `./start_vllm.sh --fused --theta A --target B`.")
         processors = [p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}"
                       for p in (vllm_config.model_config.logits_processors or [])]
-        if SAMPLER not in processors:
+        if vllm_config.speculative_config is not None:
+            # speculative mode: vLLM refuses logits processors; speculate.py samples instead
+            from dual_sampling.vllm_plugin.fused import speculate
+            speculate.check_config(vllm_config.speculative_config, vllm_config.model_config)
+            speculate.install()
+        elif SAMPLER not in processors:
             raise FusedModelError(
                 f"{ARCHITECTURE} samples through its logits processor, which this server "
                 f"lacks: add `--logits-processors {SAMPLER}` (start_vllm.sh --fused does).")

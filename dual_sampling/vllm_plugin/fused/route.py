@@ -112,6 +112,11 @@ class _Diagnostics:
                 future.set_result(replies[0].get(tag))
 
 
+def is_speculative(engine: Any) -> bool:
+    """Whether the engine runs the fused model's speculative mode (fused/speculate.py)."""
+    return getattr(getattr(engine, "vllm_config", None), "speculative_config", None) is not None
+
+
 class _Refused(Exception):
     """A request this route refuses with HTTP 400."""
 
@@ -130,8 +135,11 @@ def _check(body: FusedRequest, vocab_size: int) -> None:
 async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed: int,
                     body: FusedRequest) -> dict[str, Any]:
     tag = f"fused-{uuid.uuid4().hex}"
+    # the token is forced (fused/sampler.py) or drawn by speculate.py; a speculative engine
+    # lets theta draft at random only for requests vLLM does not take for greedy ones
     params = SamplingParams(
-        max_tokens=body.max_tokens, temperature=0.0, stop=body.stop or None,
+        max_tokens=body.max_tokens, temperature=body.temperature if is_speculative(engine)
+        else 0.0, stop=body.stop or None,
         detokenize=bool(body.stop), ignore_eos=body.ignore_eos,
         output_kind=RequestOutputKind.FINAL_ONLY,
         extra_args={EXTRA_KEY: {"tag": tag, "seed": seed, "alpha": body.alpha,
@@ -143,8 +151,10 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
     token_ids = list(completion.token_ids)
     record = await diagnostics.pop(tag, len(token_ids))
     if record is None or record["token"] != token_ids:
-        raise RuntimeError(f"{tag}: the worker's record of the sampled tokens does not match "
-                           f"the engine's output (is --logits-processors set?)")
+        got = None if record is None else record["token"]
+        raise RuntimeError(f"{tag}: the worker's record of the sampled tokens ({got}) does not "
+                           f"match the engine's output ({token_ids}): is --logits-processors "
+                           f"set (start_vllm.sh --fused sets it)?")
     return {"token_ids": token_ids, "finish_reason": completion.finish_reason,
             **{name: record[name] for name in DIAGNOSTICS}}
 

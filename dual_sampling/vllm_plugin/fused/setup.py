@@ -1,6 +1,6 @@
 """Check a theta/target pair for one fused engine and print the vLLM arguments that serve it.
 
-    python -m dual_sampling.vllm_plugin.fused.setup THETA_DIR TARGET_DIR   # one arg a line
+    python -m dual_sampling.vllm_plugin.fused.setup THETA_DIR TARGET_DIR [--speculate K]
 
 start_vllm.sh --fused runs this before starting the server: on a pair that cannot share
 one engine it exits 1 with a `FusedSetupError` naming the checkpoints and what to do, before
@@ -171,23 +171,42 @@ def hf_overrides(theta: str | Path, target: str | Path) -> dict[str, Any]:
                          "target_architectures": list(config_target.architectures)}}
 
 
-def server_args(theta: str | Path, target: str | Path) -> list[str]:
-    """The vLLM server arguments that make a fused server of the pair (after the checks)."""
+def speculative_config(theta: str | Path, k: int) -> dict[str, Any]:
+    """vLLM's `--speculative-config` of the speculative mode: theta as a probabilistic draft
+    of k tokens a step, checked by vLLM's standard rejection rule (speculate.py)."""
+    return {"method": "draft_model", "model": str(Path(theta).resolve()),
+            "num_speculative_tokens": int(k), "draft_sample_method": "probabilistic",
+            "rejection_sample_method": "standard"}
+
+
+def server_args(theta: str | Path, target: str | Path, speculate: int = 0) -> list[str]:
+    """The vLLM server arguments that make a fused server of the pair (after the checks);
+    speculate > 0: the speculative mode with that many draft tokens a step (speculate.py:
+    no logits processor, which vLLM refuses there, and synchronous scheduling)."""
+    if speculate < 0:
+        raise FusedSetupError(f"--speculate {speculate}: give the draft tokens per step "
+                              f"(1 or more), or 0 for no speculation")
     overrides = hf_overrides(theta, target)
     config_theta, config_target = (AutoConfig.from_pretrained(p) for p in (theta, target))
     max_len = min(getattr(c.get_text_config(), "max_position_embeddings", 1 << 30)
                   for c in (config_theta, config_target))
-    return ["--model", str(Path(theta).resolve()), "--hf-overrides", json.dumps(overrides),
-            "--logits-processors", SAMPLER, "--worker-extension-cls", WORKER_EXTENSION,
-            "--max-model-len", str(max_len)]
+    args = ["--model", str(Path(theta).resolve()), "--hf-overrides", json.dumps(overrides),
+            "--worker-extension-cls", WORKER_EXTENSION, "--max-model-len", str(max_len)]
+    if speculate:
+        return args + ["--speculative-config", json.dumps(speculative_config(theta, speculate)),
+                       "--no-async-scheduling"]
+    return args + ["--logits-processors", SAMPLER]
 
 
 def main(argv: list[str]) -> int:
+    speculate = 0
+    if len(argv) == 4 and argv[2] == "--speculate" and argv[3].lstrip("-").isdigit():
+        speculate, argv = int(argv[3]), argv[:2]
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
     try:
-        print("\n".join(server_args(*argv)))
+        print("\n".join(server_args(*argv, speculate=speculate)))
     except FusedSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -33,7 +33,8 @@ _stash: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None]
 _records: dict[str, dict[str, list]] = {}
 _removed_at: dict[str, float] = {}
 _lock = threading.Lock()  # records are written by the model step, popped by RPCs
-_counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0}
+_counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0,
+             "proposed": 0, "accepted": 0, "emitted": 0, "verify_steps": 0}
 
 
 def put_logits(theta: torch.Tensor, target: torch.Tensor) -> None:
@@ -99,6 +100,14 @@ def count(rows: int, solve_s: float, apply_s: float, iters: int) -> None:
     _counters["solver_iters"] += iters
 
 
+def count_speculation(proposed: int, accepted: int, emitted: int) -> None:
+    """One speculative verify step: draft tokens proposed and accepted, tokens emitted."""
+    _counters["verify_steps"] += 1
+    _counters["proposed"] += proposed
+    _counters["accepted"] += accepted
+    _counters["emitted"] += emitted
+
+
 def kv_cache_summary(kv_cache_config: Any) -> dict[str, Any]:
     """The engine's KV cache as allocated: its groups, and per group the layers, block size,
     bytes per token (summed over the group's layers) and token capacity."""
@@ -126,6 +135,8 @@ class FusedWorkerExtension(ThetaWorkerExtension):
     def dual_sampling_engine(self) -> dict[str, Any]:
         """How this engine runs the fused model: model runner, scheduling, KV cache."""
         config = self.vllm_config
+        speculative = config.speculative_config
         return {"model_runner": "v2" if getattr(self, "use_v2_model_runner", False) else "v1",
                 "async_scheduling": bool(config.scheduler_config.async_scheduling),
+                "speculate": int(speculative.num_speculative_tokens) if speculative else 0,
                 "kv_cache": kv_cache_summary(self.model_runner.kv_cache_config)}

@@ -1,0 +1,391 @@
+"""Speculative sampling of q* with theta as the draft (`start_vllm.sh --fused --speculate K`).
+
+The composite model (model.py) is vLLM's main model and theta, loaded a second time by
+vLLM's own draft-model proposer (`--speculative-config {"method": "draft_model", ...}`), its
+draft. Each engine step the draft proposes K tokens per request, one theta decode step each;
+the composite verifies them in ONE pass over K + 1 positions of both models, and this module
+replaces vLLM's rejection sampler for that step (vLLM refuses custom logits processors under
+speculative decoding, so the per-step work of sampler.py moves here):
+
+- q* at every verified position: alpha* (or the request's fixed alpha) from both models'
+  logits, the same solve as the non-speculative engine (kernels.py);
+- draft token x at a position is accepted with probability min(1, q(x) / p(x)), where
+  q = q*^(1/T) normalised and p = theta^(1/T) normalised, the draft's own distribution (the
+  ratio q*/pi_theta is the token's importance weight); the first rejection draws its token
+  from norm(max(0, q - p)) and ends the request's step; when all K are accepted, the
+  position after them draws from q (the bonus token). The emitted tokens are distributed
+  exactly as q (Leviathan et al. 2023, Chen et al. 2023), whatever the draft; acceptance
+  is 1 - TV(p, q) per position. T = 0: a draft is accepted iff it is the argmax of q*, and
+  the step's last token is that argmax, so greedy output equals the non-speculative one.
+- Every draw is by inverse CDF with a uniform from (seed, position in the completion,
+  stream) alone (kernels.uniforms): the draft's (drawn in theta's proposer, patched here),
+  the acceptance test's and the residual's or bonus's. A request's tokens therefore depend
+  on its seed and K, not on batching. The bonus and residual use stream 0, the uniform the
+  non-speculative engine uses at the same position, so K = 0 would give its tokens.
+- Per emitted token the record has the non-speculative engine's fields (state.FIELDS):
+  alpha, logp_theta, logp_target, logp_q (under q*^(1/T) normalised; 0 at T = 0), both KLs
+  and H(q*) of the position it was emitted at.
+
+Untagged rows (a stock /v1/completions request) go through the same steps at the
+request's temperature and seed (random without one); top-p, top-k, penalties and logprobs
+of stock requests are not applied on a speculative server.
+
+`install()` patches two vLLM methods (named in compat.py), inert unless the runner serves
+the composite model with a speculative config: `GPUModelRunner._sample` (the V1 runner; the
+CPU runner subclasses it) and `SpecDecodeBaseProposer._sample_from_logits` (the draft's
+probabilistic draw). start_vllm.sh turns async scheduling off in this mode (the positions
+are read from the input batch as synchronous scheduling leaves it).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused.setup import EXTRA_KEY
+
+log = logging.getLogger(__name__)
+
+STREAM_DRAFT, STREAM_ACCEPT = 1, 2  # stream 0: the token itself (bonus, residual, K = 0)
+_STREAM_MIX = np.uint64(0xD1B54A32D192ED03)
+PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: no token in this column
+
+
+def stream_uniforms(seeds: np.ndarray, steps: np.ndarray, stream: int) -> np.ndarray:
+    """kernels.uniforms on an independent stream of (seed, step)."""
+    with np.errstate(over="ignore"):
+        mixed = seeds.astype(np.uint64) ^ (np.uint64(stream) * _STREAM_MIX)
+    return kernels.uniforms(mixed, steps)
+
+
+@dataclass
+class Request:
+    """One request of the step, as this module reads it from vLLM's batch."""
+
+    tag: Optional[str]
+    seed: int
+    alpha: Optional[float]
+    temperature: float
+    position: int  # position in the completion of the first token this step emits
+    drafts: int  # draft tokens to verify this step
+
+
+@dataclass
+class DraftContext:
+    """What the draft's draws of the next proposal need, set by the step before it."""
+
+    seeds: np.ndarray  # (n,) uint64, one per batch row
+    temperature: torch.Tensor  # (n,) float32; 0 = argmax
+    position: np.ndarray  # (n,) position of the first draft token
+    vocab: int  # the tokenizer's ids: the draft never draws past them
+    calls: int = 0  # draft steps drawn so far in this proposal
+
+
+_draft_context: list[Optional[DraftContext]] = [None]
+_unseeded: dict[str, int] = {}  # request id -> the seed drawn for a request without one
+
+
+def _seed_of(req_id: str, params: Any, args: Optional[dict]) -> int:
+    if args is not None:
+        return int(args["seed"])
+    if params.seed is not None:
+        return int(params.seed)
+    if len(_unseeded) > 100_000:
+        _unseeded.clear()
+    return _unseeded.setdefault(req_id, random.getrandbits(63))
+
+
+def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
+    """The runner's batch rows as Requests (drafts: each row's draft tokens this step)."""
+    batch, out = runner.input_batch, []
+    for i, req_id in enumerate(batch.req_ids):
+        params = runner.requests[req_id].sampling_params
+        args = (params.extra_args or {}).get(EXTRA_KEY)
+        position = int(batch.num_tokens_no_spec[i]) - int(batch.num_prompt_tokens[i])
+        if args is None:
+            out.append(Request(None, _seed_of(req_id, params, None), None,
+                               float(params.temperature), max(position, 0), drafts[i]))
+        else:
+            out.append(Request(args["tag"], int(args["seed"]), args.get("alpha"),
+                               float(args.get("temperature", 1.0)), max(position, 0),
+                               drafts[i]))
+    return out
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row (n, V) of non-negative weights, the first id whose CDF exceeds u * total,
+    never an id of weight 0."""
+    cdf = weights.double().cumsum(dim=-1)
+    threshold = u.double()[:, None] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, threshold, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+    bad = weights.gather(1, token[:, None])[:, 0] <= 0
+    if bad.any():  # rounding at the top end: the last id of positive weight
+        positive = weights[bad] > 0
+        token[bad] = weights.shape[1] - 1 - positive.flip(-1).to(torch.int8).argmax(dim=-1)
+    return token
+
+
+def tempered_log_q(log_q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """log of q^(1/T) normalised per row (T > 0; rows at T = 1 unchanged, T = 0 left as is)."""
+    scale = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-30), 1.0).double()
+    if bool((scale == 1.0).all()):
+        return log_q
+    return torch.log_softmax(log_q * scale[:, None], dim=-1)
+
+
+@dataclass
+class Step:
+    """One verify step's result: per request the emitted ids and their rows, diagnostics."""
+
+    tokens: list[list[int]]
+    rows: list[list[int]]  # logits row each emitted token was drawn at
+    accepted: int  # draft tokens accepted, over the batch
+    proposed: int
+
+
+def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
+           draft_ids: torch.Tensor, draft_probs: Optional[torch.Tensor]
+           ) -> tuple[Step, dict[str, list]]:
+    """Speculative sampling of one step. theta/target: (R, V) logits of the verified
+    positions, request-major (a request's `drafts` draft rows, then its bonus row);
+    draft_ids (D,) the drafts in that order; draft_probs (D, >= V) the draft's p (None:
+    recomputed from theta's logits, the same model). Returns the emitted tokens and the
+    diagnostics columns of state.FIELDS for every emitted token, in emission order."""
+    device = theta.device
+    vocab = theta.shape[1]
+    counts = np.array([r.drafts + 1 for r in requests])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    row_req = np.repeat(np.arange(len(requests)), counts)
+    offset = np.arange(len(row_req)) - starts[row_req]  # position of the row in its request
+    is_draft_row = offset < counts[row_req] - 1
+    rows = kernels.Rows.of(theta, target)
+    fixed = np.array([requests[i].alpha is not None for i in row_req])
+    start = np.array([np.nan if requests[i].alpha is None else requests[i].alpha
+                      for i in row_req])
+    solution = kernels.solve(rows, start, fixed)
+    mix = solution.mixture()
+    temperature = torch.tensor([requests[i].temperature for i in row_req],
+                               dtype=torch.float64, device=device)
+    log_q = tempered_log_q(rows.log_q(solution.alpha, mix.log_z), temperature)  # (R, V)
+    greedy = temperature <= 0
+    argmax = log_q.argmax(dim=-1)  # (R,)
+    seeds = np.array([requests[i].seed for i in row_req], dtype=np.uint64)
+    positions = np.array([requests[i].position for i in row_req]) + offset
+
+    # the acceptance test of every draft row
+    draft_rows = torch.from_numpy(np.flatnonzero(is_draft_row)).to(device)
+    x = draft_ids.to(device=device, dtype=torch.int64)
+    accept = torch.zeros(0, dtype=torch.bool, device=device)
+    p = None
+    if len(draft_rows):
+        in_vocab = x < vocab
+        xs = x.clamp(max=vocab - 1)
+        if draft_probs is not None:
+            p = draft_probs[:, :vocab].double()
+        else:  # the draft is theta itself: its tempered distribution, from the same logits
+            p = tempered_log_q(torch.log_softmax(theta[draft_rows].double(), dim=-1),
+                               temperature[draft_rows]).exp()
+        p_x = p.gather(1, xs[:, None])[:, 0]
+        q_x = log_q[draft_rows].gather(1, xs[:, None])[:, 0].exp()
+        u = torch.from_numpy(stream_uniforms(seeds[is_draft_row], positions[is_draft_row],
+                                             STREAM_ACCEPT)).to(device)
+        accept = in_vocab & (u * p_x < q_x)
+        g = greedy[draft_rows]
+        accept = torch.where(g, in_vocab & (xs == argmax[draft_rows]), accept)
+
+    # per request: accepted drafts, then the row whose token is drawn afresh
+    accepted_np = accept.cpu().numpy()
+    n_accept, last_rows, d = [], [], 0
+    for i, r in enumerate(requests):
+        ok = accepted_np[d:d + r.drafts]
+        a = int(np.argmin(ok)) if (len(ok) and not ok.all()) else len(ok)
+        n_accept.append(a)
+        last_rows.append(int(starts[i] + a))
+        d += r.drafts
+    last = torch.tensor(last_rows, device=device)
+    rejected_at = np.array([a < r.drafts for a, r in zip(n_accept, requests)])
+    weights = log_q[last].exp()  # (n, V): q at the bonus rows
+    if rejected_at.any():  # residual norm(max(0, q - p)) where a draft was rejected
+        draft_index = torch.tensor(
+            [int(np.flatnonzero(np.flatnonzero(is_draft_row) == row)[0]) if rej else 0
+             for row, rej in zip(last_rows, rejected_at)], device=device)
+        rej = torch.from_numpy(rejected_at).to(device)
+        residual = (weights - p[draft_index]).clamp_(min=0.0)
+        empty = residual.sum(dim=-1) <= 0  # q == p there: never rejected, kept for safety
+        weights = torch.where((rej & ~empty)[:, None], residual, weights)
+    u = torch.from_numpy(kernels.uniforms(seeds[last_rows], positions[last_rows])).to(device)
+    fresh = _inverse_cdf(weights, u)
+    fresh = torch.where(greedy[last], argmax[last], fresh)
+
+    tokens, emitted_rows, d = [], [], 0
+    xs_np = x.cpu().numpy() if len(draft_rows) else np.zeros(0, dtype=np.int64)
+    fresh_np = fresh.cpu().numpy()
+    for i, r in enumerate(requests):
+        a = n_accept[i]
+        tokens.append([int(t) for t in xs_np[d:d + a]] + [int(fresh_np[i])])
+        emitted_rows.append(list(range(int(starts[i]), int(starts[i]) + a + 1)))
+        d += r.drafts
+    flat_rows = torch.tensor([j for rs in emitted_rows for j in rs], device=device)
+    flat_tokens = torch.tensor([t for ts in tokens for t in ts], device=device)
+    logp_theta, dlog = rows.take(flat_rows).at(flat_tokens)
+    logp_q = torch.where(greedy[flat_rows], 0.0,
+                         log_q[flat_rows].gather(1, flat_tokens[:, None])[:, 0])
+    columns = {"token": flat_tokens, "alpha": solution.alpha[flat_rows],
+               "logp_theta": logp_theta, "logp_target": logp_theta + dlog, "logp_q": logp_q,
+               "kl_q_theta": mix.kl_q_theta[flat_rows],
+               "kl_q_target": mix.kl_q_target[flat_rows],
+               "entropy_q": mix.entropy_q[flat_rows]}
+    step = Step(tokens, emitted_rows, int(sum(n_accept)), int(sum(r.drafts for r in requests)))
+    return step, {name: value.tolist() for name, value in columns.items()}
+
+
+class SpeculativeSetupError(RuntimeError):
+    """The fused server's speculative config is not the one this module is exact for."""
+
+
+def check_config(speculative: Any, model_config: Any) -> None:
+    """SpeculativeSetupError unless the draft is theta itself, drawn probabilistically, with
+    the standard rejection step (start_vllm.sh --fused --speculate K writes this config)."""
+    from pathlib import Path
+    problems = []
+    if speculative.method != "draft_model":
+        problems.append(f"method is {speculative.method!r}, not 'draft_model'")
+    if getattr(speculative, "draft_sample_method", None) != "probabilistic":
+        problems.append("draft_sample_method must be 'probabilistic' (a greedy draft gives no "
+                        "draft distribution to correct for)")
+    if getattr(speculative, "rejection_sample_method", "standard") != "standard":
+        problems.append("rejection_sample_method must be 'standard'")
+    draft = getattr(speculative, "model", None)
+    if draft is None or Path(str(draft)).resolve() != Path(str(model_config.model)).resolve():
+        problems.append(f"the draft model ({draft}) must be theta ({model_config.model})")
+    if problems:
+        raise SpeculativeSetupError(
+            "the fused model's speculative mode samples q* exactly only with theta as a "
+            "probabilistic draft: " + "; ".join(problems)
+            + ". Start it with `start_vllm.sh --fused --theta A --target B --speculate K`.")
+
+
+def serves_speculative_composite(runner: Any) -> bool:
+    """Whether this runner serves the composite model with a speculative config (cached)."""
+    known = getattr(runner, "_dual_sampling_speculative", None)
+    if known is None:
+        model = runner.get_model() if hasattr(runner, "get_model") else None
+        known = bool(getattr(runner, "speculative_config", None)) and bool(
+            getattr(model, "dual_sampling_composite", False))
+        runner._dual_sampling_speculative = known
+    return known
+
+
+_in_batch: set[str] = set()  # tags of the requests in the previous step's batch
+
+
+def track_records(tags: set[str]) -> None:
+    """Open the record of each tagged request new to the batch, and mark those that left
+    (finished, aborted, preempted) as the non-speculative processor does on its batch
+    updates, so records of requests nobody pops are dropped in time."""
+    for tag in tags - _in_batch:
+        state.open_record(tag)
+    for tag in _in_batch - tags:
+        state.mark_removed(tag)
+    _in_batch.clear()
+    _in_batch.update(tags)
+
+
+def sample_step(runner: Any, logits: torch.Tensor, metadata: Any) -> Any:
+    """The runner's `_sample` on a speculative composite server (see the module docstring)."""
+    from vllm.v1.outputs import SamplerOutput
+    stash = state.take_logits()
+    if stash is None or stash[0].shape[0] != logits.shape[0]:
+        return None  # a dummy run: vLLM's own sampler
+    t0 = time.perf_counter()
+    n = len(runner.input_batch.req_ids)
+    drafts = list(metadata.num_draft_tokens) if metadata is not None else [0] * n
+    requests = batch_requests(runner, drafts)
+    if sum(r.drafts + 1 for r in requests) != logits.shape[0]:
+        return None
+    track_records({r.tag for r in requests if r.tag is not None})
+    if metadata is not None and sum(drafts):
+        draft_ids = metadata.draft_token_ids
+        draft_probs = runner._get_spec_decode_draft_probs(metadata)
+    else:
+        draft_ids, draft_probs = torch.zeros(0, dtype=torch.int64), None
+    step, columns = verify(stash[0], stash[1], requests, draft_ids, draft_probs)
+    width = max(drafts) + 1 if drafts else 1
+    out = torch.full((n, width), PLACEHOLDER, dtype=torch.int32)
+    for i, ids in enumerate(step.tokens):
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    tags, positions, picked = [], [], []
+    k = 0
+    for r, ids in zip(requests, step.tokens):
+        for j in range(len(ids)):
+            if r.tag is not None:
+                tags.append(r.tag)
+                positions.append(r.position + j)
+                picked.append(k)
+            k += 1
+    if tags:
+        state.put(tags, positions, {name: [values[i] for i in picked]
+                                    for name, values in columns.items()})
+    _draft_context[0] = DraftContext(
+        seeds=np.array([r.seed for r in requests], dtype=np.uint64),
+        temperature=torch.tensor([r.temperature for r in requests], dtype=torch.float32,
+                                 device=logits.device),
+        position=np.array([r.position + len(ids) for r, ids in zip(requests, step.tokens)]),
+        vocab=int(stash[0].shape[1]))
+    elapsed = time.perf_counter() - t0
+    state.count(len(requests), 0.0, elapsed, 0)
+    state.count_speculation(step.proposed, step.accepted, sum(map(len, step.tokens)))
+    return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
+
+
+def draft_draw(logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The draft's draw at one proposal step, seeded like the rest (None: no speculative
+    composite step before it, vLLM's own draw). logits (n, V_theta); ids past the
+    tokenizer's vocabulary are never drawn, so the draft distribution p is theta's over the
+    ids q* lives on."""
+    ctx = _draft_context[0]
+    if ctx is None or logits.shape[0] != len(ctx.seeds):
+        return None
+    logits = logits.float()
+    if logits.shape[1] > ctx.vocab:
+        logits[:, ctx.vocab:] = -torch.inf
+    temperature = ctx.temperature.to(logits.device)
+    greedy = temperature <= 0
+    scale = torch.where(greedy, 1.0, temperature)
+    probs = torch.softmax(logits / scale[:, None], dim=-1)
+    u = torch.from_numpy(stream_uniforms(ctx.seeds, ctx.position + ctx.calls, STREAM_DRAFT))
+    token = _inverse_cdf(probs, u.to(logits.device))
+    token = torch.where(greedy, probs.argmax(dim=-1), token)
+    ctx.calls += 1
+    return token, probs
+
+
+def install() -> None:
+    """Patch the two vLLM methods (once a process); inert on any other server."""
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer as proposer_cls
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
+    if getattr(runner_cls, "_dual_sampling_patched", False):
+        return
+    original_sample = runner_cls._sample
+    original_draw = proposer_cls._sample_from_logits
+
+    def _sample(self, logits, spec_decode_metadata):
+        if logits is not None and serves_speculative_composite(self):
+            out = sample_step(self, logits, spec_decode_metadata)
+            if out is not None:
+                return out
+        return original_sample(self, logits, spec_decode_metadata)
+
+    def _sample_from_logits(self, logits, sampling_metadata):
+        drawn = draft_draw(logits)  # None unless a speculative composite step set it up
+        return drawn if drawn is not None else original_draw(self, logits, sampling_metadata)
+
+    runner_cls._sample = _sample
+    proposer_cls._sample_from_logits = _sample_from_logits
+    runner_cls._dual_sampling_patched = True
