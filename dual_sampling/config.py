@@ -218,10 +218,19 @@ class ServerLaunchConfig:
     """How long to wait for the engine to answer before giving up."""
     extra_args: list[str] = field(default_factory=list)
     """More vLLM arguments, e.g. `[--gpu-memory-utilization,0.85]`."""
+    speculate: str = "0"
+    """launch=fused only: theta drafts K tokens a step (`K`, or `K:B`: only while at most B
+    requests run), the tokens still exactly q*'s (start_vllm.sh --speculate); 0 = off."""
 
     def check(self, key: str) -> None:
         _require(self.launch in LAUNCH_KINDS, f"{key}.launch", self.launch,
                  f"choose one of {LAUNCH_KINDS}")
+        parts = str(self.speculate).split(":")
+        _require(1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)
+                 and (len(parts) == 1 or int(parts[1]) >= 1), f"{key}.speculate",
+                 self.speculate, "give K (draft tokens a step, 0 = off) or K:B, e.g. 4 or 4:8")
+        _require(str(self.speculate) == "0" or self.launch == "fused", f"{key}.speculate",
+                 self.speculate, f"speculation is the fused engine's: set {key}.launch=fused")
         if self.launch != "none":
             for role in ("theta", "target"):
                 _require(bool(getattr(self, role)), f"{key}.{role}", getattr(self, role),

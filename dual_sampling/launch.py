@@ -69,13 +69,13 @@ class Servers:
             args += [f"--{role}", str(self.models[role]), f"--{role}-port", str(self.ports[role])]
         self._script(args)
 
-    def start_fused(self, speculate: int = 0) -> None:
+    def start_fused(self, speculate: int | str = 0) -> None:
         """Start the `fused` role: theta and target in one engine (start_vllm.sh --fused),
-        speculative with theta drafting `speculate` tokens a step when > 0."""
+        speculative with theta drafting `speculate` tokens a step (`K` or `K:B`) when not 0."""
         self.ports.setdefault("fused", free_port())
         self._script(["--fused", "--theta", str(self.models["theta"]), "--target",
                       str(self.models["target"]), "--port", str(self.ports["fused"]),
-                      *(["--speculate", str(speculate)] if speculate else [])])
+                      *(["--speculate", str(speculate)] if str(speculate) != "0" else [])])
 
     def _script(self, role_args: list[str]) -> None:
         args = ["bash", str(START_SCRIPT), *(["--cpu"] if self.cpu else []),

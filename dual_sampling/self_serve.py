@@ -104,7 +104,7 @@ def serving(config: RunConfig) -> Iterator[RunConfig]:
                  launch.launch, launch.theta, launch.target, servers.run_dir)
         try:
             if launch.launch == "fused":
-                servers.start_fused()
+                servers.start_fused(speculate=launch.speculate)
             else:
                 servers.start("theta", "target")
         except RuntimeError as exc:

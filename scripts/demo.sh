@@ -5,8 +5,11 @@
 # exact full-vocabulary mixture sampled in vLLM's own loop), dual-sample the shipped chat
 # prompts, print the summary and three completions side by side (theta alone, target alone,
 # q*), stop the server.
-# Usage: bash scripts/demo.sh [--tiny] [--two-servers] [extra Hydra overrides, e.g. sample.n=4]
+# Usage: bash scripts/demo.sh [--tiny] [--two-servers] [--speculate K] [Hydra overrides, e.g. sample.n=4]
 #   --tiny:        the tiny random-tokenizer pair (made in a minute; fast, but word salad)
+#   --speculate K: the fused engine's speculative mode (theta drafts K tokens a step, the
+#                  tokens are still exactly q*'s; start_vllm.sh --speculate); it ends by
+#                  printing the acceptance rate
 #   --two-servers: the same on two vLLM servers, one per model (the session transport:
 #                  each step's top-k of both, merged by the coordinator); for pairs that one
 #                  engine cannot hold, or models on different machines.
@@ -14,9 +17,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TWO_SERVERS=0
 TINY=0
-while [[ "${1:-}" == --tiny || "${1:-}" == --two-servers ]]; do
+SPECULATE=0
+while [[ "${1:-}" == --tiny || "${1:-}" == --two-servers || "${1:-}" == --speculate ]]; do
   [[ "$1" == --tiny ]] && TINY=1
   [[ "$1" == --two-servers ]] && TWO_SERVERS=1
+  if [[ "$1" == --speculate ]]; then SPECULATE="${2:?--speculate needs K}"; shift; fi
   shift
 done
 bash scripts/setup_env.sh
@@ -39,6 +44,7 @@ else
 fi
 trap './start_vllm.sh stop --run-dir "$RUN_DIR"' EXIT
 SUFFIX=$([[ $TINY == 1 ]] && echo "-tiny" || true)
+if [[ $SPECULATE != 0 ]]; then SUFFIX="$SUFFIX-speculate"; fi
 if [[ $TWO_SERVERS == 1 ]]; then
   OUT=runs/demo-two-servers$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --run-dir "$RUN_DIR" \
@@ -49,7 +55,7 @@ if [[ $TWO_SERVERS == 1 ]]; then
     sample.max_tokens=$MAX_TOKENS sample.temperature=$TEMPERATURE "$@"
 else
   OUT=runs/demo$SUFFIX
-  PYTHON=python ./start_vllm.sh --cpu --fused --run-dir "$RUN_DIR" \
+  PYTHON=python ./start_vllm.sh --cpu --fused --run-dir "$RUN_DIR" --speculate "$SPECULATE" \
     --theta "$MODELS/theta" --target "$MODELS/target" --port 8000 -- --max-model-len 2048
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
     data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=$MAX_TOKENS \
@@ -57,5 +63,14 @@ else
   # the same seed as the run above: its q* column is the dataset's first completions
   python -m dual_sampling.side_by_side http://127.0.0.1:8000 "$PROMPTS" --count 3 \
     --max-tokens $MAX_TOKENS --temperature $TEMPERATURE
+  if [[ $SPECULATE != 0 ]]; then
+    python - <<'EOF'
+import json, urllib.request
+c = json.load(urllib.request.urlopen("http://127.0.0.1:8000/v1/dual_sampling/fused/counters"))
+print(f"speculation: {c['accepted']} of {c['proposed']} drafts accepted "
+      f"({c['accepted'] / max(c['proposed'], 1):.0%}), "
+      f"{c['emitted'] / max(c['rows'], 1):.2f} tokens per request and verify step")
+EOF
+  fi
 fi
 echo "dataset: $(pwd)/$OUT/samples.jsonl  summary: $(pwd)/$OUT/summary.json"

@@ -180,6 +180,10 @@ def test_a_job_killed_outright_has_its_engine_stopped_by_the_watchdog(fused_mode
     (["server.launch=fused"], "server.theta"),
     (["server.launch=pair", "server.theta=/nowhere"], "server.target"),
     (["server.launch=all", "server.theta=a", "server.target=b"], "server.launch"),
+    (["server.launch=pair", "server.theta=a", "server.target=b", "server.speculate=4"],
+     "server.speculate"),
+    (["server.launch=fused", "server.theta=a", "server.target=b", "server.speculate=4:0"],
+     "server.speculate"),
 ])
 def test_bad_input_is_refused_before_any_engine_starts(overrides, named, tmp_path):
     out = tmp_path / "run"

@@ -121,3 +121,21 @@ def test_same_seed_same_tokens_whatever_the_batch():
     (whole, _), _ = run(theta, target, 1.0, None, n=40)
     (part, _), _ = run(theta, target, 1.0, None, n=10)
     assert whole.tokens[:10] == part.tokens
+
+
+def test_the_speculative_server_arguments_and_bad_values(fused_models):
+    import json
+
+    from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, SAMPLER, server_args
+    plain = server_args(fused_models["theta"], fused_models["target"])
+    assert SAMPLER in plain and "--speculative-config" not in plain
+    args = server_args(fused_models["theta"], fused_models["target"], speculate="4:8")
+    config = json.loads(args[args.index("--speculative-config") + 1])
+    assert config["model"] == str(fused_models["theta"].resolve())
+    assert config["num_speculative_tokens"] == 4
+    assert config["draft_sample_method"] == "probabilistic"
+    assert config["num_speculative_tokens_per_batch_size"][0] == [1, 8, 4]
+    assert SAMPLER not in args and "--no-async-scheduling" in args
+    for bad in ("x", "-1", "4:0", "4:8:2"):
+        with pytest.raises(FusedSetupError, match="--speculate"):
+            server_args(fused_models["theta"], fused_models["target"], speculate=bad)

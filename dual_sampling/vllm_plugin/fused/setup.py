@@ -1,6 +1,6 @@
 """Check a theta/target pair for one fused engine and print the vLLM arguments that serve it.
 
-    python -m dual_sampling.vllm_plugin.fused.setup THETA_DIR TARGET_DIR [--speculate K]
+    python -m dual_sampling.vllm_plugin.fused.setup THETA_DIR TARGET_DIR [--speculate K[:B]]
 
 start_vllm.sh --fused runs this before starting the server: on a pair that cannot share
 one engine it exits 1 with a `FusedSetupError` naming the checkpoints and what to do, before
@@ -171,21 +171,36 @@ def hf_overrides(theta: str | Path, target: str | Path) -> dict[str, Any]:
                          "target_architectures": list(config_target.architectures)}}
 
 
-def speculative_config(theta: str | Path, k: int) -> dict[str, Any]:
+def speculative_config(theta: str | Path, k: int, up_to: int = 0) -> dict[str, Any]:
     """vLLM's `--speculative-config` of the speculative mode: theta as a probabilistic draft
-    of k tokens a step, checked by vLLM's standard rejection rule (speculate.py)."""
-    return {"method": "draft_model", "model": str(Path(theta).resolve()),
-            "num_speculative_tokens": int(k), "draft_sample_method": "probabilistic",
-            "rejection_sample_method": "standard"}
+    of k tokens a step, checked by vLLM's standard rejection rule (speculate.py); up_to > 0
+    drafts only while the engine's batch holds at most that many requests (vLLM's dynamic
+    schedule: K = 0 above it, where verifying drafts costs more than it saves)."""
+    config = {"method": "draft_model", "model": str(Path(theta).resolve()),
+              "num_speculative_tokens": int(k), "draft_sample_method": "probabilistic",
+              "rejection_sample_method": "standard"}
+    if up_to:
+        config["num_speculative_tokens_per_batch_size"] = [[1, up_to, k],
+                                                           [up_to + 1, 1 << 20, 0]]
+    return config
 
 
-def server_args(theta: str | Path, target: str | Path, speculate: int = 0) -> list[str]:
+def parse_speculate(value: str) -> tuple[int, int]:
+    """`K` or `K:B` (draft K tokens a step while at most B requests are in the batch) ->
+    (K, B or 0); FusedSetupError on anything else."""
+    parts = value.split(":")
+    if not (1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)) \
+            or (len(parts) == 2 and int(parts[1]) < 1):
+        raise FusedSetupError(f"--speculate {value!r}: give K (draft tokens a step, 0 = off) "
+                              f"or K:B (only while at most B requests run), e.g. 4 or 4:8")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+
+
+def server_args(theta: str | Path, target: str | Path, speculate: str = "0") -> list[str]:
     """The vLLM server arguments that make a fused server of the pair (after the checks);
-    speculate > 0: the speculative mode with that many draft tokens a step (speculate.py:
-    no logits processor, which vLLM refuses there, and synchronous scheduling)."""
-    if speculate < 0:
-        raise FusedSetupError(f"--speculate {speculate}: give the draft tokens per step "
-                              f"(1 or more), or 0 for no speculation")
+    speculate `K` or `K:B` with K > 0: the speculative mode (speculate.py: no logits
+    processor, which vLLM refuses there, and synchronous scheduling)."""
+    speculate, up_to = parse_speculate(str(speculate))
     overrides = hf_overrides(theta, target)
     config_theta, config_target = (AutoConfig.from_pretrained(p) for p in (theta, target))
     max_len = min(getattr(c.get_text_config(), "max_position_embeddings", 1 << 30)
@@ -193,15 +208,16 @@ def server_args(theta: str | Path, target: str | Path, speculate: int = 0) -> li
     args = ["--model", str(Path(theta).resolve()), "--hf-overrides", json.dumps(overrides),
             "--worker-extension-cls", WORKER_EXTENSION, "--max-model-len", str(max_len)]
     if speculate:
-        return args + ["--speculative-config", json.dumps(speculative_config(theta, speculate)),
+        return args + ["--speculative-config",
+                       json.dumps(speculative_config(theta, speculate, up_to)),
                        "--no-async-scheduling"]
     return args + ["--logits-processors", SAMPLER]
 
 
 def main(argv: list[str]) -> int:
-    speculate = 0
-    if len(argv) == 4 and argv[2] == "--speculate" and argv[3].lstrip("-").isdigit():
-        speculate, argv = int(argv[3]), argv[:2]
+    speculate = "0"
+    if len(argv) == 4 and argv[2] == "--speculate":
+        speculate, argv = argv[3], argv[:2]
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2

@@ -1,0 +1,143 @@
+"""The fused engine's speculative mode against the non-speculative one, the target alone and
+theta alone, at 1 / 8 / 32 prompts and K = 2 / 4 / 6 draft tokens a step.
+
+    python experiments/bench_speculative.py                          # the tiny pair
+    python experiments/bench_speculative.py --models .cache/real_models   # the real pair
+    python experiments/bench_speculative.py --ks 0,2,4,6,4:8         # K:B = off above B
+
+Servers (start_vllm.sh, this package's engine tunings): theta alone and the target alone stay
+up the whole run; one fused server at a time, for each K (0 = the non-speculative engine).
+In every phase and repeat the target alone, theta alone and the fused server are timed back
+to back on the same prompts (the machine's load moves the absolute figures; the ratios to
+the target measured beside them move less). Each figure is the best of `--repeats`.
+
+- fused: q* through the fused route as sample mode drives it (FusedCoordinator, all
+  prompts in flight, `--tokens` per prompt, ignore_eos), tokens/s;
+- native target / theta: one /v1/completions request with all prompts (vLLM's own loop);
+- spec / K=0: (fused_K / target) / (fused_0 / target), each measured in its own phase;
+- acceptance: draft tokens accepted / proposed (the worker's counters); tokens / verify:
+  tokens a request gets per verify step (1 + accepted drafts; K + 1 at most).
+Targets (issue 27): at 1 prompt, speculative >= 1.3x non-speculative fused and >= the
+target alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tabulate import tabulate
+
+from dual_sampling.client import VLLMClient
+from dual_sampling.launch import Servers
+from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
+from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sample import bench_models, native_tok_s, prompt_items, speed_arguments  # noqa: E402
+from bench_transports import bench_prompts  # noqa: E402
+
+
+async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int
+                    ) -> dict[str, float]:
+    """tokens/s of the fused route, with the worker's speculation counters over the run."""
+    async def keep(_seq) -> None:
+        return None
+
+    settings = FusedSettings(max_tokens=n_tokens, alpha=None, concurrency=len(prompts),
+                             max_model_len=2048, ignore_eos=True)
+    coordinator = FusedCoordinator(fused, settings, keep)
+    before = await fused.request("GET", COUNTERS_PATH)
+    started = asyncio.get_running_loop().time()
+    await coordinator.run(prompt_items(prompts))
+    elapsed = asyncio.get_running_loop().time() - started
+    after = await fused.request("GET", COUNTERS_PATH)
+    delta = {k: after[k] - before[k] for k in ("proposed", "accepted", "emitted", "rows")}
+    return {"tok_s": coordinator.tokens_generated / elapsed,
+            "acceptance": delta["accepted"] / delta["proposed"] if delta["proposed"] else None,
+            "per_verify": delta["emitted"] / delta["rows"] if delta["proposed"] else None}
+
+
+async def phase(urls: dict[str, str], batches: list[int], n_tokens: int, repeats: int
+                ) -> dict[int, dict[str, float]]:
+    async with VLLMClient(urls["theta"], name="theta", timeout_s=900) as theta, \
+            VLLMClient(urls["target"], name="target", timeout_s=900) as target, \
+            VLLMClient(urls["fused"], name="fused", timeout_s=900) as fused:
+        results = {}
+        for batch, prompts in (await bench_prompts(theta, batches)).items():
+            await fused_run(fused, prompts, 4)  # warm-up
+            best: dict[str, float] = {"target": 0.0, "theta": 0.0, "fused": 0.0}
+            for _ in range(repeats):
+                best["target"] = max(best["target"], await native_tok_s(target, prompts,
+                                                                        n_tokens))
+                best["theta"] = max(best["theta"], await native_tok_s(theta, prompts, n_tokens))
+                run = await fused_run(fused, prompts, n_tokens)
+                if run["tok_s"] > best["fused"]:
+                    best.update(fused=run["tok_s"], acceptance=run["acceptance"],
+                                per_verify=run["per_verify"])
+            results[batch] = best
+        return results
+
+
+def fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: dict[str, dict[int, dict]], batches: list[int]) -> list[list]:
+    rows = []
+    base = results.get("0", {})
+    for batch in batches:
+        for k, by_batch in results.items():
+            r = by_batch[batch]
+            vs_target = r["fused"] / r["target"]
+            vs_plain = (vs_target / (base[batch]["fused"] / base[batch]["target"])
+                        if k != "0" and base else None)
+            rows.append([batch, k, f"{r['fused']:.1f}", fmt(vs_plain), f"{vs_target:.2f}",
+                         f"{r['fused'] / r['theta']:.2f}", f"{r['target']:.1f}",
+                         f"{r['theta']:.1f}", fmt(r.get("acceptance")),
+                         fmt(r.get("per_verify"))])
+    return rows
+
+
+HEADERS = ["prompts", "K", "fused tok/s", "spec / K=0", "fused / target", "fused / theta",
+           "target tok/s", "theta tok/s", "acceptance", "tokens / verify"]
+
+
+def main() -> None:
+    parser = speed_arguments(__doc__, batches="1,8,32", repeats=2)
+    parser.add_argument("--ks", default="0,2,4,6",
+                        help="comma-separated K (0: non-speculative) or K:B values")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    ks = args.ks.split(",")
+    models = bench_models(args)
+    load_before = os.getloadavg()[0]
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_speculative_"))
+    plain = Servers(run_dir=run_dir / "plain", models=models)
+    results: dict[str, dict[int, dict]] = {}
+    try:
+        plain.start("theta", "target")
+        for k in ks:
+            fused = Servers(run_dir=run_dir / f"fused_{k.replace(':', '_')}", models=models,
+                            extra=("--max-model-len", "2048"))
+            try:
+                fused.start_fused(speculate=k)
+                urls = {"theta": plain.url("theta"), "target": plain.url("target"),
+                        "fused": fused.url("fused")}
+                results[k] = asyncio.run(phase(urls, batches, args.tokens, args.repeats))
+            finally:
+                fused.stop()
+            print(f"K={k} done", file=sys.stderr, flush=True)
+    finally:
+        plain.stop()
+    name = Path(args.models).name if args.models else "tiny_models"
+    print(f"\n### Speculative fused sampling ({name}, {args.tokens} tokens per prompt, alpha*, "
+          f"T=1, best of {args.repeats}; {os.cpu_count()} CPUs, load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
+    print(tabulate(table(results, batches), headers=HEADERS, tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
