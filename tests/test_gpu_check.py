@@ -30,11 +30,13 @@ def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):  # 4-5 min on a l
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["passed"] and report["device"] == "cpu"
     assert set(report["tok_s"]) == {"native theta", "native target", "fused alpha*",
-                                    "fused alpha=0.5"}
+                                    "fused alpha=0.5", "fused alpha* speculative K=4"}
     assert all(v > 0 for by_n in report["tok_s"].values() for v in by_n.values())
-    assert report["max_abs_difference"]["positions"] == 2 * 12
+    # 2 sequences of 12 tokens from the fused server and 2 from the speculative one
+    assert report["max_abs_difference"]["positions"] == 2 * (2 * 12)
     assert report["engine"]["kv_cache"]["groups"][0]["bytes_per_token"] == 2048 + 12288
     swap = report["load_theta"]
     assert swap["round_trip_identical"] and swap["other_policy_differs"] and swap["load_s"] > 0
     assert "fused alpha* / native target" in done.stdout
+    assert "draft acceptance" in done.stdout
     assert not list((tmp_path / "work").glob("vllm-*/*.pid"))  # every server stopped
