@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, logsumexp
-from scipy.stats import chisquare
+from scipy.special import log_softmax
 
 from dual_sampling import mixture
 from dual_sampling.vllm_plugin.fused import speculate
+from test_fused import chernoff_alpha, chi_square_p
 
 V = 48
 K = 3
@@ -28,20 +27,6 @@ def pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     theta = 2.0 * rng.standard_normal(V)
     return theta, 0.4 * theta + 1.5 * rng.standard_normal(V)
-
-
-def chernoff(a: np.ndarray, b: np.ndarray) -> float:
-    return minimize_scalar(lambda x: logsumexp((1 - x) * a + x * b), bounds=(0, 1),
-                           method="bounded", options={"xatol": 1e-12}).x
-
-
-def chi_square_p(tokens: np.ndarray, q: np.ndarray) -> float:
-    counts = np.bincount(tokens, minlength=len(q)).astype(float)
-    expected = q * len(tokens)
-    big = expected >= 5
-    observed = np.append(counts[big], counts[~big].sum())
-    wanted = np.append(expected[big], expected[~big].sum())
-    return chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
 
 
 def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts: int = K,
@@ -69,7 +54,7 @@ def test_emitted_tokens_are_draws_from_q(temperature, alpha):
     theta, target = pair(0)
     (step, columns), p = run(theta, target, temperature, alpha)
     a, b = log_softmax(theta), log_softmax(target)
-    x = chernoff(a, b) if alpha is None else alpha
+    x = chernoff_alpha(a, b) if alpha is None else alpha
     log_q = log_softmax(mixture.log_mixture(a, b, x) / temperature)
     q = np.exp(log_q)
     first = np.array([ts[0] for ts in step.tokens])
@@ -95,7 +80,7 @@ def test_emitted_tokens_are_draws_from_q(temperature, alpha):
 def test_temperature_zero_emits_the_argmax_of_q_star():
     theta, target = pair(3)
     a, b = log_softmax(theta), log_softmax(target)
-    best = int(np.argmax(mixture.log_mixture(a, b, chernoff(a, b))))
+    best = int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
     (step, columns), _ = run(theta, target, 0.0, None, n=4)
     # the drafts are theta's argmax: accepted only where it is q*'s
     expected = [best] * (K + 1) if best == int(np.argmax(a)) else [best]
@@ -110,7 +95,7 @@ def test_a_request_without_drafts_draws_like_the_non_speculative_engine():
     theta, target = pair(5)
     (step, _), _ = run(theta, target, 1.0, None, drafts=0, n=50)
     a, b = log_softmax(theta), log_softmax(target)
-    cdf = np.cumsum(np.exp(mixture.log_mixture(a, b, chernoff(a, b))))
+    cdf = np.cumsum(np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
     u = kernels.uniforms(np.arange(1000, 1050, dtype=np.uint64), np.full(50, 5, np.uint64))
     expected = np.searchsorted(cdf / cdf[-1], u, side="right")
     assert [ts[0] for ts in step.tokens] == expected.tolist()
