@@ -35,13 +35,16 @@ from typing import Any, Optional, Sequence
 
 from dual_sampling import data
 from dual_sampling.client import ServerInfo, VLLMClient
-from dual_sampling.config import SampleParams, ScoreParams
+from dual_sampling.config import (PromptDataConfig, RunConfig, SampleParams, ScoreParams,
+                                  ServerConfig)
 from dual_sampling.errors import ConfigError
 from dual_sampling.modes.score import KEY as SCORE_KEY
 from dual_sampling.modes.score import open_scoring, plan_groups, score_groups
 from dual_sampling.sampling import Sampling
 
 Prompt = str | dict[str, Any]  # a text, or {"messages": [...]} (or {"prompt": text})
+# the command line's defaults: the API takes every default from these
+_SAMPLE, _SCORE, _SERVER = SampleParams(), ScoreParams(), ServerConfig()
 
 
 def _urls(value: str | Sequence[str] | None) -> list[str]:
@@ -65,16 +68,22 @@ class DualSampler:
     theta_url: the theta server (or a fused server), or a list of replicas.
     target_url: the target server(s); not needed with a fused theta_url.
     transport, top_k, missing, concurrency: as `sample.*` in conf/ (config.SampleParams).
-    chat_template: render `{"messages": ...}` prompts with the served chat template.
+    chat_template: render `{"messages": ...}` prompts with the served chat template
+    (`data.chat_template`); false joins the messages' contents with newlines.
+    Every default is the command line's (`config.py`'s dataclasses are the one source;
+    tests/test_api.py holds them equal).
     api_key: the servers' API key (start_vllm.sh --api-key), sent as `Authorization: Bearer`;
     None reads the environment variable VLLM_API_KEY (unset or empty: no key sent).
     """
 
     def __init__(self, theta_url: str | Sequence[str],
-                 target_url: str | Sequence[str] | None = None, *, transport: str = "auto",
-                 top_k: Optional[int] = None, missing: str = "kth", concurrency: int = 32,
-                 seed: int = 0, chat_template: bool = False, timeout_s: float = 120.0,
-                 max_retries: int = 2, api_key: Optional[str] = None) -> None:
+                 target_url: str | Sequence[str] | None = None, *,
+                 transport: str = _SAMPLE.transport,
+                 top_k: Optional[int] = _SAMPLE.top_k, missing: str = _SAMPLE.missing,
+                 concurrency: int = _SAMPLE.concurrency, seed: int = RunConfig.seed,
+                 chat_template: bool = PromptDataConfig.chat_template,
+                 timeout_s: float = _SERVER.timeout_s, max_retries: int = _SERVER.max_retries,
+                 api_key: Optional[str] = None) -> None:
         self.theta_urls, self.target_urls = _urls(theta_url), _urls(target_url)
         if not self.theta_urls:
             raise ConfigError("DualSampler: `theta_url` is empty: give the theta (or fused) "
@@ -118,9 +127,11 @@ class DualSampler:
             raise RuntimeError("use `async with DualSampler(...) as sampler:` (or "
                                "SyncDualSampler in `with`) before calling it")
 
-    async def sample(self, prompts: Sequence[Prompt], *, n: int = 1, max_tokens: int = 64,
-                     temperature: float = 1.0, alpha: Optional[float] = None,
-                     stop: Sequence[str] = (), seed: Optional[int] = None
+    async def sample(self, prompts: Sequence[Prompt], *, n: int = _SAMPLE.n,
+                     max_tokens: int = _SAMPLE.max_tokens,
+                     temperature: float = _SAMPLE.temperature,
+                     alpha: Optional[float] = _SAMPLE.alpha, stop: Sequence[str] = (),
+                     seed: Optional[int] = None
                      ) -> list[dict[str, Any]]:
         """n completions per prompt from q*; the samples.jsonl rows, ordered by (index,
         sample_index). `alpha`: None solves alpha* per token, a number fixes it."""
@@ -140,8 +151,9 @@ class DualSampler:
         return sorted(records, key=lambda r: (r["index"], r["sample_index"]))
 
     async def score(self, prompts: Sequence[Prompt],
-                    completions: Sequence[str | Sequence[str]], *, per_token: bool = True,
-                    batch_size: int = 32, concurrency: int = 4) -> list[dict[str, Any]]:
+                    completions: Sequence[str | Sequence[str]], *,
+                    per_token: bool = _SCORE.per_token, batch_size: int = _SCORE.batch_size,
+                    concurrency: int = _SCORE.concurrency) -> list[dict[str, Any]]:
         """Logprobs of `completions[i]` after `prompts[i]` under theta (and the target when
         target_url is given); a list of strings for one prompt is a label set. Returns the
         scores.jsonl rows, ordered by (index, completion_index)."""

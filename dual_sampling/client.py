@@ -9,7 +9,7 @@ the client of a configured server (`theta`, `teacher`, ...), with its API key.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from dual_sampling.errors import (CheckpointRefusedError, MalformedResponseError, ServerError,
@@ -41,6 +41,9 @@ class ServerInfo:
     fused: bool = False  # serves theta and target in one engine (start_vllm.sh --fused)
     theta_version: Optional[int] = None  # load_theta's count on this server (0: as started)
     theta_path: Optional[str] = None  # the checkpoint it serves now
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """{role: {"path", "fingerprint"}} (plugin: `theta`/`target` fused, else `model`); a
+    server without the plugin: `model` with `/v1/models`' root and no fingerprint."""
 
     @property
     def theta_fields(self) -> dict[str, Any]:
@@ -74,6 +77,8 @@ class VLLMClient(LogprobClient):
         entry = entries[served.index(self.model)]
         max_model_len = int(entry.get("max_model_len") or 0)
         info = await self._special_tokens()
+        if not info.get("checkpoints"):  # no plugin: vLLM's own word for what it loaded
+            info["checkpoints"] = {"model": {"path": entry.get("root"), "fingerprint": None}}
         return ServerInfo(url=self.url, model=self.model, max_model_len=max_model_len, **info)
 
     async def _special_tokens(self) -> dict[str, Any]:
@@ -88,7 +93,8 @@ class VLLMClient(LogprobClient):
                     "routes": tuple(facts.get("routes", ())),
                     "fused": bool(facts.get("fused", False)),
                     "theta_version": facts.get("theta_version"),
-                    "theta_path": facts.get("theta_path")}
+                    "theta_path": facts.get("theta_path"),
+                    "checkpoints": dict(facts.get("checkpoints") or {})}
         except ServerError:
             pass
         try:

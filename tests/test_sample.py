@@ -7,6 +7,7 @@ them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -284,28 +285,97 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
     check_dataset(out, len(PROMPTS))
 
 
+def test_a_resume_against_servers_of_other_checkpoints_is_refused(servers, tmp_path):
+    """Real servers: a run records its transport and both checkpoints' fingerprints (as the
+    servers' plugin computes them: equal to `fingerprint` of the served directories); the
+    same command resumed with the two servers' roles swapped (theta now served from another
+    checkpoint, as with a server restarted on one) exits 2 naming both models, and writes
+    no record. On the code before, it exited 0 and appended the other models' samples."""
+    from dual_sampling.vllm_plugin.fingerprint import fingerprint
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:4])
+    out = tmp_path / "out"
+    run_sample(servers, prompts, out, "data.limit=2")
+    params = json.loads((out / "run_params.json").read_text())
+    record = next(read_records(out / "samples.jsonl"))
+    assert params["transport"] == "session"
+    assert [t["fingerprint"] for t in params["theta"]] == [fingerprint(record["theta_path"])]
+    assert params["target"]["fingerprint"] == fingerprint(params["target"]["path"]) != (
+        params["theta"][0]["fingerprint"])
+    swapped = [arg.replace(servers.url("theta"), "THETA").replace(servers.url("target"),
+                                                                   servers.url("theta"))
+               .replace("THETA", servers.url("target"))
+               for arg in sample_cmd(servers, prompts, out)]
+    done = subprocess.run(swapped, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "holds samples drawn with other settings or models" in done.stderr
+    assert "theta " in done.stderr and "target " in done.stderr and "new output_dir" in done.stderr
+    assert len(list(read_records(out / "samples.jsonl"))) == 2
+    run_sample(servers, prompts, out)  # the servers it started with: it resumes
+    check_dataset(out, 4)
+
+
 def test_a_resume_with_other_token_settings_is_refused(tmp_path):
     """A run started again on its output_dir with another temperature (or alpha, top_k,
-    max_tokens, stop, seed) is refused before any request: its samples would come from
+    max_tokens, stop, seed) is refused before any sample: its samples would come from
     another distribution than the ones it resumes (the demo once resumed a T = 1 dataset at
     T = 0.7 and reported 0.7)."""
-    from types import SimpleNamespace
-
-    from dual_sampling.config import SampleParams
     from dual_sampling.errors import ConfigError
     from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
 
-    def config(**params):
-        return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params))
-
-    check_resume(tmp_path, config(temperature=1.0, stop=["\n"]))
-    check_resume(tmp_path, config(temperature=1.0, stop=["\n"], n=4, concurrency=2))
+    check_resume(tmp_path, settings(temperature=1.0, stop=["\n"]), "fused", models())
+    check_resume(tmp_path, settings(temperature=1.0, stop=["\n"], n=4, concurrency=2), "fused",
+                 models())
     for changed, key in ((dict(temperature=0.7), "sample.temperature=1.0 there, 0.7 now"),
                          (dict(alpha=0.5), "sample.alpha=None there, 0.5 now"),
                          (dict(stop=[]), "sample.stop"), (dict(seed=1), "seed=0 there")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            check_resume(tmp_path, config(**{"temperature": 1.0, "stop": ["\n"], **changed}))
+            check_resume(tmp_path, settings(**{"temperature": 1.0, "stop": ["\n"], **changed}),
+                         "fused", models())
     assert json.loads((tmp_path / RUN_PARAMS_FILE).read_text())["sample.temperature"] == 1.0
+
+
+def settings(**params):
+    """The part of a SampleRunConfig that check_resume reads."""
+    from types import SimpleNamespace
+
+    from dual_sampling.config import SampleParams
+    return SimpleNamespace(seed=params.pop("seed", 0), sample=SampleParams(**params))
+
+
+def models(theta="sha256:aaaa", target="sha256:bbbb", theta_version=0):
+    """`Sampling.models` of a pair whose checkpoints have these fingerprints."""
+    return {"theta": {"model": "theta", "path": "/ckpt/theta", "fingerprint": theta,
+                      "theta_version": theta_version},
+            "target": {"model": "target", "path": "/ckpt/target", "fingerprint": target}}
+
+
+def test_a_resume_on_other_models_or_transport_is_refused(tmp_path):
+    """The resume that once appended another theta's samples without a word (a fused server
+    restarted on another checkpoint) is refused naming what changed, as is another target or
+    another transport (fused = exact q*, session = q* over the merged top-k); a theta that
+    load_theta put into the running server (theta_version > 0) is the documented way to move
+    a run on to a new policy, accepted and listed; a server reporting no fingerprint (no
+    plugin) is compared by checkpoint path."""
+    from dual_sampling.errors import ConfigError
+    from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
+
+    check_resume(tmp_path, settings(), "fused", models())
+    for transport, changed, key in (
+            ("fused", models(theta="sha256:cccc"), "theta /ckpt/theta (sha256:aaaa) there, "
+                                                   "/ckpt/theta (sha256:cccc) now"),
+            ("fused", models(target="sha256:cccc"), "target /ckpt/target (sha256:bbbb) there"),
+            ("session", models(), "transport 'fused' there, 'session' now")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            check_resume(tmp_path, settings(), transport, changed)
+    check_resume(tmp_path, settings(), "fused", models(theta="sha256:dddd", theta_version=1))
+    check_resume(tmp_path, settings(), "fused", models())  # back on the first policy
+    found = json.loads((tmp_path / RUN_PARAMS_FILE).read_text())
+    assert [t["fingerprint"] for t in found["theta"]] == ["sha256:aaaa", "sha256:dddd"]
+    stock = models(theta=None, target=None)
+    check_resume(tmp_path / "stock", settings(), "request", stock)
+    stock["target"]["path"] = "/ckpt/other"
+    with pytest.raises(ConfigError, match="target /ckpt/target"):
+        check_resume(tmp_path / "stock", settings(), "request", stock)
 
 
 def test_a_resume_into_another_shards_output_dir_is_refused(tmp_path):

@@ -57,26 +57,62 @@ TABLE_COLUMNS = ("index", "sample_index", "prompt", "completion", "mean_alpha", 
 SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),))
 
 
-def check_resume(out: Path, config: SampleRunConfig) -> None:
-    """Record the token-shaping settings of a run in `out/run_params.json`, or, when `out`
-    already holds them, refuse (ConfigError naming each key) a run that changes any: its
-    samples would be drawn from another distribution than those it resumes."""
+def check_resume(out: Path, config: SampleRunConfig, transport: str,
+                 models: dict[str, dict[str, Any]]) -> None:
+    """Record in `out/run_params.json` what decides the distribution of a run's samples: the
+    token settings, the transport that ran (fused: exact q*; session/request: q* over the
+    merged top-k) and each model's identity (`Sampling.models`: name, checkpoint path and
+    fingerprint). When `out` already holds them, refuse (ConfigError naming each change) a
+    run that changes any: its samples would come from another distribution than those it
+    resumes. A theta that a server loaded on purpose (load_theta: `theta_version` > 0) is
+    accepted and added to the list of policies; records name theirs (theta_version)."""
     wanted = {"seed": config.seed,
               **{f"sample.{name}": getattr(config.sample, name) for name in TOKEN_SHAPING}}
     wanted = json.loads(json.dumps(wanted))  # lists and None as JSON gives them back
     path = out / RUN_PARAMS_FILE
-    if path.is_file():
-        found = json.loads(path.read_text())
-        changed = [f"{key}={found.get(key)!r} there, {value!r} now"
-                   for key, value in wanted.items() if found.get(key) != value]
-        if changed:
-            raise ConfigError(
-                f"output_dir {out} holds samples drawn with other settings ("
-                + "; ".join(changed) + "): resuming would mix two distributions in one "
-                "dataset. Give a new output_dir, or the settings the run started with.")
-        return
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    changed = [f"{key}={found.get(key)!r} there, {value!r} now"
+               for key, value in wanted.items() if found and found.get(key) != value]
+    if found.get("transport", transport) != transport:
+        changed.append(f"transport {found['transport']!r} there, {transport!r} now (fused "
+                       f"samples the exact q*, session and request q* over the merged top-k)")
+    target = found.get("target")
+    if target is not None and not same_model(target, models["target"]):
+        changed.append(f"target {describe_model(target)} there, "
+                       f"{describe_model(models['target'])} now")
+    thetas = found.get("theta", [])
+    theta = models["theta"]
+    if thetas and not any(same_model(t, theta) for t in thetas):
+        if theta.get("theta_version"):
+            log.warning("theta is %s, loaded by load_theta (theta_version %s): the records of "
+                        "this run name it", describe_model(theta), theta["theta_version"])
+        else:
+            changed.append(f"theta {describe_model(thetas[-1])} there, "
+                           f"{describe_model(theta)} now (a server started on another "
+                           f"checkpoint; load_theta into the running server is how a run "
+                           f"moves on to a new policy)")
+    if changed:
+        raise ConfigError(
+            f"output_dir {out} holds samples drawn with other settings or models ("
+            + "; ".join(changed) + f"): resuming would mix two distributions in one "
+            f"dataset. Give a new output_dir, or the settings and servers the run started "
+            f"with ({path} lists them).")
+    if not any(same_model(t, theta) for t in thetas):
+        thetas = [*thetas, theta]
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    record = {**wanted, "transport": transport, "target": models["target"], "theta": thetas}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """One checkpoint: equal fingerprints, or (a server that reports none) equal paths."""
+    if a.get("fingerprint") and b.get("fingerprint"):
+        return a["fingerprint"] == b["fingerprint"]
+    return a.get("path") == b.get("path")
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    return f"{model.get('path') or model.get('model')} ({model.get('fingerprint') or 'no fingerprint'})"
 
 
 def write_shard(out: Path, config: SampleRunConfig, num_prompts: int) -> None:
@@ -110,7 +146,6 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
     out = Path(config.output_dir)
-    check_resume(out, config)
     write_shard(out, config, num_prompts)
     thetas = make_clients(config.theta, "theta", params.concurrency)
     targets = make_clients(config.target, "target", params.concurrency)
@@ -120,6 +155,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         sampling = await Sampling.open(thetas, targets, params, seed=config.seed,
                                        timeout_s=config.theta.timeout_s,
                                        max_retries=config.theta.max_retries)
+        check_resume(out, config, sampling.transport, sampling.models)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE, key=SAMPLE_KEY)
         todo = [{**p, "sample_indices": missing} for p in prompts if (missing := [
             s for s in range(params.n) if (p["index"], s) not in writer.done])]
