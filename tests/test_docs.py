@@ -240,7 +240,14 @@ TOOL_COMMANDS = commands_of(lambda v: v[:2] == ["python", "-m"]
                             and v[2].startswith("dual_sampling."))
 
 
-@pytest.mark.parametrize("module", sorted({c.argv[2] for c in TOOL_COMMANDS}))
+# tools that do not answer --help yet (strict: the test fails once they do, to drop the entry)
+NO_HELP_YET = {"dual_sampling.vllm_plugin.fused.setup":
+               "prints its usage and exits 2 on --help (vllm_plugin/fused/setup.py main)"}
+
+
+@pytest.mark.parametrize("module", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=NO_HELP_YET[m]))
+    if m in NO_HELP_YET else m for m in sorted({c.argv[2] for c in TOOL_COMMANDS})])
 def test_tool_answers_help(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -366,3 +373,17 @@ def test_every_start_vllm_flag_has_a_description_and_every_description_a_flag():
 def test_the_docs_hold_commands_of_every_kind():
     """The parser finds what it is meant to check (a broken fence regex checks nothing)."""
     assert len(HYDRA_COMMANDS) >= 5 and len(START_COMMANDS) >= 5 and TOOL_COMMANDS
+
+
+def _marked_table(text: str, marker: str) -> str:
+    """The Markdown table right after the `<!-- marker... -->` comment."""
+    after = text.split(f"<!-- {marker}", 1)[1].split("-->", 1)[1].lstrip("\n")
+    return "".join(itertools.takewhile(lambda line: line.startswith("|"),
+                                       after.splitlines(keepends=True)))
+
+
+def test_the_readme_table_is_benchmarks_table():
+    """The README's one table of figures is a copy of docs/benchmarks.md's, not a fork."""
+    readme = _marked_table((REPO / "README.md").read_text(), "two-commands")
+    bench = _marked_table((REPO / "docs" / "benchmarks.md").read_text(), "two-commands")
+    assert readme and readme == bench, "README.md's table differs from docs/benchmarks.md's"
