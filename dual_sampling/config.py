@@ -81,12 +81,15 @@ class WandbConfig:
     mode: str = "offline"
     """offline writes run files under `dir`; online needs `wandb login`; disabled logs nothing."""
     project: str = "dual_sampling"
+    """W&B project the runs go to."""
     entity: Optional[str] = None
+    """W&B team or user; None: the logged-in user's default entity."""
     name: Optional[str] = None
     """Run name; None lets W&B choose."""
     dir: Optional[str] = None
     """Where W&B writes its files; None puts them in `output_dir`."""
     tags: list[str] = field(default_factory=list)
+    """Tags on the W&B run (e.g. `wandb.tags=[alpha-sweep]`)."""
     group: Optional[str] = None
     """W&B group; None in a multirun puts the jobs of one run in one group (the run dir's name)."""
     log_every: int = 8
@@ -107,6 +110,7 @@ class ShardedInputConfig:
     shard_index: int = 0
     """This job's shard, in [0, num_shards): items shard_index, shard_index + num_shards, ..."""
     num_shards: int = 1
+    """How many jobs share the items (each takes every num_shards-th item)."""
 
     def check(self, key: str) -> None:
         _require(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "must be >= 1")
@@ -122,6 +126,7 @@ class PromptDataConfig(ShardedInputConfig):
     prompts: str = "???"
     """A JSONL file (a `prompt` field, or chat `messages`) or a plain text file, one prompt a line."""
     prompt_field: str = "prompt"
+    """The JSONL field that holds a prompt's text (records with `messages` use those)."""
     chat_template: bool = True
     """Render `messages` records with the model's chat template."""
 
@@ -248,9 +253,12 @@ class RunConfig:
     """What every mode shares."""
 
     mode_name: str = "???"
+    """Set by the mode's config (`mode=sample|topk|perplexity|score`), not by hand."""
     output_dir: str = "???"
     """Everything a run writes; a run started again with the same dir resumes."""
     seed: int = 0
+    """Seed of every random draw (sample mode: with the prompt index and sample_index, it
+    decides a sample's tokens)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
     """Show a progress bar."""
@@ -293,6 +301,7 @@ class SequenceDataConfig(ShardedInputConfig):
     path: Any = None
     """One file (`data.path=a.txt`) or several (`data.path=[a.txt,b.txt]`); a list after checks."""
     text_field: str = "text"
+    """The JSONL field that holds a record's text (records with `token_ids` use those)."""
 
     def check(self, key: str) -> None:
         self.path = [self.path] if isinstance(self.path, str) else list(self.path or [])
@@ -379,6 +388,7 @@ class ScoreDataConfig(ShardedInputConfig):
     """JSONL: `prompt` (or chat `messages`, or `prompt_token_ids`) and `completion` (or a list
     `completions`, or `completion_token_ids`); samples.jsonl of sample mode works as it is."""
     prompt_field: str = "prompt"
+    """The JSONL field that holds a prompt's text (records with `messages` use those)."""
     chat_template: bool = True
     """Render `messages` records with the model's chat template."""
 

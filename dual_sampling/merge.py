@@ -15,7 +15,8 @@ is a job. The merge writes into RUN_DIR:
 
 Before writing anything it checks that the jobs make one dataset: they agree on the prompts
 file, its number of prompts, num_shards, n (their shard.json, written by sample mode) and
-their run_params.json (the settings that decide the tokens); each shard in [0, num_shards)
+their run_params.json (the settings, transport and models that decide the tokens; models
+compared by fingerprint); each shard in [0, num_shards)
 is in exactly one job; each prompt of the shards has samples 0..n-1, each exactly once, and
 nothing else is there. Otherwise MergeError names the jobs, shards and samples at fault, and
 the command prints one line `error: ...` and exits 2. Each file is written to a temporary
@@ -41,7 +42,8 @@ from dual_sampling import data, groups, sample_stats
 from dual_sampling.coordinator import TOKEN_FIELDS
 from dual_sampling.errors import DualSamplingError, MergeError
 from dual_sampling.modes.sample import (GROUPS_FILE, RUN_PARAMS_FILE, SAMPLE_KEY, SAMPLES_FILE,
-                                        SHARD_FILE, SUMMARY_FILE, theta_summary)
+                                        SHARD_FILE, SUMMARY_FILE, distribution_params,
+                                        theta_summary)
 from dual_sampling.records import read_records
 
 PARQUET_FILE = "samples.parquet"
@@ -165,7 +167,8 @@ def check_jobs(run_dir: Path, jobs: list[Job]) -> None:
     """Raise MergeError unless the jobs make one dataset (the module docstring's checks)."""
     problems = (_disagreements(jobs, SHARD_FILE,
                                lambda job: {k: job.shard.get(k) for k in SHARED_SHARD_FIELDS})
-                + _disagreements(jobs, RUN_PARAMS_FILE, lambda job: job.run_params))
+                + _disagreements(jobs, RUN_PARAMS_FILE,
+                                 lambda job: distribution_params(job.run_params)))
     if problems:
         raise MergeError(f"{run_dir}: the jobs were not run with the same settings, so their "
                          f"samples are not one dataset: " + " | ".join(problems)

@@ -240,14 +240,7 @@ TOOL_COMMANDS = commands_of(lambda v: v[:2] == ["python", "-m"]
                             and v[2].startswith("dual_sampling."))
 
 
-# tools that do not answer --help yet (strict: the test fails once they do, to drop the entry)
-NO_HELP_YET = {"dual_sampling.vllm_plugin.fused.setup":
-               "prints its usage and exits 2 on --help (vllm_plugin/fused/setup.py main)"}
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=NO_HELP_YET[m]))
-    if m in NO_HELP_YET else m for m in sorted({c.argv[2] for c in TOOL_COMMANDS})])
+@pytest.mark.parametrize("module", sorted({c.argv[2] for c in TOOL_COMMANDS}))
 def test_tool_answers_help(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -162,6 +162,13 @@ def _other_temperature(run_dir: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "sample.temperature": 0.5}))
 
 
+def _other_target(run_dir: Path) -> None:
+    path = run_dir / "job1" / "run_params.json"
+    params = json.loads(path.read_text())
+    params["target"] = {**params["target"], "fingerprint": "sha256:cc"}
+    path.write_text(json.dumps(params))
+
+
 def _other_n(run_dir: Path) -> None:
     path = run_dir / "job0" / "shard.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "n": 3}))
@@ -188,6 +195,8 @@ def _no_shard_file(run_dir: Path) -> None:
     (_sample_beyond_n, ["1 outside the shards' prompts x n=2: (0, 2) in job0"]),
     (_other_temperature, ["run_params.json `sample.temperature` differs",
                           "1.0 in job0, job2; 0.5 in job1"]),
+    (_other_target, ["run_params.json `target` differs",
+                     '"sha256:bb" in job0, job2; "sha256:cc" in job1']),
     (_other_n, ["shard.json `n` differs: 3 in job0; 2 in job1, job2"]),
     (_no_shard_file, ["job2/shard.json is missing"]),
 ])
@@ -203,6 +212,17 @@ def test_a_spoilt_run_is_refused_by_name_and_nothing_is_written(tmp_path, capsys
     assert merge.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: MergeError: ") and err.count("\n") == 1
+
+
+def test_jobs_that_served_one_checkpoint_from_other_paths_merge(tmp_path):
+    """Each job of a self-serving sweep may read the checkpoint from its own node's copy:
+    models are compared by fingerprint, not path."""
+    make_run(tmp_path, num_prompts=8, num_shards=3)
+    path = tmp_path / "job1" / "run_params.json"
+    params = json.loads(path.read_text())
+    params["target"]["path"] = "/scratch/node7/target"
+    path.write_text(json.dumps(params))
+    merge.merge(tmp_path)
 
 
 def test_a_folder_without_jobs_is_refused(tmp_path):

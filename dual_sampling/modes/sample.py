@@ -111,6 +111,19 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("path") == b.get("path")
 
 
+def distribution_params(run_params: dict[str, Any]) -> dict[str, Any]:
+    """run_params.json with each model as what identifies it (its fingerprint, else its
+    path): jobs that served one checkpoint from different paths compare equal (merge.py)."""
+    def identity(model: dict[str, Any]) -> Any:
+        return model.get("fingerprint") or model.get("path")
+    out = dict(run_params)
+    if "target" in out:
+        out["target"] = identity(out["target"])
+    if "theta" in out:
+        out["theta"] = [identity(t) for t in out["theta"]]
+    return out
+
+
 def describe_model(model: dict[str, Any]) -> str:
     return f"{model.get('path') or model.get('model')} ({model.get('fingerprint') or 'no fingerprint'})"
 

@@ -32,6 +32,7 @@ from its own checkpoint's config, so the override never reaches a submodel.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -215,14 +216,17 @@ def server_args(theta: str | Path, target: str | Path, speculate: str = "0") -> 
 
 
 def main(argv: list[str]) -> int:
-    speculate = "0"
-    if len(argv) == 4 and argv[2] == "--speculate":
-        speculate, argv = argv[3], argv[:2]
-    if len(argv) != 2:
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m dual_sampling.vllm_plugin.fused.setup",
+        description="Check a theta/target pair for one fused engine and print the vLLM "
+                    "arguments that serve it, one per line (start_vllm.sh --fused runs it).")
+    parser.add_argument("theta", help="theta's checkpoint directory")
+    parser.add_argument("target", help="the target's checkpoint directory")
+    parser.add_argument("--speculate", default="0",
+                        help="K or K:B: theta drafts K tokens a step (0: off)")
+    args = parser.parse_args(argv)
     try:
-        print("\n".join(server_args(*argv, speculate=speculate)))
+        print("\n".join(server_args(args.theta, args.target, speculate=args.speculate)))
     except FusedSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
