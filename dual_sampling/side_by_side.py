@@ -13,12 +13,13 @@ token count and whether it ended at EOS or a stop string.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import textwrap
 from typing import Any
 
 from tabulate import tabulate
 
-from dual_sampling.api import SyncDualSampler
+from dual_sampling.api import DualSampler
 from dual_sampling.data import read_prompts
 
 COLUMNS = (("theta alone (alpha=0)", 0.0), ("target alone (alpha=1)", 1.0),
@@ -32,11 +33,14 @@ def prompt_text(row: dict[str, Any]) -> str:
 
 def completions(url: str, prompts: list[dict[str, Any]], max_tokens: int, seed: int,
                 temperature: float = 1.0) -> dict[str, list[dict[str, Any]]]:
-    """The records of each column's run, in prompt order."""
-    with SyncDualSampler(url, chat_template=True, seed=seed) as sampler:
-        return {title: sampler.sample(prompts, max_tokens=max_tokens, alpha=alpha, seed=seed,
-                                      temperature=temperature)
-                for title, alpha in COLUMNS}
+    """The records of each column's run, in prompt order. The three runs go to the server
+    at once: its engine batches them (a third of the time of one after another)."""
+    async def run() -> list[list[dict[str, Any]]]:
+        async with DualSampler(url, chat_template=True, seed=seed) as sampler:
+            return await asyncio.gather(*(
+                sampler.sample(prompts, max_tokens=max_tokens, alpha=alpha, seed=seed,
+                               temperature=temperature) for _, alpha in COLUMNS))
+    return dict(zip((title for title, _ in COLUMNS), asyncio.run(run())))
 
 
 def cell(record: dict[str, Any], width: int, eos_text: str) -> str:

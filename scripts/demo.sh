@@ -24,7 +24,7 @@ while [[ "${1:-}" == --tiny || "${1:-}" == --two-servers || "${1:-}" == --specul
   if [[ "$1" == --speculate ]]; then SPECULATE="${2:?--speculate needs K}"; shift; fi
   shift
 done
-bash scripts/setup_env.sh
+SETUP_EXTRAS=cpu,real bash scripts/setup_env.sh  # what the demo needs; test.sh adds the rest
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export WANDB_SILENT=true HF_HUB_OFFLINE=1
