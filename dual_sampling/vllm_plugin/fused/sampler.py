@@ -54,7 +54,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
-from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused import kernels, state, stock
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
 
 
@@ -89,19 +89,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        args = _read_args(sampling_params)
-        if args is None:
-            return
-        alpha, temperature = args.get("alpha"), args.get("temperature", 1.0)
-        if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"extra_args.{EXTRA_KEY}.alpha = {alpha!r}: give null (solve "
-                             f"alpha* per token) or a number in [0, 1]")
-        if not float(temperature) >= 0.0:
-            raise ValueError(f"extra_args.{EXTRA_KEY}.temperature = {temperature!r}: must "
-                             f"be >= 0 (0 = argmax of q*)")
-        if not isinstance(args.get("tag"), str) or not isinstance(args.get("seed"), int):
-            raise ValueError(f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer "
-                             f"`seed`, got {args!r}")
+        stock.check_extra_args(sampling_params)
 
     def __init__(self, vllm_config: Any, device_or_states: Any,
                  is_pin_memory: bool = False) -> None:
