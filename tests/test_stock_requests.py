@@ -5,9 +5,9 @@ server cannot do, never a 500. Also the bad values on this project's own routes.
 Kinds: `theta` and `target` (the pair of `start_vllm.sh --theta A --target B`; a lone
 `--model` server runs with theta's arguments), `fused` and `speculative` (`--fused`, and
 `--fused --speculate 3`). Each uses a session fixture of conftest.py, so no server starts
-here that the suite does not start anyway; run one kind alone with `-k speculative`.
+here that the suite does not start anyway; run one kind alone (one fixture's servers) with
 
-    python -m pytest -q tests/test_stock_requests.py -k "fused and not speculative"
+    python -m pytest -q tests/test_stock_requests.py -k on_fused   # on_theta, on_speculative
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ TYPED = {COMPLETIONS: {"model", "prompt", "max_tokens", "logprobs", "n", "stop",
                 "logit_bias", "response_format"}}
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=KINDS, ids=[f"on_{k}" for k in KINDS])
 def kind(request) -> str:
     return request.param
 

@@ -20,7 +20,10 @@ Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
   diagnostics (token, alpha, logp_theta, logp_target, logp_q under the distribution
   sampled, KL(q*||theta), KL(q*||target), H(q*)) go to `state` under the tag.
 - A row without the extra args (a stock /v1/completions request) gets log q* with alpha*
-  as its logits: vLLM then samples q* with the request's own temperature, seed, top-p.
+  as its logits: vLLM then samples q* with the request's own temperature, seed, min_p,
+  top-k, top-p and penalties. What vLLM applies before this processor (logit_bias,
+  allowed_token_ids, bad_words, min_tokens, structured outputs) would be overwritten, so
+  stock.py refuses those requests with a 400 before they reach the engine.
 
 One class for both of vLLM 0.32's model runners, so one `--logits-processors` name serves
 whichever the engine picks (V2 on a GPU with Triton unless VLLM_USE_V2_MODEL_RUNNER=0; V1 on

@@ -30,10 +30,10 @@ Untagged rows (a stock /v1/completions request) go through the same steps at the
 request's temperature and seed (random without one), with q restricted by the request's
 top_k and top_p as vLLM's sampler restricts a distribution (`truncate`): the steps above
 are exact for any q, so the tokens follow the truncated q* exactly (vLLM itself refuses
-min_p and logit_bias under speculative decoding). Logprobs come back
-in vLLM's layout (`emitted_logprobs`): pi_theta's at each emitted token, as the
-non-speculative engine's (vLLM's raw_logprobs). Penalties and the rest that this engine does
-not apply are refused with a 400 before a request reaches it (stock.py).
+min_p and logit_bias under speculative decoding). Logprobs come back in vLLM's layout
+(`emitted_logprobs`): pi_theta's at each emitted token, as the non-speculative engine's
+(vLLM's raw_logprobs). Penalties and the rest that this engine does not apply are refused
+with a 400 before a request reaches it (stock.py).
 
 `install()` patches two vLLM methods (named in compat.py), inert unless the runner serves
 the composite model with a speculative config: `GPUModelRunner._sample` (the V1 runner; the

@@ -110,4 +110,5 @@ def install() -> None:
             check(self, speculative=speculative_config is not None)
 
     verify._dual_sampling = True
+    verify._dual_sampling_original = original  # compat.py checks the signature of vLLM's
     SamplingParams.verify = verify
