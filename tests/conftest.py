@@ -85,6 +85,20 @@ def fused_server(fused_models, tmp_path_factory) -> Servers:
     server.stop()
 
 
+
+@pytest.fixture(scope="session")
+def spec_server(fused_models, tmp_path_factory) -> Servers:
+    """One speculative fused server (theta drafts 3 tokens a step; tests/test_speculative.py
+    checks that number), up for the whole session."""
+    if shutil.which("curl") is None:
+        pytest.fail("start_vllm.sh needs curl: apt-get install curl")
+    # the step budget of fused_server: a long prompt is prefilled in chunks
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_spec"), models=dict(fused_models),
+                     extra=("--max-model-len", "2048", "--max-num-batched-tokens", "512"))
+    server.start_fused(speculate=3)
+    yield server
+    server.stop()
+
 WIDE_VOCAB = 151936  # Qwen's vocabulary size
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import log_softmax
+from scipy.stats import chisquare
 
 from dual_sampling import mixture
 from dual_sampling.vllm_plugin.fused import speculate
@@ -30,8 +31,9 @@ def pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts: int = K,
-        n: int = N):
-    """One verify step over n requests with `drafts` drafts each, drawn from p."""
+        n: int = N, **limits):
+    """One verify step over n requests with `drafts` drafts each, drawn from p (limits:
+    top_k, top_p, min_p of every request)."""
     a = log_softmax(theta)
     p = np.exp(log_softmax(a / temperature)) if temperature > 0 else None
     rng = np.random.default_rng(1)
@@ -39,7 +41,7 @@ def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts
         ids = rng.choice(V, size=n * drafts, p=p)
     else:
         ids = np.full(n * drafts, int(np.argmax(a)))
-    requests = [speculate.Request(f"r{i}", 1000 + i, alpha, temperature, 5, drafts)
+    requests = [speculate.Request(f"r{i}", 1000 + i, alpha, temperature, 5, drafts, **limits)
                 for i in range(n)]
     rows = n * (drafts + 1)
     t = torch.tensor(np.tile(theta, (rows, 1)), dtype=torch.float32)
@@ -76,6 +78,39 @@ def test_emitted_tokens_are_draws_from_q(temperature, alpha):
     for name in ("kl_q_theta", "kl_q_target", "entropy_q"):
         np.testing.assert_allclose(columns[name], diag[name], atol=1e-5)
 
+
+
+def test_truncate_keeps_what_vllms_sampler_keeps():
+    """The support of vLLM's own top-k/top-p mask (apply_top_k_top_p_pytorch), same rows."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+    rng = np.random.default_rng(3)
+    rows = 40
+    log_q = torch.log_softmax(torch.tensor(2.0 * rng.standard_normal((rows, V))), dim=-1)
+    top_k = torch.tensor(rng.choice([0, 1, 5, 20, V], rows))
+    top_p = torch.tensor(rng.choice([1.0, 0.3, 0.9], rows))
+    got = speculate.truncate(log_q, top_k, top_p)
+    want = apply_top_k_top_p_pytorch(log_q.clone(), top_k.masked_fill(top_k <= 0, V), top_p,
+                                     allow_cpu_sync=True)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    np.testing.assert_allclose(got.exp().sum(dim=-1), 1.0, atol=1e-9)
+    plain = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1)
+    assert plain.any() and torch.equal(got[plain], log_q[plain])
+
+
+def test_a_truncated_q_is_sampled_exactly():
+    """Speculative sampling is exact for any target: q restricted by top_k and top_p."""
+    theta, target = pair(0)
+    (step, _), _ = run(theta, target, 1.0, None, top_k=8, top_p=0.8)
+    a, b = log_softmax(theta), log_softmax(target)
+    log_q = torch.tensor(log_softmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))[None]
+    q = speculate.truncate(log_q, torch.tensor([8]), torch.tensor([0.8]))[0].exp().numpy()
+    first = np.array([ts[0] for ts in step.tokens])
+    second = np.array([ts[1] for ts in step.tokens if len(ts) > 1])
+    support = np.flatnonzero(q > 0)
+    assert 1 < len(support) < 8 and set(first) | set(second) <= set(support)
+    for tokens in (first, second):  # over the support only: every bin is large
+        counts = np.bincount(tokens, minlength=V)[support]
+        assert chisquare(counts, q[support] * counts.sum()).pvalue > 1e-3
 
 def test_temperature_zero_emits_the_argmax_of_q_star():
     theta, target = pair(3)

@@ -9,7 +9,6 @@ distribution of the second among those completions against q* computed by transf
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 
 import numpy as np
@@ -22,20 +21,8 @@ from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
 from test_fused import (PROMPTS, chernoff_alpha, check_dataset, chi_square_p, encode, generate,
                         run_sample, tokens_of, write_prompts)
 
-K = 3
+K = 3  # conftest.py's spec_server
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def spec_server(fused_models, tmp_path_factory):
-    if shutil.which("curl") is None:
-        pytest.fail("start_vllm.sh needs curl: apt-get install curl")
-    # the step budget of the non-speculative fixture: a long prompt is prefilled in chunks
-    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_spec"), models=dict(fused_models),
-                     extra=("--max-model-len", "2048", "--max-num-batched-tokens", "512"))
-    server.start_fused(speculate=K)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,8 @@ PRIVATE: dict[str, tuple[Private, ...]] = {
                 ("kv_cache_specs",)),
         Private("vllm.v1.core.kv_cache_utils", "get_kv_cache_groups",
                 ("vllm_config", "kv_cache_spec")),
+        Private("vllm.sampling_params", "SamplingParams.verify",  # fused/stock.py
+                ("self", "model_config", "speculative_config")),
     ),
     "speculative": (  # fused/speculate.py: the fused engine's speculative mode
         Private("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample",
@@ -128,6 +130,11 @@ PRIVATE: dict[str, tuple[Private, ...]] = {
         Private("vllm.v1.spec_decode.metadata", "SpecDecodeMetadata",
                 ("draft_token_ids", "num_draft_tokens")),
         Private("vllm.v1.outputs", "SamplerOutput", ("sampled_token_ids", "logprobs_tensors")),
+        Private("vllm.v1.sample.sampler", "Sampler.gather_logprobs",
+                ("logprobs", "num_logprobs", "token_ids")),
+        Private("vllm.v1.sample.metadata", "SamplingMetadata",
+                ("temperature", "all_greedy", "all_random", "top_p", "top_k", "generators",
+                 "max_num_logprobs")),
         Private("vllm.v1.worker.gpu_input_batch", "InputBatch.req_ids"),
         Private("vllm.config.speculative", "SpeculativeConfig.draft_sample_method"),
         Private("vllm.config.speculative", "SpeculativeConfig.rejection_sample_method"),

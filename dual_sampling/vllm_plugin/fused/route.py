@@ -30,10 +30,11 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from dual_sampling.vllm_plugin.fused import stock
 from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
@@ -45,14 +46,18 @@ DIAGNOSTICS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl
 
 router = APIRouter()
 log = logging.getLogger("vllm.dual_sampling.fused")  # under vLLM's handlers
+stock.install()  # stock requests: what a fused server cannot apply is a 400 (stock.py)
 
 
 class FusedRequest(BaseModel):
+    """The body; a value out of range is a 400 naming the field (vLLM's validation handler),
+    on the speculative engine too, which has no logits processor to check it."""
+
     prompts: list[list[int]]
     seeds: list[int]
-    max_tokens: int
-    alpha: Optional[float] = None
-    temperature: float = 1.0
+    max_tokens: int = Field(ge=1)
+    alpha: Optional[float] = Field(default=None, ge=0.0, le=1.0)  # None: alpha* per token
+    temperature: float = Field(default=1.0, ge=0.0)  # 0: argmax of q*
     stop: list[str] = []
     ignore_eos: bool = False
 
@@ -125,8 +130,6 @@ def _check(body: FusedRequest, vocab_size: int) -> None:
     if not body.prompts or len(body.seeds) != len(body.prompts):
         raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
                        f"{len(body.seeds)} seeds")
-    if body.max_tokens < 1:
-        raise _Refused(f"max_tokens = {body.max_tokens}: must be >= 1")
     for index, ids in enumerate(body.prompts):
         if not ids or min(ids) < 0 or max(ids) >= vocab_size:
             raise _Refused(f"prompt {index} is empty or holds an id outside [0, {vocab_size})")

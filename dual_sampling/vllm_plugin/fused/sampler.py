@@ -20,7 +20,10 @@ Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
   diagnostics (token, alpha, logp_theta, logp_target, logp_q under the distribution
   sampled, KL(q*||theta), KL(q*||target), H(q*)) go to `state` under the tag.
 - A row without the extra args (a stock /v1/completions request) gets log q* with alpha*
-  as its logits: vLLM then samples q* with the request's own temperature, seed, top-p.
+  as its logits: vLLM then samples q* with the request's own temperature, seed, min_p,
+  top-k, top-p and penalties. What vLLM applies before this processor (logit_bias,
+  allowed_token_ids, bad_words, min_tokens, structured outputs) would be overwritten, so
+  stock.py refuses those requests with a 400 before they reach the engine.
 
 One class for both of vLLM 0.32's model runners, so one `--logits-processors` name serves
 whichever the engine picks (V2 on a GPU with Triton unless VLLM_USE_V2_MODEL_RUNNER=0; V1 on
@@ -54,7 +57,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
-from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused import kernels, state, stock
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
 
 
@@ -89,19 +92,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        args = _read_args(sampling_params)
-        if args is None:
-            return
-        alpha, temperature = args.get("alpha"), args.get("temperature", 1.0)
-        if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"extra_args.{EXTRA_KEY}.alpha = {alpha!r}: give null (solve "
-                             f"alpha* per token) or a number in [0, 1]")
-        if not float(temperature) >= 0.0:
-            raise ValueError(f"extra_args.{EXTRA_KEY}.temperature = {temperature!r}: must "
-                             f"be >= 0 (0 = argmax of q*)")
-        if not isinstance(args.get("tag"), str) or not isinstance(args.get("seed"), int):
-            raise ValueError(f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer "
-                             f"`seed`, got {args!r}")
+        stock.check_extra_args(sampling_params)
 
     def __init__(self, vllm_config: Any, device_or_states: Any,
                  is_pin_memory: bool = False) -> None:

@@ -27,8 +27,13 @@ speculative decoding, so the per-step work of sampler.py moves here):
   and H(q*) of the position it was emitted at.
 
 Untagged rows (a stock /v1/completions request) go through the same steps at the
-request's temperature and seed (random without one); top-p, top-k, penalties and logprobs
-of stock requests are not applied on a speculative server.
+request's temperature and seed (random without one), with q restricted by the request's
+top_k and top_p as vLLM's sampler restricts a distribution (`truncate`): the steps above
+are exact for any q, so the tokens follow the truncated q* exactly (vLLM itself refuses
+min_p and logit_bias under speculative decoding). Logprobs come back in vLLM's layout
+(`emitted_logprobs`): pi_theta's at each emitted token, as the non-speculative engine's
+(vLLM's raw_logprobs). Penalties and the rest that this engine does not apply are refused
+with a 400 before a request reaches it (stock.py).
 
 `install()` patches two vLLM methods (named in compat.py), inert unless the runner serves
 the composite model with a speculative config: `GPUModelRunner._sample` (the V1 runner; the
@@ -74,6 +79,8 @@ class Request:
     temperature: float
     position: int  # position in the completion of the first token this step emits
     drafts: int  # draft tokens to verify this step
+    top_k: int = 0  # a stock request's restrictions of q (vLLM's meaning; these: none)
+    top_p: float = 1.0
 
 
 @dataclass
@@ -108,13 +115,15 @@ def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
         params = runner.requests[req_id].sampling_params
         args = (params.extra_args or {}).get(EXTRA_KEY)
         position = int(batch.num_tokens_no_spec[i]) - int(batch.num_prompt_tokens[i])
+        limits = {"top_k": int(params.top_k), "top_p": float(params.top_p)}
         if args is None:
             out.append(Request(None, _seed_of(req_id, params, None), None,
-                               float(params.temperature), max(position, 0), drafts[i]))
+                               float(params.temperature), max(position, 0), drafts[i],
+                               **limits))
         else:
             out.append(Request(args["tag"], int(args["seed"]), args.get("alpha"),
                                float(args.get("temperature", 1.0)), max(position, 0),
-                               drafts[i]))
+                               drafts[i], **limits))
     return out
 
 
@@ -139,6 +148,28 @@ def tempered_log_q(log_q: torch.Tensor, temperature: torch.Tensor) -> torch.Tens
     return torch.log_softmax(log_q * scale[:, None], dim=-1)
 
 
+def truncate(log_q: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """log q (R, V), normalised, restricted per row as vLLM's sampler restricts a request's
+    distribution after its temperature, and normalised again: top_k keeps the k largest
+    ids, then top_p the largest while the mass before them (among those) is below p. Off:
+    top_k <= 0 or >= V, top_p >= 1; rows with neither are returned untouched."""
+    vocab = log_q.shape[1]
+    use_k, use_p = (top_k > 0) & (top_k < vocab), top_p < 1.0  # (R,)
+    need = use_k | use_p
+    if not bool(need.any()):
+        return log_q
+    ordered, order = log_q[need].sort(dim=-1, descending=True)  # (S, V)
+    rank = torch.arange(vocab, device=log_q.device)[None, :]
+    keep = ~use_k[need, None] | (rank < top_k[need, None])
+    mass = torch.softmax(ordered.masked_fill(~keep, -torch.inf), dim=-1)
+    keep &= ~use_p[need, None] | (mass.cumsum(dim=-1) - mass < top_p[need, None].to(mass.dtype))
+    keep |= rank == 0  # the largest id always stays
+    kept = ordered.masked_fill(~keep, -torch.inf)
+    out = log_q.clone()
+    out[need] = torch.log_softmax(torch.empty_like(kept).scatter_(1, order, kept), dim=-1)
+    return out
+
+
 @dataclass
 class Step:
     """One verify step's result: per request the emitted ids and their rows, diagnostics."""
@@ -147,6 +178,7 @@ class Step:
     rows: list[list[int]]  # logits row each emitted token was drawn at
     accepted: int  # draft tokens accepted, over the batch
     proposed: int
+    log_q: torch.Tensor  # (R, V) log of the q each row sampled from (tempered, truncated)
 
 
 def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
@@ -173,6 +205,9 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     temperature = torch.tensor([requests[i].temperature for i in row_req],
                                dtype=torch.float64, device=device)
     log_q = tempered_log_q(rows.log_q(solution.alpha, mix.log_z), temperature)  # (R, V)
+    log_q = truncate(log_q, *(torch.tensor([getattr(requests[i], name) for i in row_req],
+                                           device=device)
+                              for name in ("top_k", "top_p")))
     greedy = temperature <= 0
     argmax = log_q.argmax(dim=-1)  # (R,)
     seeds = np.array([requests[i].seed for i in row_req], dtype=np.uint64)
@@ -241,7 +276,8 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
                "kl_q_theta": mix.kl_q_theta[flat_rows],
                "kl_q_target": mix.kl_q_target[flat_rows],
                "entropy_q": mix.entropy_q[flat_rows]}
-    step = Step(tokens, emitted_rows, int(sum(n_accept)), int(sum(r.drafts for r in requests)))
+    step = Step(tokens, emitted_rows, int(sum(n_accept)), int(sum(r.drafts for r in requests)),
+                log_q)
     return step, {name: value.tolist() for name, value in columns.items()}
 
 
@@ -283,6 +319,31 @@ def serves_speculative_composite(runner: Any) -> bool:
 
 
 _in_batch: set[str] = set()  # tags of the requests in the previous step's batch
+
+
+def emitted_logprobs(sampler: Any, logits: torch.Tensor, step: Step, out: torch.Tensor,
+                     num_logprobs: int) -> Any:
+    """vLLM's LogprobsTensors for one step's output `out` (n, width) of ids: a row per cell,
+    row-major, as the runner reads them (cells without a token hold id 0; the runner drops
+    them). Each row: the emitted token's logprob, then the top `num_logprobs` (-1: all),
+    under what the non-speculative engine returns: theta's logits at the token's row (vLLM's
+    default raw_logprobs, or raw_logits), or the q the token was drawn from
+    (processed_logprobs / processed_logits)."""
+    n, width = out.shape
+    index = torch.tensor([step.rows[i][j] if j < len(step.rows[i]) else 0
+                          for i in range(n) for j in range(width)], device=logits.device)
+    tokens = out.flatten().to(device=logits.device, dtype=torch.int64).clamp(min=0)  # (n*w,)
+    mode = getattr(sampler, "logprobs_mode", "raw_logprobs")
+    if mode.startswith("processed"):
+        values = torch.full((len(index), logits.shape[1]), -torch.inf, dtype=torch.float32,
+                            device=logits.device)
+        values[:, :step.log_q.shape[1]] = step.log_q[index].float()
+    else:
+        values = logits[index].float()  # theta's, as the composite returns them
+        if mode == "raw_logprobs":
+            values = torch.log_softmax(values, dim=-1)
+    k = values.shape[1] if num_logprobs == -1 else num_logprobs
+    return sampler.gather_logprobs(values, k, tokens)
 
 
 def track_records(tags: set[str]) -> None:
@@ -338,10 +399,13 @@ def sample_step(runner: Any, logits: torch.Tensor, metadata: Any) -> Any:
                                  device=logits.device),
         position=np.array([r.position + len(ids) for r, ids in zip(requests, step.tokens)]),
         vocab=int(stash[0].shape[1]))
+    num_logprobs = runner.input_batch.sampling_metadata.max_num_logprobs
+    logprobs = None if num_logprobs is None else emitted_logprobs(
+        runner.sampler, logits, step, out, num_logprobs)
     elapsed = time.perf_counter() - t0
     state.count(len(requests), 0.0, elapsed, 0)
     state.count_speculation(step.proposed, step.accepted, sum(map(len, step.tokens)))
-    return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=None)
+    return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs)
 
 
 def draft_draw(logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
