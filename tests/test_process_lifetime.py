@@ -53,11 +53,11 @@ def process_tree(root: int) -> Tree:
     for pid in members:
         stat = proc_stat(pid)
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         if stat:
-            tree[pid] = (cmdline, stat[19])
+            tree[pid] = (cmdline.decode().strip(), stat[19])
     return tree
 
 
@@ -144,7 +144,7 @@ def shared_server(start_server, reused_pid, tmp_path_factory) -> Servers:
 def test_a_stale_record_does_not_block_a_start(shared_server, reused_pid):
     assert server_pid(shared_server) != reused_pid
     assert complete(shared_server) == 200
-    assert proc_stat(reused_pid)[0] != "Z", "start_vllm.sh signalled the process a stale record named"
+    assert proc_stat(reused_pid)[0] != "Z", "start_vllm.sh signalled what a stale record named"
 
 
 @pytest.mark.server
@@ -235,7 +235,7 @@ if __name__ == "__main__":
     how = sys.argv[1]
     bind_engine_process()
     method = "spawn" if how == "spawn" else "fork"
-    proc = multiprocessing.get_context(method).Process(target=child, args=(how == "spawn",), daemon=False)
+    proc = multiprocessing.get_context(method).Process(target=child, args=(how == "spawn",))
     if how == "fork-in-a-thread":  # a thread that ends once its child is started
         starter = threading.Thread(target=proc.start)
         starter.start()

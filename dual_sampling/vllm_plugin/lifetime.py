@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 ENABLE_ENV = "DUAL_SAMPLING_PDEATHSIG"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_fork_parent: tuple[int, bool] | None = None  # (pid, forked from its main thread), set before each fork
+# (pid, whether its main thread forks), noted before each fork; the child reads its copy
+_fork_parent: tuple[int, bool] | None = None
 _at_fork_registered = False
 
 
@@ -47,12 +48,13 @@ def enabled() -> bool:
 
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when `parent_pid`, its parent, dies; exit now if it already has.
-
-    Raises OSError when the kernel refuses the prctl call."""
+    A kernel that refuses the prctl call gets a warning, not a failed engine."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed in pid %d (%s): it will outlive its "
+                       "parent %d if that is killed; start_vllm.sh stop still stops it",
+                       os.getpid(), os.strerror(ctypes.get_errno()), parent_pid)
+        return
     if os.getppid() != parent_pid:
         # the parent died before the signal was armed: nobody will send it now
         sys.stderr.write(f"dual_sampling: pid {os.getpid()}: parent {parent_pid} is gone, "
