@@ -8,7 +8,7 @@
 #                   [-- extra vLLM args]
 #   ./start_vllm.sh --fused --theta MODEL --target MODEL [--port 8000] [--cpu] [--tp N] \
 #                   [--speculate K[:B]] ...
-#   ./start_vllm.sh stop [--run-dir DIR]      # stops exactly the servers it started
+#   ./start_vllm.sh stop [--run-dir DIR]      # stops the servers of that run dir, and only those
 # --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
 # dual_sampling/self_serve.py).
 # --api-key KEY (default: VLLM_API_KEY from the environment; prefer it, argv shows in `ps`)
@@ -34,6 +34,12 @@
 # package's endpoint plugin (VLLM_PLUGINS=dual_sampling). Logs and pid files go to the run
 # dir (default .cache/vllm). A server that dies during start-up makes this script exit 1
 # and print the tail of its log. PYTHON picks the interpreter (default: python).
+# Each server runs in a session of its own, recorded in the run dir (<role>.pid, .start,
+# .port). `stop` signals every process of that session, so it also stops an engine core and
+# workers whose API server was SIGKILLed (they die with it anyway, by the plugin's
+# parent-death signal: vllm_plugin/lifetime.py). One server per role and run dir: a start
+# finding that role's server (or what it left) running there exits 1 naming it; the record
+# of a dead server is no bar.
 # The plugin also tunes vLLM's engine (dual_sampling/vllm_plugin/tuning.py): a parked
 # shm reader re-checks within DUAL_SAMPLING_SHM_MAX_PARK_S (default 0.05, every server: no
 # request waits on vLLM's 5 s re-check), DUAL_SAMPLING_INPUT_GAP_S (default 0.0005) and,
@@ -59,21 +65,74 @@ EXTRA=()
 
 usage() { sed -n '2,/^set -e/{/^set -e/d;p}' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-stop_servers() {
-  local stopped=0
-  for pidfile in "$RUN_DIR"/*.pid; do
-    [[ -e "$pidfile" ]] || continue
-    local pid; pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      echo "stopped $(basename "$pidfile" .pid) (pid $pid)"
-      stopped=$((stopped + 1))
-    fi
-    rm -f "$pidfile"
+ALL_ROLES=(theta target model fused)
+
+# Field $2 of /proc/$1/stat (3: state, 6: session id, 22: start time), empty if $1 is gone.
+stat_field() {
+  local stat fields; stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  read -ra fields <<<"${stat##*) }"; echo "${fields[$2 - 3]}"
+}
+
+# The recorded API server pid of a role if it still runs (same pid and start time, not a
+# zombie that this container's init left unreaped), else nothing.
+recorded_server() {
+  local pid
+  pid="$(cat "$RUN_DIR/$1.pid" 2>/dev/null)" || return 0
+  [[ "$(stat_field "$pid" 22)" == "$(recorded_start "$1")" && "$(stat_field "$pid" 3)" != Z ]] && echo "$pid"
+  return 0
+}
+
+# The recorded start time of a role's server (one recorded before .start files existed: the
+# start time of its pid, if that still runs).
+recorded_start() {
+  cat "$RUN_DIR/$1.start" 2>/dev/null || stat_field "$(cat "$RUN_DIR/$1.pid" 2>/dev/null)" 22
+}
+
+# Every live process of a role's server: its session. start_one makes the API server a
+# session leader; its engine core and workers stay in that session, also once orphaned, and
+# vLLM's process titles hide the environment they inherited. None when the session's number
+# has been reused (a live session leader with the server's pid, started at another time).
+server_pids() {
+  local sid start file stat fields pids=()
+  sid="$(cat "$RUN_DIR/$1.pid" 2>/dev/null)" || return 0
+  start="$(recorded_start "$1")"
+  [[ -n $start ]] || return 0
+  if [[ -n "$(stat_field "$sid" 22)" && "$(stat_field "$sid" 22)" != "$start" \
+        && "$(stat_field "$sid" 6)" == "$sid" ]]; then return 0; fi
+  for file in /proc/[0-9]*/stat; do
+    { read -r stat <"$file"; } 2>/dev/null || continue
+    read -ra fields <<<"${stat##*) }"
+    [[ ${fields[3]} == "$sid" && ${fields[0]} != Z && ${fields[19]} -ge $start ]] && pids+=("${stat%% *}")
   done
-  [[ $stopped -gt 0 ]] || echo "no running servers recorded in $RUN_DIR"
+  echo "${pids[*]}"
+}
+
+# SIGTERM to every process of a role's server, SIGKILL to those left after 10 s; forget it.
+stop_role() {
+  local role="$1" pid pids signal
+  pid="$(recorded_server "$role")"; pids="$(server_pids "$role")"
+  if [[ -z $pids ]]; then rm -f "$RUN_DIR/$role".{pid,start,port}; return 1; fi
+  for signal in TERM KILL; do
+    kill "-$signal" $(server_pids "$role") 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      [[ -z "$(server_pids "$role")" ]] && break 2
+      sleep 0.2
+    done
+  done
+  if [[ -n $pid ]]; then
+    echo "stopped $role (pid $pid)"
+  else
+    echo "stopped $role: its server (pid $(cat "$RUN_DIR/$role.pid" 2>/dev/null || echo unknown)) had died; stopped the processes it left running (pids $pids)"
+  fi
+  rm -f "$RUN_DIR/$role".{pid,start,port}
+}
+
+# Stop the given roles' servers in this run dir (default: every role).
+stop_servers() {
+  local stopped=0 role roles=("$@")
+  [[ $# -gt 0 ]] || roles=("${ALL_ROLES[@]}")
+  for role in "${roles[@]}"; do stop_role "$role" && stopped=$((stopped + 1)); done
+  [[ $stopped -gt 0 ]] || echo "no running servers in $RUN_DIR"
 }
 
 if [[ "${1:-}" == "stop" ]]; then
@@ -117,6 +176,19 @@ done
 # the servers inherit the key from this environment; vLLM reads VLLM_API_KEY itself
 if [[ -n $API_KEY ]]; then export VLLM_API_KEY="$API_KEY"; fi
 mkdir -p "$RUN_DIR"
+# a role's second server in one run dir would take its pid file and port record, and `stop`
+# could no longer tell the two apart
+for role in "${ROLES[@]}"; do
+  [[ $FUSED == 1 ]] && role=fused
+  pids="$(server_pids "$role")"
+  [[ -z $pids ]] && continue
+  pid="$(recorded_server "$role")"
+  port="$(cat "$RUN_DIR/$role.port" 2>/dev/null || echo unknown)"
+  if [[ -n $pid ]]; then running="(port $port, pid $pid)"
+  else running="(port $port; its API server died, its engine processes $pids still run)"; fi
+  echo "start_vllm.sh: a $role server is already running in run dir $RUN_DIR $running: stop it with \`start_vllm.sh stop --run-dir $RUN_DIR\`, or give this one another --run-dir" >&2
+  exit 1
+done
 FUSED_ARGS=()
 if [[ $FUSED == 1 ]]; then
   [[ -n "${MODEL[theta]:-}" && -n "${MODEL[target]:-}" ]] || { echo "start_vllm.sh: --fused needs --theta and --target" >&2; usage 2; }
@@ -152,6 +224,8 @@ start_one() {
   echo "starting $role: $model on port $port (log: $RUN_DIR/$role.log)"
   env "${env[@]}" setsid "$PYTHON" "${args[@]}" "${EXTRA[@]}" >"$RUN_DIR/$role.log" 2>&1 &
   echo $! >"$RUN_DIR/$role.pid"
+  stat_field $! 22 >"$RUN_DIR/$role.start"
+  echo "$port" >"$RUN_DIR/$role.port"
 }
 
 # The HTTP status of GET $1 (000: no answer). The key's header goes to curl on stdin, from a
@@ -194,7 +268,7 @@ wait_one() {
 for role in "${ROLES[@]}"; do start_one "$role"; done
 status=0
 for role in "${ROLES[@]}"; do wait_one "$role" || status=1; done
-if [[ $status != 0 ]]; then stop_servers >/dev/null; exit 1; fi
+if [[ $status != 0 ]]; then stop_servers "${ROLES[@]}" >/dev/null; exit 1; fi
 # --watch-pid: a watchdog stops these servers once that process is gone, however it ended
 # (a job killed with SIGKILL cannot stop its own engine). It keeps no pid file: `stop` does
 # not need it, and it ends by itself with the process it watches.

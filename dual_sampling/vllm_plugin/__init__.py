@@ -4,8 +4,9 @@ Registered under vLLM's `vllm.endpoint_plugins` entry-point group (see pyproject
 loaded only when the server runs with `VLLM_PLUGINS=dual_sampling` (start_vllm.sh sets it).
 Each module in `ROUTE_MODULES` exposes a FastAPI `router`. `register_general` is the
 `vllm.general_plugins` hook, which vLLM runs in every process of a server (API server,
-engine core, workers): the engine tunings (tuning.py) and the composite two-model class of
-fused servers (fused/model.py), registered by name: it is imported only by a fused server.
+engine core, workers): engine processes that die with their parent (lifetime.py), the
+engine tunings (tuning.py) and the composite two-model class of fused servers
+(fused/model.py), registered by name: it is imported only by a fused server.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def register_general() -> None:
     """The `vllm.general_plugins` hook: runs in every vLLM process named by VLLM_PLUGINS."""
     from vllm import ModelRegistry
 
-    from dual_sampling.vllm_plugin import compat, tuning
+    from dual_sampling.vllm_plugin import compat, lifetime, tuning
     from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
+    lifetime.bind_engine_process()  # first: the sooner it is armed, the shorter the window
     compat.warn_if_unpinned()
     tuning.register()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
