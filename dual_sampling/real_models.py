@@ -7,7 +7,8 @@ ChatML, EOS `<|im_end|>`). The pair made from it:
 - target: the whole model, dequantised to float32 safetensors by transformers.
 - theta: a cheaper policy with the same tokenizer: the target's first 8 and last 4 layers
   (12 of 30), distilled from the target for a few dozen steps (KL(target || theta) over the
-  target's top-256 ids at every reply position, bfloat16 autocast) on chat replies the target
+  target's top-256 ids at every reply position; bfloat16 autocast on CPUs that multiply
+  bfloat16 in hardware, float32 elsewhere) on chat replies the target
   sampled to prompts made from `PROMPT_TEMPLATES` x `TOPICS`. The target's distributions
   are kept from the pass that samples the replies, so distilling runs theta alone: recipe 1
   ran the 30-layer target again on every batch, most of the first run's 7.7 minutes. Cut alone it writes word salad; distilled, it
@@ -41,8 +42,8 @@ EOS_ID = 2  # <|im_end|>
 RECIPE_VERSION = 2
 
 THETA_LAYERS = (0, 1, 2, 3, 4, 5, 6, 7, 26, 27, 28, 29)
-DISTILL = dict(prompts=128, reply_tokens=80, reply_temperature=0.8, teacher_top_k=256, steps=50,
-               batch_size=16, learning_rate=1e-3)
+DISTILL = dict(prompts=64, reply_tokens=64, reply_temperature=0.8, teacher_top_k=256, steps=40,
+               batch_size=8, learning_rate=1e-3)
 TOPICS = ("the moon", "python lists", "a healthy breakfast", "the French revolution",
           "photosynthesis", "a rainy day", "dogs", "learning to code", "the ocean",
           "friendship", "coffee", "mountains", "recursion", "the internet", "music",
@@ -92,8 +93,20 @@ def make_real_models(out_dir: str | os.PathLike, seed: int = 0, force: bool = Fa
     tiny_models.build_once). RealModelsError when the wheel is not installed."""
     source = gguf_path()
     config = dict(recipe=RECIPE_VERSION, seed=seed, gguf=f"{WHEEL}/{GGUF_FILE}",
-                  gguf_bytes=source.stat().st_size, theta_layers=THETA_LAYERS, distill=DISTILL)
+                  gguf_bytes=source.stat().st_size, theta_layers=THETA_LAYERS, distill=DISTILL,
+                  bfloat16=bfloat16_matmuls())
     return build_once(out_dir, config, _build, MARKER_NAME, "real models", force=force)
+
+
+def bfloat16_matmuls() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX, through oneDNN).
+    Where it does, the build runs under bfloat16 autocast (half the time of float32); where
+    it does not, torch falls back to a reference bfloat16 GEMM about 50x slower than
+    float32 (measured 2026-12-07 on a 2-core CPU without AVX-512: 192 s against 3.5 s for
+    the output head's forward and backward on one batch), so the build runs in float32. The
+    pair a machine makes records which (real_models.json)."""
+    import torch
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def training_prompts(count: int, seed: int) -> list[str]:
@@ -191,8 +204,8 @@ def _target_replies(target, tokenizer, config: dict) -> list[dict]:
                                                tokenize=False, add_generation_prompt=True)
                  for p in prompts[start:start + 32]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        # bfloat16 matmuls halve a step on CPUs with AVX-512 BF16 (the distillation's too)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                             enabled=config["bfloat16"]):
             out = target.generate(**batch, max_new_tokens=settings["reply_tokens"],
                                   do_sample=True, top_k=0, top_p=1.0,
                                   temperature=settings["reply_temperature"],
@@ -214,15 +227,19 @@ def _target_replies(target, tokenizer, config: dict) -> list[dict]:
 
 def _distill(theta, chats: list[dict], config: dict) -> list[float]:
     """Minimise KL(target || theta) over the target's top-K ids at every reply position of
-    random batches of `chats` (the target's distributions kept by `_target_replies`);
-    returns the loss (nats per reply position) of every step."""
+    random batches of `chats` (the target's distributions kept by `_target_replies`), the
+    decoder layers and norms trained, the tied embeddings kept; returns the loss (nats per
+    reply position) of every step."""
     import torch
     from tqdm import tqdm
 
     settings = config["distill"]
     rng = random.Random(config["seed"])
-    optimizer = torch.optim.AdamW(theta.parameters(), lr=settings["learning_rate"],
-                                  weight_decay=0.0)
+    # the tied embedding/output matrix stays the target's: its weight gradient, a
+    # (V, H) product over every position, would be a third of a step's work
+    theta.get_input_embeddings().weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad],
+                                  lr=settings["learning_rate"], weight_decay=0.0)
     theta.train()
     losses = []
     for _ in tqdm(range(settings["steps"]), desc="distilling theta", unit="step"):
@@ -233,11 +250,13 @@ def _distill(theta, chats: list[dict], config: dict) -> list[float]:
         for i, chat in enumerate(batch):
             ids[i, :len(chat["ids"])] = torch.tensor(chat["ids"])
             mask[i, :len(chat["ids"])] = 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = theta(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
-        # the logits at position p predict token p + 1: reply token r is predicted at start - 1 + r
-        student = torch.cat([logits[i, chat["start"] - 1:len(chat["ids"]) - 1]
-                             for i, chat in enumerate(batch)]).float()  # (N, V)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config["bfloat16"]):
+            hidden = theta.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+            # the hidden state at position p predicts token p + 1: reply token r of a chat is
+            # predicted at start - 1 + r; the output head runs at those positions only
+            hidden = torch.cat([hidden[i, chat["start"] - 1:len(chat["ids"]) - 1]
+                                for i, chat in enumerate(batch)])  # (N, H)
+            student = theta.lm_head(hidden).float()  # (N, V)
         top_ids = torch.cat([chat["top_ids"] for chat in batch])  # (N, K)
         top_logp = torch.cat([chat["top_logp"] for chat in batch])  # (N, K)
         log_q = torch.log_softmax(student, -1).gather(-1, top_ids)  # (N, K)

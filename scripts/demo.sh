@@ -43,20 +43,23 @@ else
   python -m dual_sampling.real_models "$MODELS"
 fi
 trap './start_vllm.sh stop --run-dir "$RUN_DIR"' EXIT
+# eager: a few hundred tokens do not repay vLLM's torch.compile warm-up (111 s of a 160 s
+# server start on the real pair, 2026-12-07); DEMO_COMPILE=1 keeps it
+EAGER=$([[ ${DEMO_COMPILE:-0} == 1 ]] || echo --enforce-eager)
 SUFFIX=$([[ $TINY == 1 ]] && echo "-tiny" || true)
 if [[ $SPECULATE != 0 ]]; then SUFFIX="$SUFFIX-speculate"; fi
 if [[ $TWO_SERVERS == 1 ]]; then
   OUT=runs/demo-two-servers$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --run-dir "$RUN_DIR" \
     --theta "$MODELS/theta" --theta-port 8000 --target "$MODELS/target" --target-port 8001 \
-    -- --max-model-len 2048
+    -- --max-model-len 2048 $EAGER
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
     target.url=http://127.0.0.1:8001 data.prompts="$PROMPTS" output_dir="$OUT" \
     sample.max_tokens=$MAX_TOKENS sample.temperature=$TEMPERATURE "$@"
 else
   OUT=runs/demo$SUFFIX
   PYTHON=python ./start_vllm.sh --cpu --fused --run-dir "$RUN_DIR" --speculate "$SPECULATE" \
-    --theta "$MODELS/theta" --target "$MODELS/target" --port 8000 -- --max-model-len 2048
+    --theta "$MODELS/theta" --target "$MODELS/target" --port 8000 -- --max-model-len 2048 $EAGER
   python -m dual_sampling mode=sample theta.url=http://127.0.0.1:8000 \
     data.prompts="$PROMPTS" output_dir="$OUT" sample.max_tokens=$MAX_TOKENS \
     sample.temperature=$TEMPERATURE "$@"
