@@ -125,7 +125,7 @@ def _build(build_dir: Path, config: dict) -> dict:
 
     transformers_logging.disable_progress_bar()
     started = time.perf_counter()
-    print(f"making the real pair in {build_dir.parent} (once, about 5 minutes on 2 cores): "
+    print(f"making the real pair in {build_dir.parent} (once, about 3 minutes on 2 cores): "
           f"dequantising {GGUF_FILE}", flush=True)
     torch.manual_seed(config["seed"])
     source = gguf_path()
