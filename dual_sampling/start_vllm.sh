@@ -220,6 +220,9 @@ start_one() {
       env+=(DUAL_SAMPLING_SHM_SPIN_S="${DUAL_SAMPLING_SHM_SPIN_S-0.001}")
     fi
   fi
+  # DUAL_SAMPLING_EAGER=1 (scripts/test.sh sets it): no torch.compile warm-up, 20-150 s of
+  # each CPU server's start; the suite starts about 45 servers
+  [[ ${DUAL_SAMPLING_EAGER:-0} == 1 ]] && args+=(--enforce-eager)
   [[ -n "${GPUS[$role]:-}" ]] && env+=(CUDA_VISIBLE_DEVICES="${GPUS[$role]}")
   echo "starting $role: $model on port $port (log: $RUN_DIR/$role.log)"
   env "${env[@]}" setsid "$PYTHON" "${args[@]}" "${EXTRA[@]}" >"$RUN_DIR/$role.log" 2>&1 &
