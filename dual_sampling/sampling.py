@@ -67,10 +67,11 @@ async def preflight(thetas: list[VLLMClient], theta_infos: list[ServerInfo],
 def check_same_checkpoints(replicas: list[ServerInfo]) -> None:
     """Replicas of one role serve one checkpoint: ServerMismatchError naming both URLs when
     their fingerprints differ (servers that report none are not compared)."""
-    first = replicas[0] if replicas else None
     for info in replicas[1:]:
+        first = replicas[0]
         for role, facts in info.checkpoints.items():
-            mine, theirs = facts.get("fingerprint"), first.checkpoints.get(role, {}).get("fingerprint")
+            mine = facts.get("fingerprint")
+            theirs = first.checkpoints.get(role, {}).get("fingerprint")
             if mine and theirs and mine != theirs:
                 raise ServerMismatchError(
                     f"the replicas {first.url} and {info.url} serve different {role} "
@@ -217,11 +218,12 @@ class Sampling:
                  params: SampleParams, seed: int, infos: list[ServerInfo], transport: str,
                  timeout_s: float, max_retries: int) -> None:
         self.params, self.seed, self.transport = params, seed, transport
-        self.thetas, self.targets, self.infos = thetas, targets, infos
+        self.thetas, self.targets = thetas, targets
         self.timeout_s, self.max_retries = timeout_s, max_retries
         fused = transport == "fused"
         info_theta = infos[0]
         info_target = info_theta if fused else infos[len(thetas)]
+        self.info_theta, self.info_target = info_theta, info_target
         self.theta_fields = {id(c): info.theta_fields for c, info in zip(thetas, infos)}
         if fused:
             self.pairs: list[tuple[VLLMClient, ...]] = [(theta,) for theta in thetas]
@@ -272,14 +274,12 @@ class Sampling:
         """`{"theta": ..., "target": ...}`, each `{"model", "path", "fingerprint"}` (theta also
         `theta_version`): what served the records, for run_params.json. Replicas serve one
         checkpoint (checked in `open`), so the first of each role speaks for all."""
-        theta = self.infos[0]
-        if self.transport == "fused":
-            pairs = {"theta": (theta, "theta"), "target": (theta, "target")}
-        else:
-            pairs = {"theta": (theta, "model"), "target": (self.infos[len(self.thetas)], "model")}
-        models = {role: {"model": info.model, **info.checkpoints.get(key, {})}
-                  for role, (info, key) in pairs.items()}
-        models["theta"]["theta_version"] = theta.theta_version
+        fused = self.transport == "fused"
+        keys = {"theta": "theta" if fused else "model", "target": "target" if fused else "model"}
+        infos = {"theta": self.info_theta, "target": self.info_target}
+        models = {role: {"model": infos[role].model, **infos[role].checkpoints.get(key, {})}
+                  for role, key in keys.items()}
+        models["theta"]["theta_version"] = self.info_theta.theta_version
         return models
 
     @property
