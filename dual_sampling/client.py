@@ -39,6 +39,7 @@ class ServerInfo:
     has_plugin: bool
     routes: tuple[str, ...] = ()  # the paths this package's plugin serves there
     fused: bool = False  # serves theta and target in one engine (start_vllm.sh --fused)
+    full_logits: bool = False  # its session route gives whole rows (the exact transport)
     theta_version: Optional[int] = None  # load_theta's count on this server (0: as started)
     theta_path: Optional[str] = None  # the checkpoint it serves now
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -92,6 +93,7 @@ class VLLMClient(LogprobClient):
                     "vocab_size": facts["vocab_size"], "has_plugin": True,
                     "routes": tuple(facts.get("routes", ())),
                     "fused": bool(facts.get("fused", False)),
+                    "full_logits": bool(facts.get("full_logits", False)),
                     "theta_version": facts.get("theta_version"),
                     "theta_path": facts.get("theta_path"),
                     "checkpoints": dict(facts.get("checkpoints") or {})}

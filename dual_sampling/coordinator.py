@@ -35,6 +35,13 @@ def sequence_seed(seed: int, index: int, sample_index: int) -> list[int]:
     return [seed, index] if sample_index == 0 else [seed, index, sample_index]
 
 
+def prompt_seed(seed: int, index: int, sample_index: int = 0) -> int:
+    """The counter-based seed of one sample (63 bits): the fused engine and the exact
+    session transport draw token t's uniform from (this seed, t) (kernels.uniforms)."""
+    entropy = sequence_seed(seed, index, sample_index)
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+
+
 def sequence_rng(seed: int, index: int, sample_index: int) -> np.random.Generator:
     """The generator whose `random()` gives the uniforms of one sequence, one per token."""
     return np.random.Generator(np.random.PCG64(sequence_seed(seed, index, sample_index)))
@@ -136,7 +143,7 @@ class Sequence:
 
 @dataclass
 class SampleSettings:
-    top_k: int
+    top_k: Optional[int]  # None: the exact path (the transport's full_step, q* over all ids)
     max_tokens: int
     alpha: Optional[float]
     missing: str
@@ -248,6 +255,8 @@ class Coordinator:
     async def _step(self, active: list[Sequence]) -> list[Sequence]:
         s = self.settings
         t0 = time.perf_counter()
+        if s.top_k is None:
+            return await self._finish_step(active, t0, *await self._exact(active))
         ids_theta, logp_theta, ids_target, logp_target = await self.transport.step(
             [seq.key for seq in active], [seq.context for seq in active],
             s.top_k)  # each (B, k)
@@ -278,6 +287,44 @@ class Coordinator:
             "in_topk_theta": (ids_theta == token[:, None]).any(axis=1),
             "in_topk_target": (ids_target == token[:, None]).any(axis=1),
         }
+        candidates = None
+        if s.record_candidates:
+            candidates = [{
+                "ids_theta": ids_theta[row].tolist(), "logp_theta": _finite(logp_theta[row]),
+                "ids_target": ids_target[row].tolist(),
+                "logp_target": _finite(logp_target[row])} for row in range(len(active))]
+        return await self._finish_step(active, t0, t1, token, per_token, candidates)
+
+    async def _exact(self, active: list[Sequence]) -> tuple[float, np.ndarray, dict, None]:
+        """q* over the whole vocabulary: both servers' logits, solved and drawn with the
+        fused engine's kernels and its counter-based uniforms (one per (seed, position)),
+        so a sequence's tokens are the fused engine's at the same seed."""
+        from dual_sampling.vllm_plugin.fused import kernels  # torch: the exact path only
+        s = self.settings
+        theta, target = await self.transport.full_step(
+            [seq.key for seq in active], [seq.context for seq in active])  # (B, V) each
+        t1 = time.perf_counter()
+        rows = kernels.Rows.of(theta, target)
+        n = len(active)
+        fixed = np.full(n, s.alpha is not None)
+        solution = kernels.solve(rows, np.full(n, np.nan if s.alpha is None else s.alpha),
+                                 fixed)
+        seeds = np.array([prompt_seed(s.seed, seq.item.index, seq.sample_index)
+                          for seq in active], dtype=np.uint64)
+        steps = np.array([len(seq.completion_ids) for seq in active], dtype=np.uint64)
+        drawn = kernels.draw(rows, solution, solution.mixture(), seeds, steps,
+                             np.full(n, s.temperature))
+        per_token = {name: drawn[name].cpu().numpy() for name in drawn if name != "token"}
+        ones, true = np.ones(n), np.ones(n, dtype=bool)
+        per_token.update(coverage_theta=ones, coverage_target=ones, in_topk_theta=true,
+                         in_topk_target=true)
+        return t1, drawn["token"].cpu().numpy(), per_token, None
+
+    async def _finish_step(self, active: list[Sequence], t0: float, t1: float,
+                           token: np.ndarray, per_token: dict[str, np.ndarray],
+                           candidates: Optional[list[dict]]) -> list[Sequence]:
+        """Append each row's token and fields, retire the finished sequences."""
+        s = self.settings
         columns = {name: (values.tolist() if values.dtype == bool else _finite(values))
                    for name, values in per_token.items()}
         token_list = token.tolist()
@@ -286,11 +333,8 @@ class Coordinator:
             seq.completion_ids.append(token_list[row])
             for name in TOKEN_FIELDS:
                 seq.tokens[name].append(columns[name][row])
-            if s.record_candidates:
-                seq.candidates.append({
-                    "ids_theta": ids_theta[row].tolist(), "logp_theta": _finite(logp_theta[row]),
-                    "ids_target": ids_target[row].tolist(),
-                    "logp_target": _finite(logp_target[row])})
+            if candidates is not None:
+                seq.candidates.append(candidates[row])
             if token_list[row] in s.eos_token_ids:
                 seq.finish_reason = "stop"
             elif (len(seq.completion_ids) >= s.max_tokens
@@ -304,8 +348,9 @@ class Coordinator:
         self.wait_s += t1 - t0
         if self.on_step is not None:
             self.on_step(StepStats(
-                batch=len(active), alpha=alpha, kl_q_theta=diag["kl_q_theta"],
-                kl_q_target=diag["kl_q_target"], coverage_theta=per_token["coverage_theta"],
+                batch=len(active), alpha=per_token["alpha"],
+                kl_q_theta=per_token["kl_q_theta"],
+                kl_q_target=per_token["kl_q_target"], coverage_theta=per_token["coverage_theta"],
                 coverage_target=per_token["coverage_target"], wait_s=t1 - t0,
                 step_s=time.perf_counter() - t0))
         return finished

@@ -155,6 +155,40 @@ def choose_transport(transport: str, infos: list[ServerInfo]) -> bool:
     return all(has)
 
 
+def choose_exact(params: SampleParams, infos: list[ServerInfo]) -> bool:
+    """True for the exact session path (each server sends its whole next-token row, the
+    coordinator samples q* over the whole vocabulary): `sample.top_k` unset, every server
+    keeps full rows (start_vllm.sh's logits processor) and torch imports here. Unset top_k
+    with `transport=session` insists on it; with `auto` a server without full rows, or no
+    torch, falls back to the merged top-k (logged)."""
+    if params.top_k is not None:
+        return False
+    lacking = [info.url for info in infos if not info.full_logits]
+    try:
+        import torch  # noqa: F401  (the fused engine's kernels run in the coordinator)
+        problem = None
+    except ImportError:
+        problem = ("the exact session path samples with torch in this process, and torch "
+                   "does not import here: pip install 'dual-sampling[exact]'")
+    if lacking and problem is None:
+        problem = (f"the server(s) {lacking} do not keep whole next-token rows: restart them "
+                   f"with this version's start_vllm.sh (its --logits-processors)")
+    if problem is None:
+        if params.record_candidates:
+            raise ConfigError(
+                "config key `sample.record_candidates` = True stores each server's top-k "
+                "lists, which the exact session path does not use: give sample.top_k=K for "
+                "the top-k path, or drop record_candidates")
+        log.info("transport: session, exact (q* over the whole vocabulary)")
+        return True
+    if params.transport == "session":
+        raise ServerMismatchError(f"sample.transport=session with sample.top_k unset is the "
+                                  f"exact path, but {problem}; or give sample.top_k=K for the "
+                                  f"merged top-k.")
+    log.warning("transport: session over the merged top-%d, not exact: %s", params.k, problem)
+    return False
+
+
 async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
                           chat_template: bool) -> PromptItem:
     """Token ids of a prompt record, from the first theta replica that answers."""
@@ -216,8 +250,9 @@ class Sampling:
 
     def __init__(self, thetas: list[VLLMClient], targets: list[VLLMClient],
                  params: SampleParams, seed: int, infos: list[ServerInfo], transport: str,
-                 timeout_s: float, max_retries: int) -> None:
+                 timeout_s: float, max_retries: int, exact: bool = False) -> None:
         self.params, self.seed, self.transport = params, seed, transport
+        self.exact = exact or transport == "fused"  # q* over the whole vocabulary
         self.thetas, self.targets = thetas, targets
         self.timeout_s, self.max_retries = timeout_s, max_retries
         fused = transport == "fused"
@@ -237,7 +272,8 @@ class Sampling:
              "target_model": f"{info_theta.model}[target]"} if fused else
             {"theta_model": info_theta.model, "target_model": info_target.model})}
         self.settings = SampleSettings(
-            top_k=params.k, max_tokens=params.max_tokens, alpha=params.alpha,
+            top_k=None if self.exact else params.k, max_tokens=params.max_tokens,
+            alpha=params.alpha,
             missing=params.missing, concurrency=params.concurrency,
             eos_token_ids=info_theta.eos_token_ids, max_model_len=self.max_model_len,
             vocab_size=info_theta.vocab_size, stop=tuple(params.stop), seed=seed,
@@ -258,16 +294,21 @@ class Sampling:
             raise ConfigError("config key `target.url` is not set: the request and session "
                               "transports need a target server (or point theta.url at a "
                               "fused server)")
-        infos = await preflight(thetas, theta_infos, targets, None if fused else params.k)
+        infos = await preflight(thetas, theta_infos, targets, None if fused else params.top_k)
         for client, info in zip(thetas, infos):
             client.pin_theta(info)
+        exact = fused
         if fused:
             transport = "fused"
             log.info("transport: fused (both models in the engine at %s; target.url unused)",
                      [c.url for c in thetas])
         else:
             transport = "session" if choose_transport(params.transport, infos) else "request"
-        return cls(thetas, targets, params, seed, infos, transport, timeout_s, max_retries)
+            exact = transport == "session" and choose_exact(params, infos)
+            if not exact and params.top_k is None:  # the default k, not checked above
+                await asyncio.gather(*(c.check_top_k(params.k) for c in thetas + targets))
+        return cls(thetas, targets, params, seed, infos, transport, timeout_s, max_retries,
+                   exact=exact)
 
     @property
     def models(self) -> dict[str, dict[str, Any]]:

@@ -11,11 +11,18 @@ Client -> server, int32 words:
     CLOSE  [3, msg_id, n, sid[n]]                                 end these sessions
     ABORT  [4, msg_id]                                            end all the connection's sessions
 
+`k = 0` (FULL) asks for the whole next-token distribution instead of a top-k; a session
+opened with k = 0 keeps it (the exact transport), one opened with k >= 1 keeps a top-k.
+
 Server -> client:
 
     OPEN/STEP reply  int32 [op, msg_id, n, k] + int32 ids[n*k] + float32 logprobs[n*k]
                      row i is the top-k after session sid[i]'s tokens, by decreasing logprob
                      (the model's raw logprobs, nats)
+    FULL reply       int32 [op, msg_id, n, 0, V, dtype] + rows[n*V] in that dtype
+                     row i is the model's logits over the tokenizer's V ids after session
+                     sid[i]'s tokens, as the engine computed them (unnormalised; dtype
+                     0 = float32, 1 = bfloat16, 2 = float16, little-endian)
     CLOSE/ABORT ack  int32 [op, msg_id, n_closed]
     error            a text frame, JSON {"msg_id": m, "error": "..."}; m = -1 when it
                      concerns the connection rather than one message
@@ -32,6 +39,9 @@ OPEN, STEP, CLOSE, ABORT = 1, 2, 3, 4
 OP_NAMES = {OPEN: "OPEN", STEP: "STEP", CLOSE: "CLOSE", ABORT: "ABORT"}
 WORD = np.dtype("<i4")
 LOGP = np.dtype("<f4")
+FULL = 0  # k of the exact transport: the whole distribution
+ROW_DTYPES = {0: "float32", 1: "bfloat16", 2: "float16"}  # code -> torch dtype name
+_ROW_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class SessionFormatError(ValueError):
@@ -124,6 +134,32 @@ def decode_topk(frame: bytes) -> tuple[int, int, np.ndarray, np.ndarray]:
     ids = np.frombuffer(frame, dtype=WORD, count=n * k, offset=16).reshape(n, k)
     logp = np.frombuffer(frame, dtype=LOGP, count=n * k, offset=16 + 4 * n * k).reshape(n, k)
     return op, msg_id, ids, logp
+
+
+def encode_full(op: int, msg_id: int, rows: bytes, n: int, width: int, dtype: str) -> bytes:
+    """A FULL reply; `rows` holds n x width values of the dtype, little-endian."""
+    code = {name: c for c, name in ROW_DTYPES.items()}[dtype]
+    return np.array([op, msg_id, n, FULL, width, code], dtype=WORD).tobytes() + rows
+
+
+def decode_full(frame: bytes) -> tuple[int, int, memoryview, int, int, str]:
+    """(op, msg_id, payload, n, V, dtype name) of a FULL reply; the payload is a view."""
+    words = _words(frame[:24] if len(frame) >= 24 else frame)
+    if len(words) < 6 or int(words[3]) != FULL:
+        raise SessionFormatError("a full-distribution reply needs [op, msg_id, n, 0, V, dtype]")
+    op, msg_id, n, _, width, code = (int(w) for w in words[:6])
+    dtype = ROW_DTYPES.get(code)
+    if dtype is None:
+        raise SessionFormatError(f"unknown row dtype code {code}; expected one of {ROW_DTYPES}")
+    if len(frame) != 24 + n * width * _ROW_BYTES[dtype]:
+        raise SessionFormatError(f"a full reply for n={n}, V={width} ({dtype}) has "
+                                 f"{len(frame)} bytes, not {24 + n * width * _ROW_BYTES[dtype]}")
+    return op, msg_id, memoryview(frame)[24:], n, width, dtype
+
+
+def is_full(frame: bytes) -> bool:
+    """Whether an OPEN/STEP reply is a FULL reply (its k word is 0)."""
+    return len(frame) >= 16 and int(np.frombuffer(frame, dtype=WORD, count=4)[3]) == FULL
 
 
 def encode_ack(op: int, msg_id: int, n_closed: int) -> bytes:

@@ -49,6 +49,8 @@ set -euo pipefail
 
 RUN_DIR="${DUAL_SAMPLING_RUN_DIR:-.cache/vllm}"
 THETA_EXTENSION=dual_sampling.vllm_plugin.theta_worker.ThetaWorkerExtension
+# every plain server keeps the logits of exact-session steps (vllm_plugin/full_logits.py)
+FULL_LOGITS=dual_sampling.vllm_plugin.full_logits:FullLogits
 PYTHON="${PYTHON:-python}"
 MAX_LOGPROBS=256
 TIMEOUT=600
@@ -206,7 +208,9 @@ start_one() {
   [[ $role == fused ]] && source=("${FUSED_ARGS[@]}")
   # load_theta (POST /v1/dual_sampling/load_theta) reloads theta in place through this
   # worker extension; a fused server gets it within fused/setup.py's extension
-  [[ $role == theta || $role == model ]] && source+=(--worker-extension-cls "$THETA_EXTENSION")
+  # (the target gets it too: its methods include the exact session's dual_sampling_pop_full)
+  [[ $role == fused ]] || source+=(--worker-extension-cls "$THETA_EXTENSION"
+                                   --logits-processors "$FULL_LOGITS")
   local args=(-m vllm.entrypoints.openai.api_server "${source[@]}" --port "$port"
               --host 127.0.0.1 --max-logprobs "$MAX_LOGPROBS" --enable-prefix-caching
               --enable-tokenizer-info-endpoint --served-model-name "$role"

@@ -30,7 +30,7 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from tabulate import tabulate
@@ -58,7 +58,7 @@ SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),
 
 
 def check_resume(out: Path, config: SampleRunConfig, transport: str,
-                 models: dict[str, dict[str, Any]]) -> None:
+                 models: dict[str, dict[str, Any]], exact: Optional[bool] = None) -> None:
     """Record in `out/run_params.json` what decides the distribution of a run's samples: the
     token settings, the transport that ran (fused: exact q*; session/request: q* over the
     merged top-k) and each model's identity (`Sampling.models`: name, checkpoint path and
@@ -73,9 +73,17 @@ def check_resume(out: Path, config: SampleRunConfig, transport: str,
     found = json.loads(path.read_text()) if path.is_file() else {}
     changed = [f"{key}={found.get(key)!r} there, {value!r} now"
                for key, value in wanted.items() if found and found.get(key) != value]
+    exact = transport == "fused" if exact is None else exact
     if found.get("transport", transport) != transport:
         changed.append(f"transport {found['transport']!r} there, {transport!r} now (fused "
-                       f"samples the exact q*, session and request q* over the merged top-k)")
+                       f"samples the exact q*, request q* over the merged top-k, session "
+                       f"either)")
+    elif found and found.get("exact", found.get("transport") == "fused") != exact:
+        was = found.get("exact", found.get("transport") == "fused")
+        changed.append(f"{'exact' if was else 'merged top-k'} q* there, "
+                       f"{'exact' if exact else 'merged top-k'} now (sample.top_k unset on "
+                       f"the session transport is exact since 2026-12; give "
+                       f"sample.top_k=20 to resume a top-k run)")
     target = found.get("target")
     if target is not None and not same_model(target, models["target"]):
         changed.append(f"target {describe_model(target)} there, "
@@ -100,7 +108,8 @@ def check_resume(out: Path, config: SampleRunConfig, transport: str,
     if not any(same_model(t, theta) for t in thetas):
         thetas = [*thetas, theta]
     out.mkdir(parents=True, exist_ok=True)
-    record = {**wanted, "transport": transport, "target": models["target"], "theta": thetas}
+    record = {**wanted, "transport": transport, "exact": exact, "target": models["target"],
+              "theta": thetas}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -168,7 +177,7 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         sampling = await Sampling.open(thetas, targets, params, seed=config.seed,
                                        timeout_s=config.theta.timeout_s,
                                        max_retries=config.theta.max_retries)
-        check_resume(out, config, sampling.transport, sampling.models)
+        check_resume(out, config, sampling.transport, sampling.models, exact=sampling.exact)
         writer = ResumableJsonlWriter(out / SAMPLES_FILE, key=SAMPLE_KEY)
         todo = [{**p, "sample_indices": missing} for p in prompts if (missing := [
             s for s in range(params.n) if (p["index"], s) not in writer.done])]
@@ -222,9 +231,9 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         summary = sample_stats.summarize(records, params.n)
         if params.n > 1:
             groups.write_groups(out / GROUPS_FILE, groups.group_weights(records, params.n))
-        fused = sampling.transport == "fused"
         summary.update({
-            "top_k": None if fused else params.k, "n": params.n,
+            "top_k": None if sampling.exact else params.k, "exact": sampling.exact,
+            "n": params.n,
             "temperature": params.temperature,
             "tokens_this_run": counters["tokens"],
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,

@@ -32,18 +32,12 @@ import numpy as np
 
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import (TOKEN_FIELDS, PromptItem, Sequence, StepStats,
-                                       sequence_seed)
+                                       prompt_seed)
 from dual_sampling.errors import MalformedResponseError
 
 PATH = "/v1/dual_sampling/fused/generate"  # dual_sampling/vllm_plugin/fused/route.py
 EXACT = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
          "entropy_q")  # what the server returns per token; q* covers the whole vocabulary
-
-
-def prompt_seed(seed: int, index: int, sample_index: int = 0) -> int:
-    """The engine-side seed of one sample of prompt `index` in a run seeded `seed` (63 bits)."""
-    entropy = sequence_seed(seed, index, sample_index)
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
 
 @dataclass

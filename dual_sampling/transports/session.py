@@ -34,11 +34,13 @@ from typing import Any, Optional
 
 import aiohttp
 import numpy as np
+import torch
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
-from dual_sampling.errors import MalformedResponseError, ServerError, ThetaChangedError
+from dual_sampling.errors import (MalformedResponseError, ServerError, ServerMismatchError,
+                                  ThetaChangedError)
 from dual_sampling.http_client import AUTH_STATUSES
 from dual_sampling.theta_format import CHANGED_PREFIX
 
@@ -188,9 +190,9 @@ class _ServerSessions:
         raise AssertionError("unreachable")
 
     # -- the transport's operations ------------------------------------------------------------
-    async def step(self, keys: list[int], contexts: list[list[int]], k: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids `(B, k) int64` and logprobs `(B, k) float64` after each context."""
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int) -> Any:
+        """Top-k ids `(B, k) int64` and logprobs `(B, k) float64` after each context; for
+        k = 0 (wire.FULL) the logits `(B, V)` torch tensor, in the dtype the server sent."""
         return await self._with_retries(lambda: self._step_once(keys, contexts, k), "a step")
 
     async def _step_once(self, keys: list[int], contexts: list[list[int]], k: int
@@ -213,6 +215,8 @@ class _ServerSessions:
                                        chunks)
             calls.append((op, op_rows, self._call(frame, msg_id, future)))
         replies = await asyncio.gather(*(call for _, _, call in calls), return_exceptions=True)
+        if k == wire.FULL:
+            return self._gather_full(keys, contexts, calls, replies)
         ids = np.empty((len(keys), k), dtype=np.int64)  # (B, k)
         logp = np.empty((len(keys), k), dtype=np.float64)  # (B, k)
         failure: Optional[BaseException] = None
@@ -231,6 +235,45 @@ class _ServerSessions:
             raise failure
         order = np.argsort(-logp, axis=1, kind="stable")  # (B, k)
         return np.take_along_axis(ids, order, axis=1), np.take_along_axis(logp, order, axis=1)
+
+    def _gather_full(self, keys: list[int], contexts: list[list[int]], calls: list,
+                     replies: list) -> torch.Tensor:
+        """The FULL replies of one step as one (B, V) tensor, rows in key order."""
+        parts, failure = [], None
+        for (op, op_rows, _), reply in zip(calls, replies):
+            if isinstance(reply, BaseException):
+                failure = reply if failure is None or isinstance(reply, ServerError) else failure
+                if op == wire.OPEN:
+                    for row in op_rows:
+                        self.sids.pop(keys[row], None)
+                continue
+            parts.append((op_rows, self._read_full(reply, len(op_rows))))
+            for row in op_rows:
+                self.held[keys[row]] = len(contexts[row])
+        if failure is not None:
+            raise failure
+        if len(parts) == 1:
+            return parts[0][1]
+        widths = {rows.shape[1] for _, rows in parts}
+        if len(widths) != 1:
+            raise MalformedResponseError(f"{self._where()} sent rows of {sorted(widths)} ids "
+                                         f"in one step")
+        out = torch.empty((len(keys), widths.pop()), dtype=parts[0][1].dtype)
+        for op_rows, rows in parts:
+            out[op_rows] = rows
+        return out
+
+    def _read_full(self, reply: bytes, n: int) -> torch.Tensor:
+        try:
+            _, _, payload, rows, width, dtype = wire.decode_full(reply)
+        except wire.SessionFormatError as exc:
+            raise MalformedResponseError(f"{self._where()} sent an unreadable reply: {exc}"
+                                         ) from exc
+        if rows != n:
+            raise MalformedResponseError(f"{self._where()} answered {rows} rows for {n} "
+                                         f"sessions")
+        values = torch.frombuffer(bytearray(payload), dtype=getattr(torch, dtype))
+        return values.view(n, width)
 
     def _read_topk(self, reply: bytes, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -290,6 +333,20 @@ class SessionTransport:
         (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
             self.theta.step(keys, contexts, k), self.target.step(keys, contexts, k))
         return ids_theta, logp_theta, ids_target, logp_target
+
+    async def full_step(self, keys: list[int], contexts: list[list[int]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model's logits over the whole vocabulary after each context, (B, V) each
+        (the exact transport: the coordinator samples q* from them with the fused
+        engine's kernels). ServerMismatchError when the two widths differ."""
+        theta, target = await asyncio.gather(self.theta.step(keys, contexts, wire.FULL),
+                                             self.target.step(keys, contexts, wire.FULL))
+        if theta.shape[1] != target.shape[1]:
+            raise ServerMismatchError(
+                f"the theta server at {self.theta.url} sends {theta.shape[1]} ids a row and "
+                f"the target server at {self.target.url} {target.shape[1]}: the two "
+                f"tokenizers differ; serve two models with one tokenizer.")
+        return theta, target
 
     async def release(self, keys: list[int]) -> None:
         await asyncio.gather(self.theta.release(keys), self.target.release(keys))

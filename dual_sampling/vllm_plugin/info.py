@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 
 from dual_sampling.vllm_plugin import route_modules
 from dual_sampling.vllm_plugin.fingerprint import fingerprint
+from dual_sampling.vllm_plugin.full_logits import keeps_full_logits
 from dual_sampling.vllm_plugin.fused.route import is_fused
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY
 from dual_sampling.vllm_plugin.theta_route import state_of
@@ -55,6 +56,7 @@ async def info(request: Request) -> dict:
         "max_logprobs": model_config.max_logprobs,
         "routes": plugin_routes(),
         "fused": is_fused(engine),
+        "full_logits": keeps_full_logits(model_config),
         "checkpoints": await asyncio.to_thread(checkpoints, request.app, model_config),
         **theta_facts(request.app),
     }

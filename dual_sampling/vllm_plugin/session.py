@@ -48,6 +48,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling import session_format as wire
 from dual_sampling.vllm_plugin import compat
+from dual_sampling.vllm_plugin.full_logits import FULL_KEY, keeps_full_logits
 from dual_sampling.theta_format import PIN_HEADER
 from dual_sampling.vllm_plugin.theta_route import state_of
 
@@ -133,6 +134,7 @@ class _Step:
     logp: np.ndarray  # (n, k) float32
     remaining: int
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    wanted: dict[str, int] = field(default_factory=dict)  # FULL: request id -> position
 
     def fill(self, row: int, token_ids: list[int], logprobs: list[float]) -> None:
         k = self.ids.shape[1]
@@ -155,6 +157,7 @@ class _Session:
     def __init__(self, engine: Any, sid: int, request_id: str, k: int,
                  params: SamplingParams) -> None:
         self.sid, self.request_id, self.k = sid, request_id, k
+        self.full = k == wire.FULL  # its steps give whole rows (vllm_plugin/full_logits.py)
         self.length = 0  # tokens the engine holds for it
         self.pending: Optional[tuple[_Step, int]] = None
         self.ended: Optional[str] = None  # why the engine request is gone, once it is
@@ -189,6 +192,9 @@ class _Session:
                         self.ended = "the engine ended the request (aborted or out of resources)"
                         step.fail(f"session {self.sid}: {self.ended}")
                         return
+                    if self.full:  # the row waits in the worker (full_logits.py)
+                        step.fill(row, [], [])
+                        continue
                     flat = output.outputs[0].logprobs
                     start, end = flat.start_indices[-1] + 1, flat.end_indices[-1]
                     step.fill(row, flat.token_ids[start:end], flat.logprobs[start:end])
@@ -223,6 +229,7 @@ class _Connection:
         self.max_logprobs = (self.vocab_size if model_config.max_logprobs == -1
                              else model_config.max_logprobs)
         self.max_sessions = self.engine.vllm_config.scheduler_config.max_num_seqs
+        self.full_ok = keeps_full_logits(model_config)
         self.prefix = f"dsess-{uuid.uuid4().hex[:12]}"
         self.opened = itertools.count()  # request ids stay unique if a client reuses a sid
         self.sessions: dict[int, _Session] = {}
@@ -275,7 +282,11 @@ class _Connection:
             refusal = self.theta.changed(self.pinned, swapping_counts=True)
             if refusal is not None:
                 raise SessionRefused(f"{name}: {refusal}")
-        if not 1 <= msg.k <= self.max_logprobs:
+        if msg.k == wire.FULL and not self.full_ok:
+            raise SessionRefused(f"{name}: k=0 (the whole distribution) needs this package's "
+                                 f"logits processor: restart the server with start_vllm.sh, "
+                                 f"or give sample.top_k for the top-k transport.")
+        if msg.k != wire.FULL and not 1 <= msg.k <= self.max_logprobs:
             raise SessionRefused(f"{name}: k={msg.k} is outside [1, {self.max_logprobs}]: "
                                  f"restart the server with a larger --max-logprobs or ask "
                                  f"for fewer.")
@@ -300,6 +311,10 @@ class _Connection:
                 if session.ended:
                     raise SessionRefused(f"STEP: session {sid} has ended ({session.ended}); "
                                          f"CLOSE it and OPEN it again with its context")
+                if session.full != (msg.k == wire.FULL):
+                    raise SessionRefused(f"STEP: session {sid} was opened with k="
+                                         f"{session.k}; a session keeps whole rows (k=0) or "
+                                         f"a top-k for its life")
                 if session.pending is not None:
                     raise SessionRefused(f"STEP: session {sid} still has a step in flight; "
                                          f"wait for its reply")
@@ -320,7 +335,7 @@ class _Connection:
         n = len(msg.sids)
         step = _Step(msg.op, msg.msg_id, np.empty((n, msg.k), dtype=wire.WORD),
                      np.empty((n, msg.k), dtype=wire.LOGP), remaining=n)
-        params = self.params(msg.k)
+        params = None if msg.k == wire.FULL else self.params(msg.k)
         if msg.op == wire.OPEN:
             self._server_sessions(n)
             ids = [f"{self.prefix}-{sid}-{next(self.opened)}" for sid in msg.sids.tolist()]
@@ -329,13 +344,16 @@ class _Connection:
         self.gate.expect(ids)
         for row, (sid, tokens) in enumerate(zip(msg.sids.tolist(), msg.per_session())):
             if msg.op == wire.OPEN:
-                session = _Session(self.engine, sid, ids[row], msg.k, params)
+                session = _Session(self.engine, sid, ids[row], msg.k,
+                                   params or _full_params(ids[row]))
                 self.sessions[sid] = session
                 session.send(tokens, step, row, None)
             else:
                 session = self.sessions[sid]
                 session.send(tokens, step, row, None if msg.k == session.k else params)
                 session.k = msg.k
+            if msg.k == wire.FULL:  # its row: the logits after all the tokens it holds
+                step.wanted[ids[row]] = self.sessions[sid].length
         return step
 
     async def _reply(self, step: _Step) -> None:
@@ -344,7 +362,20 @@ class _Connection:
         except SessionRefused as exc:
             await self._send_error(step.msg_id, f"{wire.OP_NAMES[step.op]}: {exc}")
             return
-        await self._send(wire.encode_topk(step.op, step.msg_id, step.ids, step.logp))
+        if not step.wanted:
+            await self._send(wire.encode_topk(step.op, step.msg_id, step.ids, step.logp))
+            return
+        rows = (await self.engine.collective_rpc("dual_sampling_pop_full",
+                                                 args=(step.wanted,)))[0]
+        if rows["missing"]:
+            await self._send_error(step.msg_id, (
+                f"{wire.OP_NAMES[step.op]}: the engine kept no logits for {rows['missing'][:4]}"
+                f" (positions {[step.wanted[t] for t in rows['missing'][:4]]}): this "
+                f"server's vLLM does not run vllm_plugin/full_logits.py as this package "
+                f"expects; use sample.top_k"))
+            return
+        await self._send(wire.encode_full(step.op, step.msg_id, rows["rows"], rows["n"],
+                                          rows["width"], rows["dtype"]))
 
     # -- CLOSE / ABORT / disconnect ------------------------------------------------------------
     def _detach(self, sids: list[int]) -> list[_Session]:
@@ -384,6 +415,13 @@ class _Connection:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self.send_lock:
                 await self.ws.send_text(wire.encode_error(msg_id, message))
+
+
+def _full_params(request_id: str) -> SamplingParams:
+    """A FULL session's engine request: its logits are kept under its request id."""
+    return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                          output_kind=RequestOutputKind.DELTA,
+                          extra_args={FULL_KEY: request_id})
 
 
 @router.websocket(wire.PATH)

@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from dual_sampling.vllm_plugin.full_logits import FullLogitsWorker
+
 
 def theta_module(model: nn.Module) -> nn.Module:
     """The module holding theta's weights: the fused model's `theta`, else the model
@@ -50,7 +52,7 @@ def refresh_tied_head(module: nn.Module) -> bool:
     return True
 
 
-class ThetaWorkerExtension:
+class ThetaWorkerExtension(FullLogitsWorker):
     """Methods vLLM adds to its worker class (`--worker-extension-cls`), called by name."""
 
     def dual_sampling_load_theta(self, path: str) -> dict[str, Any]:

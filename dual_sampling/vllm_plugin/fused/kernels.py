@@ -558,6 +558,27 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
     return Draw(token, logp_q)
 
 
+FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
+          "kl_q_target", "entropy_q")
+
+
+def draw(rows: Rows, solution: Solution, mix: Mixture, seeds: np.ndarray, steps: np.ndarray,
+         temperature: np.ndarray) -> dict[str, torch.Tensor]:
+    """Each row's token and its exact diagnostics (FIELDS, (B,) each): the token from
+    q*^(1/T) with the uniform of (seeds[i], steps[i]) (`uniforms`). The fused engine's
+    sampler and the exact two-engine coordinator both draw through here, so at one seed
+    they draw the same tokens from the same logits."""
+    device = rows.theta.device
+    u = torch.from_numpy(uniforms(seeds, steps)).to(device)
+    tau = torch.as_tensor(np.asarray(temperature, dtype=np.float64), device=device)
+    picked = sample(rows, solution, mix.log_z, u, tau)
+    logp_theta, d = rows.at(picked.token)
+    return {"token": picked.token, "alpha": solution.alpha, "logp_theta": logp_theta,
+            "logp_target": logp_theta + d, "logp_q": picked.logp_q,
+            "kl_q_theta": mix.kl_q_theta, "kl_q_target": mix.kl_q_target,
+            "entropy_q": mix.entropy_q}
+
+
 def _inverse_cdf(rows: Rows, alpha: torch.Tensor, masses: torch.Tensor, u: torch.Tensor,
                  tau: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """The first id (n,) where the CDF of the weights exp(tau (e - top)), e = log q* + log Z,

@@ -211,21 +211,13 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         picked = [row for row in states if row.tag is not None]
         seeds = np.array([r.seed for r in picked], dtype=np.uint64)
         steps = np.array([r.step for r in picked], dtype=np.uint64)
-        u = torch.from_numpy(kernels.uniforms(seeds, steps)).to(logits.device)  # (T,)
-        temperature = torch.tensor([r.temperature for r in picked], dtype=torch.float64,
-                                   device=logits.device)  # (T,)
+        temperature = np.array([r.temperature for r in picked], dtype=np.float64)
         if not bool(tagged.all()):
             rows, solution = rows.take(tagged), solution.take(tagged)
             mix = kernels.Mixture(*(x[tagged] for x in mix))
-        draw = kernels.sample(rows, solution, mix.log_z, u, temperature)
-        logp_theta, d = rows.at(draw.token)
+        columns = kernels.draw(rows, solution, mix, seeds, steps, temperature)
         target_rows = idx[tagged]
         logits.index_fill_(0, target_rows, -torch.inf)
-        logits[target_rows, draw.token] = 0.0
-        columns = {
-            "token": draw.token, "alpha": solution.alpha, "logp_theta": logp_theta,
-            "logp_target": logp_theta + d, "logp_q": draw.logp_q,
-            "kl_q_theta": mix.kl_q_theta, "kl_q_target": mix.kl_q_target,
-            "entropy_q": mix.entropy_q}
+        logits[target_rows, columns["token"]] = 0.0
         state.put([r.tag for r in picked], steps.tolist(),
                   {name: value.tolist() for name, value in columns.items()})

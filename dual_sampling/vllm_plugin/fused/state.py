@@ -23,10 +23,9 @@ from typing import Any, Optional
 
 import torch
 
+from dual_sampling.vllm_plugin.fused.kernels import FIELDS
 from dual_sampling.vllm_plugin.theta_worker import ThetaWorkerExtension
 
-FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
-          "kl_q_target", "entropy_q")
 ABANDONED_AFTER_S = 600.0  # records of requests gone from the batch this long are dropped
 
 _stash: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None]

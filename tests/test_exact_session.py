@@ -1,0 +1,194 @@
+"""The exact two-engine transport (session, `top_k` unset) against real vLLM CPU servers.
+
+Each server sends its model's logits over the whole vocabulary every step
+(vllm_plugin/full_logits.py); the coordinator samples q* with the fused engine's kernels
+and its counter-based uniforms. So, at one seed, it must emit the fused engine's tokens
+(`servers` pair against `fused_server`: the same tiny weights, the fused target padded),
+every per-token field must match transformers + scipy over the full vocabulary, and first
+tokens must follow q* (chi-square).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+from scipy.stats import chisquare
+
+from dual_sampling import mixture
+from dual_sampling import session_format as wire
+from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.config import SampleParams
+from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings, prompt_seed
+from dual_sampling.errors import ConfigError, ServerMismatchError
+from dual_sampling.sampling import choose_exact
+from dual_sampling.transports.fused import PATH as FUSED_PATH
+from dual_sampling.transports.session import SessionTransport
+
+VOCAB = 1024  # the tiny tokenizer's ids
+TEXTS = [f"Prompt number {i}: the standard library module" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    from dual_sampling.reference import Reference
+    return Reference(tiny_models)
+
+
+def encode(reference, text: str) -> list[int]:
+    return reference.tokenizer(text)["input_ids"]
+
+
+async def _exact(servers, items: list[PromptItem], seed: int, max_tokens: int,
+                 alpha=None, temperature: float = 1.0, concurrency: int = 32) -> dict:
+    """(index, sample_index) -> Sequence, through the exact session transport."""
+    done = {}
+
+    async def on_finished(seq):
+        done[seq.item.index, seq.sample_index] = seq
+
+    async def prompts():
+        for item in items:
+            yield item
+
+    settings = SampleSettings(top_k=None, max_tokens=max_tokens, alpha=alpha, missing="kth",
+                              concurrency=concurrency, eos_token_ids=(), max_model_len=2048,
+                              vocab_size=VOCAB, seed=seed, temperature=temperature)
+    async with VLLMClient(servers.url("theta"), name="theta") as theta, \
+            VLLMClient(servers.url("target"), name="target") as target:
+        transport = SessionTransport(theta, target)
+        try:
+            await Coordinator(transport, settings, on_finished).run(prompts())
+        finally:
+            await transport.aclose()
+    return done
+
+
+def exact(servers, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
+    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
+    done = asyncio.run(_exact(servers, items, seed, max_tokens, **options))
+    return [done[i, 0] for i in range(len(prompts))]
+
+
+def fused(server, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
+    body = {"prompts": prompts, "seeds": [prompt_seed(seed, i) for i in range(len(prompts))],
+            "max_tokens": max_tokens, "ignore_eos": True, **options}
+    request = urllib.request.Request(server.url("fused") + FUSED_PATH,
+                                     json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        return json.loads(reply.read())["results"]
+
+
+def chernoff_alpha(a: np.ndarray, b: np.ndarray) -> float:
+    return minimize_scalar(lambda x: logsumexp((1 - x) * a + x * b), bounds=(0, 1),
+                           method="bounded", options={"xatol": 1e-12}).x
+
+
+# -- the same tokens as the fused engine ------------------------------------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("alpha,temperature", [(None, 1.0), (None, 0.7), (0.3, 1.0)])
+def test_same_seed_same_tokens_as_the_fused_engine(servers, fused_server, reference, alpha,
+                                                   temperature):
+    """Token for token on every sequence. Both sides run the same kernels on logits that
+    differ by float32 rounding only (the fused engine batches both models in one engine:
+    other matmul shapes, ~1e-6 here), so a token could differ only where a uniform falls
+    within ~1e-6 of a CDF boundary: with 8 x 24 draws, an expected count of ~1e-3."""
+    prompts = [encode(reference, text) for text in TEXTS]
+    options = {"alpha": alpha, "temperature": temperature}
+    two = exact(servers, prompts, seed=5, max_tokens=24, **options)
+    one = fused(fused_server, prompts, seed=5, max_tokens=24, **options)
+    differ = sum(a.completion_ids != b["token_ids"] for a, b in zip(two, one))
+    assert differ == 0, [(a.completion_ids, b["token_ids"]) for a, b in zip(two, one)]
+    for a, b in zip(two, one):
+        for name in ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
+                     "kl_q_target", "entropy_q"):
+            # two engines' float32 logits of one model differ by ~1e-6 (batch shapes)
+            np.testing.assert_allclose(a.tokens[name], b[name], atol=2e-5, err_msg=name)
+
+
+# -- every field against transformers and scipy -----------------------------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("alpha,temperature", [(None, 1.0), (None, 0.7), (0.3, 1.0)])
+def test_every_token_matches_the_full_vocabulary_reference(servers, reference, alpha,
+                                                           temperature):
+    """alpha* within 1e-5 of scipy's Chernoff point on transformers' logprobs, or what
+    float32 forward noise allows (engine vs transformers logprobs differ by ~1e-6 on this
+    2-layer model, moving g by ~2e-6 and alpha* by that over Var_q[d]); the logprobs, KLs and
+    entropy within 1e-4 (the same noise through a few sums); logp_q is log q*^(1/T)."""
+    prompts = [encode(reference, text) for text in TEXTS[:3]]
+    checked = 0
+    for prompt, seq in zip(prompts, exact(servers, prompts, seed=9, max_tokens=16,
+                                          alpha=alpha, temperature=temperature)):
+        ids = prompt + seq.completion_ids
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t, token in enumerate(seq.completion_ids):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            solved = chernoff_alpha(a, b) if alpha is None else alpha
+            log_q = mixture.log_mixture(a, b, solved)
+            q, d = np.exp(log_q), b - a
+            var = q @ (d * d) - (q @ d) ** 2
+            assert abs(seq.tokens["alpha"][t] - solved) <= max(1e-5, 2e-6 / var)
+            tempered = mixture.temper(log_q, temperature)
+            diag = mixture.token_diagnostics(a, b, log_q)
+            np.testing.assert_allclose(
+                [seq.tokens[f][t] for f in ("logp_theta", "logp_target", "logp_q",
+                                            "kl_q_theta", "kl_q_target", "entropy_q")],
+                [a[token], b[token], tempered[token], diag["kl_q_theta"],
+                 diag["kl_q_target"], diag["entropy_q"]], atol=1e-4)
+            assert seq.tokens["coverage_theta"][t] == 1.0 and seq.tokens["in_topk_target"][t]
+            checked += 1
+    assert checked == 48
+
+
+@pytest.mark.server
+def test_first_tokens_follow_q_star(servers, reference):
+    """2,000 samples of one prompt (their own seeds): chi-square against the full q*."""
+    prompt = encode(reference, "The module")
+    n = 2000
+    items = [PromptItem(0, "", prompt, tuple(range(n)))]
+    done = asyncio.run(_exact(servers, items, seed=3, max_tokens=1, concurrency=250))
+    tokens = [done[0, s].completion_ids[0] for s in range(n)]
+    a, b = reference.position_logprobs(prompt)
+    q = np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b)))
+    counts = np.bincount(tokens, minlength=len(q)).astype(float)
+    expected = q * n
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected[big], expected[~big].sum())
+    assert chisquare(observed, wanted * n / wanted.sum()).pvalue > 1e-3
+
+
+# -- the wire and the choice of path ----------------------------------------------------------
+def test_full_reply_round_trip():
+    rows = np.arange(6, dtype="<f4").reshape(2, 3)
+    frame = wire.encode_full(wire.STEP, 4, rows.tobytes(), 2, 3, "float32")
+    assert wire.is_full(frame)
+    op, msg_id, payload, n, width, dtype = wire.decode_full(frame)
+    assert (op, msg_id, n, width, dtype) == (wire.STEP, 4, 2, 3, "float32")
+    np.testing.assert_array_equal(np.frombuffer(payload, "<f4").reshape(2, 3), rows)
+    with pytest.raises(wire.SessionFormatError, match="bytes"):
+        wire.decode_full(frame[:-4])
+
+
+def _info(full_logits: bool) -> ServerInfo:
+    return ServerInfo(url="http://x", model="m", max_model_len=64, bos_token_id=None,
+                      eos_token_ids=(), vocab_size=VOCAB, has_plugin=True,
+                      full_logits=full_logits)
+
+
+def test_which_path_a_session_run_takes():
+    both = [_info(True), _info(True)]
+    assert choose_exact(SampleParams(transport="session"), both)
+    assert choose_exact(SampleParams(transport="auto"), both)
+    assert not choose_exact(SampleParams(transport="session", top_k=20), both)
+    # auto falls back to the merged top-k; session with top_k unset insists on exact
+    assert not choose_exact(SampleParams(transport="auto"), [_info(True), _info(False)])
+    with pytest.raises(ServerMismatchError, match="start_vllm.sh"):
+        choose_exact(SampleParams(transport="session"), [_info(True), _info(False)])
+    with pytest.raises(ConfigError, match="record_candidates"):
+        choose_exact(SampleParams(transport="session", record_candidates=True), both)
