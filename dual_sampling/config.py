@@ -142,8 +142,10 @@ class SampleParams:
     """How each token is chosen."""
 
     top_k: Optional[int] = None
-    """Next-token candidates asked of each server per step (request, session; None: 20).
-    Must stay unset with the fused transport, whose q* covers the full vocabulary."""
+    """Next-token candidates asked of each server per step: q* over their merged top-k.
+    Unset: the session transport is exact (each server sends its whole next-token row; q*
+    over the full vocabulary) and the request transport asks for 20. Must stay unset with
+    the fused transport, whose q* covers the full vocabulary."""
     max_tokens: int = 64
     """Completion length cap."""
     alpha: Optional[float] = None
@@ -158,11 +160,13 @@ class SampleParams:
     """How a step reaches the servers: `fused` (both models in one vLLM engine started with
     start_vllm.sh --fused at theta.url; whole completions from the exact full-vocabulary q*;
     target.url unused), `session` (resident vLLM sessions over one WebSocket per server;
-    needs this package's plugin), `request` (a /v1/completions request per step; any vLLM
-    server), or `auto` (fused when theta.url serves the fused model, else session when every
-    server has the plugin's session route, else request)."""
+    needs this package's plugin; exact with top_k unset, else the merged top-k), `request`
+    (a /v1/completions request per step; any vLLM server; the merged top-k), or `auto`
+    (fused when theta.url serves the fused model, else session when every server has the
+    plugin's session route, else request)."""
     record_candidates: bool = False
-    """Also store both servers' top-k lists per token (large; for audits and tests)."""
+    """Also store both servers' top-k lists per token (large; for audits and tests; needs
+    top_k: the exact session path has no lists)."""
     n: int = 1
     """Completions per prompt (a group, for GRPO/RLOO, best-of-n, preference pairs): records
     `(index, sample_index)` for sample_index in [0, n), each from its own seeded stream."""

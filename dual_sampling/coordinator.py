@@ -191,6 +191,7 @@ class Coordinator:
         self.wait_s = 0.0
         self.total_s = 0.0
         self.tokens_generated = 0
+        self.math_s = 0.0  # the exact path's solve and draw (kernels), for benchmarks
 
     async def run(self, prompts: AsyncIterator[PromptItem]) -> None:
         """Generate until `prompts` is exhausted and every sequence is finished.
@@ -304,6 +305,8 @@ class Coordinator:
         theta, target = await self.transport.full_step(
             [seq.key for seq in active], [seq.context for seq in active])  # (B, V) each
         t1 = time.perf_counter()
+        if theta.dtype != target.dtype:  # engines of two dtypes: float32 holds both exactly
+            theta, target = theta.float(), target.float()
         rows = kernels.Rows.of(theta, target)
         n = len(active)
         fixed = np.full(n, s.alpha is not None)
@@ -314,6 +317,7 @@ class Coordinator:
         steps = np.array([len(seq.completion_ids) for seq in active], dtype=np.uint64)
         drawn = kernels.draw(rows, solution, solution.mixture(), seeds, steps,
                              np.full(n, s.temperature))
+        self.math_s += time.perf_counter() - t1
         per_token = {name: drawn[name].cpu().numpy() for name in drawn if name != "token"}
         ones, true = np.ones(n), np.ones(n, dtype=bool)
         per_token.update(coverage_theta=ones, coverage_target=ones, in_topk_theta=true,

@@ -121,3 +121,36 @@ def wide_fused_server(wide_models, tmp_path_factory) -> Servers:
     server.start_fused()
     yield server
     server.stop()
+
+
+REAL_EXACT_TEXTS = ("The capital of France is", "Autumn leaves fall because",
+                    "A good way to stay focused is", "The sky is blue because")
+
+
+@pytest.fixture(scope="session")
+def real_fused_draws(real_models, tmp_path_factory) -> dict:
+    """The real fused engine's completions of REAL_EXACT_TEXTS at seed 4 (alpha*, T = 0.7,
+    24 tokens, EOS ignored), for tests/test_real_pair.py's exact session path to match. Its
+    server is stopped before this returns: it never runs beside the real pair."""
+    import json
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from dual_sampling.coordinator import prompt_seed
+    from dual_sampling.transports.fused import PATH
+    tokenizer = AutoTokenizer.from_pretrained(str(real_models["target"]))
+    prompts = [tokenizer(text)["input_ids"] for text in REAL_EXACT_TEXTS]
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_fused_draws"),
+                     models=dict(real_models), extra=("--max-model-len", "1024"))
+    server.start_fused()
+    try:
+        body = {"prompts": prompts, "seeds": [prompt_seed(4, i) for i in range(len(prompts))],
+                "max_tokens": 24, "temperature": 0.7, "ignore_eos": True}
+        request = urllib.request.Request(server.url("fused") + PATH, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=900) as reply:
+            results = json.loads(reply.read())["results"]
+    finally:
+        server.stop()
+    return {"prompts": prompts, "seed": 4, "temperature": 0.7, "results": results}

@@ -151,7 +151,7 @@ def test_first_tokens_follow_q_star(servers, reference):
     prompt = encode(reference, "The module")
     n = 2000
     items = [PromptItem(0, "", prompt, tuple(range(n)))]
-    done = asyncio.run(_exact(servers, items, seed=3, max_tokens=1, concurrency=250))
+    done = asyncio.run(_exact(servers, items, seed=3, max_tokens=1, concurrency=120))
     tokens = [done[0, s].completion_ids[0] for s in range(n)]
     a, b = reference.position_logprobs(prompt)
     q = np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b)))
@@ -192,3 +192,110 @@ def test_which_path_a_session_run_takes():
         choose_exact(SampleParams(transport="session"), [_info(True), _info(False)])
     with pytest.raises(ConfigError, match="record_candidates"):
         choose_exact(SampleParams(transport="session", record_candidates=True), both)
+
+
+# -- sample mode end to end -------------------------------------------------------------------
+@pytest.mark.server
+def test_sample_mode_records_the_exact_path_and_a_killed_run_resumes_to_the_same_dataset(
+        servers, tmp_path):
+    """The CLI on two plugin servers with top_k unset: exact (summary, run_params, coverage
+    1); a run killed mid-way and resumed gives the uninterrupted run's dataset token for
+    token; a resume that asks for the merged top-k instead is refused."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dual_sampling.records import read_records
+    texts = [f"Prompt {i}: the standard library module" for i in range(12)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+
+    def cmd(out, *overrides):
+        return [sys.executable, "-m", "dual_sampling", "mode=sample",
+                f"theta.url={servers.url('theta')}", f"target.url={servers.url('target')}",
+                f"data.prompts={prompts}", f"output_dir={out}", "progress=false",
+                "sample.transport=session", "sample.max_tokens=16", "sample.concurrency=2",
+                "sample.report=false", "wandb.mode=disabled", *overrides]
+
+    whole = tmp_path / "whole"
+    subprocess.run(cmd(whole), check=True, capture_output=True, timeout=600)
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["exact"] is True and summary["top_k"] is None
+    assert summary["transport"] == "session" and summary["mean_coverage_theta"] == 1.0
+    assert json.loads((whole / "run_params.json").read_text())["exact"] is True
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = killed / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            samples.exists() and samples.read_bytes().count(b"\n") >= 3):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    refused = subprocess.run(cmd(killed, "sample.top_k=20"), capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "exact q* there" in refused.stderr
+    subprocess.run(cmd(killed), check=True, capture_output=True, timeout=600)
+
+    def tokens(out):
+        return {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
+
+    assert len(tokens(killed)) == len(texts)
+    assert tokens(killed) == tokens(whole)
+
+
+# -- two engines of different settings --------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_target(tiny_models, tmp_path_factory):
+    """The tiny target served in bfloat16 with a shorter max length (theta stays float32)."""
+    from dual_sampling.launch import Servers
+    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_bf16"),
+                     models={"target": tiny_models["target"]},
+                     extra=("--dtype", "bfloat16", "--max-model-len", "512"))
+    server.start("target")
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
+    """theta in float32, the target in bfloat16: the target's rows travel as bfloat16 (2
+    bytes an id), and its logprobs match transformers within bfloat16's rounding of logits
+    of this size (|logit| < 16: half a unit in the last place, 2^-8 * 16 / 2 = 0.03)."""
+    prompts = [encode(reference, text) for text in TEXTS[:2]]
+
+    async def run():
+        done = {}
+
+        async def on_finished(seq):
+            done[seq.item.index] = seq
+
+        async def items():
+            for i, ids in enumerate(prompts):
+                yield PromptItem(i, "", ids)
+
+        settings = SampleSettings(top_k=None, max_tokens=8, alpha=None, missing="kth",
+                                  concurrency=2, eos_token_ids=(), max_model_len=512,
+                                  vocab_size=VOCAB, seed=1)
+        async with VLLMClient(servers.url("theta"), name="theta") as theta, \
+                VLLMClient(bf16_target.url("target"), name="target") as target:
+            transport = SessionTransport(theta, target)
+            try:
+                await Coordinator(transport, settings, on_finished).run(items())
+                received = transport.target.bytes_received
+            finally:
+                await transport.aclose()
+        return [done[i] for i in range(len(prompts))], received
+
+    sequences, received = asyncio.run(run())
+    steps = sum(len(seq.completion_ids) for seq in sequences)
+    assert received == steps * VOCAB * 2 + 24 * 8  # 8 replies (2 rows each): 24-byte headers
+    for prompt, seq in zip(prompts, sequences):
+        ids = prompt + seq.completion_ids
+        target = reference.full_logprobs("target", ids)
+        rows = np.arange(len(prompt) - 1, len(ids) - 1)
+        np.testing.assert_allclose(seq.tokens["logp_target"],
+                                   target[rows, seq.completion_ids], atol=0.1)

@@ -248,7 +248,7 @@ def group_run(servers, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("groups")
     prompts = write_prompts(tmp / "prompts.jsonl", [f"Prompt {i}: the module" for i in range(4)])
     args = ("sample.n=3", "sample.temperature=0.5", "sample.max_tokens=8",
-            "sample.record_candidates=true")
+            "sample.record_candidates=true", "sample.top_k=20")
     out = tmp / "out"
     run_sample(servers, prompts, out, *args)
     return out, prompts, args

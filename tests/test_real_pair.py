@@ -22,6 +22,74 @@ def real_pair(real_models, tmp_path_factory) -> Servers:
     server.stop()
 
 
+def _exact_session(real_pair, prompts: list[list[int]], seed: int, temperature: float) -> list:
+    """Sequences of the exact session path (top_k unset) on the real pair."""
+    import asyncio
+
+    from dual_sampling.client import VLLMClient
+    from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
+    from dual_sampling.transports.session import SessionTransport
+
+    async def run():
+        done = {}
+
+        async def on_finished(seq):
+            done[seq.item.index] = seq
+
+        async def items():
+            for i, ids in enumerate(prompts):
+                yield PromptItem(i, "", ids)
+
+        settings = SampleSettings(top_k=None, max_tokens=24, alpha=None, missing="kth",
+                                  concurrency=len(prompts), eos_token_ids=(),
+                                  max_model_len=2048, seed=seed, temperature=temperature)
+        async with VLLMClient(real_pair.url("theta"), name="theta") as theta, \
+                VLLMClient(real_pair.url("target"), name="target") as target:
+            async with SessionTransport(theta, target) as transport:
+                await Coordinator(transport, settings, on_finished).run(items())
+        return [done[i] for i in range(len(prompts))]
+    return asyncio.run(run())
+
+
+# first in this module: real_fused_draws (session-scoped) runs and stops its fused server
+# before real_pair starts, so the two never hold memory together
+@pytest.mark.server
+def test_exact_session_gives_the_fused_engines_tokens_and_exact_fields(real_fused_draws,
+                                                                      real_pair,
+                                                                      real_reference):
+    """The exact two-engine path at the fused engine's seed: the same tokens on every
+    sequence. Both sides run the same kernels on logits that differ by float32 noise
+    (2e-5 between engines of these models, see test_real_fused.py), so a token can differ
+    only where a uniform falls within that of a CDF boundary: about 1e-4 of draws; 4 x 24
+    draws expect 0.01 such sequences, and a later token then differs too, so at most one
+    sequence may differ (counted in the message). Every field is within LOGP_TOL of
+    transformers + scipy over the full vocabulary, alpha* within alpha_bound."""
+    from dual_sampling import mixture
+    from test_real_fused import alpha_bound
+    draws = real_fused_draws
+    sequences = _exact_session(real_pair, draws["prompts"], draws["seed"],
+                               draws["temperature"])
+    differ = [i for i, (seq, fused) in enumerate(zip(sequences, draws["results"]))
+              if seq.completion_ids != fused["token_ids"]]
+    assert len(differ) <= 1, f"sequences {differ} differ from the fused engine's"
+    tau = 1 / draws["temperature"]
+    for prompt, seq in zip(draws["prompts"], sequences):
+        ids = prompt + seq.completion_ids
+        full = [real_reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t, token in enumerate(seq.completion_ids):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            alpha = chernoff_alpha(a, b)
+            assert abs(seq.tokens["alpha"][t] - alpha) <= alpha_bound(a, b, alpha)
+            log_q = mixture.log_mixture(a, b, alpha)
+            diag = mixture.token_diagnostics(a, b, log_q)
+            tempered = tau * log_q - np.logaddexp.reduce(tau * log_q)
+            np.testing.assert_allclose(
+                [seq.tokens[f][t] for f in ("logp_theta", "logp_target", "logp_q",
+                                            "kl_q_theta", "kl_q_target", "entropy_q")],
+                [a[token], b[token], tempered[token], diag["kl_q_theta"],
+                 diag["kl_q_target"], diag["entropy_q"]], atol=LOGP_TOL)
+
+
 @pytest.mark.server
 def test_session_transport_over_the_merged_top_k(real_pair, real_reference, tmp_path):
     """Each server's logprob of the chosen token is exact where it is in that server's

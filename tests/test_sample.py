@@ -80,7 +80,7 @@ def first_run(servers, tmp_path_factory):
     with prompts.open("a") as fh:  # a chat record, rendered with the model's chat template
         fh.write(json.dumps({"messages": [{"role": "user", "content": "Name a module."}]}) + "\n")
     out = tmp / "out"
-    done = run_sample(servers, prompts, out, "sample.record_candidates=true")
+    done = run_sample(servers, prompts, out, "sample.record_candidates=true", "sample.top_k=20")
     return out, prompts, done
 
 
@@ -142,7 +142,7 @@ def test_wandb_offline_run_holds_the_metrics(first_run):
 def test_same_seed_same_tokens_and_fixed_alpha(servers, first_run, tmp_path):
     out, prompts, _ = first_run
     again = tmp_path / "again"
-    run_sample(servers, prompts, again, "sample.record_candidates=true")
+    run_sample(servers, prompts, again, "sample.record_candidates=true", "sample.top_k=20")
     first = {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
     second = {r["index"]: r["completion_token_ids"] for r in read_records(again / "samples.jsonl")}
     assert first == second

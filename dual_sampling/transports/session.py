@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import warnings
 from typing import Any, Optional
 
 import aiohttp
@@ -69,6 +70,7 @@ class _ServerSessions:
         self._reader: Optional[asyncio.Task] = None
         self._replies: dict[int, asyncio.Future] = {}
         self._sid_counter = itertools.count()
+        self.bytes_sent = self.bytes_received = 0  # frames of OPEN/STEP and their replies
         self._msg_counter = itertools.count()
         self._lock = asyncio.Lock()
 
@@ -153,7 +155,10 @@ class _ServerSessions:
     async def _call(self, frame: bytes, msg_id: int, future: asyncio.Future) -> bytes:
         try:
             await self._ws.send_bytes(frame)
-            return await asyncio.wait_for(future, self.timeout_s)
+            self.bytes_sent += len(frame)
+            reply = await asyncio.wait_for(future, self.timeout_s)
+            self.bytes_received += len(reply)
+            return reply
         except asyncio.TimeoutError as exc:
             raise _ConnectionLost(f"no reply within timeout_s={self.timeout_s} s") from exc
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
@@ -272,7 +277,9 @@ class _ServerSessions:
         if rows != n:
             raise MalformedResponseError(f"{self._where()} answered {rows} rows for {n} "
                                          f"sessions")
-        values = torch.frombuffer(bytearray(payload), dtype=getattr(torch, dtype))
+        with warnings.catch_warnings():  # read-only: the kernels never write to the rows
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.frombuffer(payload, dtype=getattr(torch, dtype))
         return values.view(n, width)
 
     def _read_topk(self, reply: bytes, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
 FULL_KEY = "dual_sampling_full"
 ABANDONED_AFTER_S = 120.0
@@ -48,7 +50,7 @@ def _put(tag: str, position: int, row: torch.Tensor) -> None:
 
 
 def pop(wanted: dict[str, int]) -> dict[str, Any]:
-    """`{"rows": bytes of the (n, V) rows in the model's dtype, "n", "width", "dtype": name,
+    """`{"rows": the bytes of the (n, V) rows in the model's dtype, "n", "width", "dtype": name,
     "missing": [tags without a row]}` for `wanted = {tag: position}`, in its order (bytes:
     vLLM's RPC results carry no array type)."""
     with _lock:
@@ -77,8 +79,11 @@ class _Row:
         self.tag, self.prompt_ids, self.output_ids = tag, prompt_ids, output_ids
 
 
-class FullLogits(LogitsProcessor):
-    """See the module docstring. V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0)."""
+class FullLogits(LogitsProcessor, LogitsProcessorV2):
+    """See the module docstring. One class for both of vLLM 0.32's model runners (as
+    fused/sampler.py): V1 (CPU; rows tracked by `update_state`, the position is the length
+    of the live prompt and output id lists) and V2 (GPU; rows by slot in `add_request`, the
+    position is `ctx.pos + 1`, the tokens up to the row's input). Not run on a GPU yet."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -86,7 +91,10 @@ class FullLogits(LogitsProcessor):
         if tag is not None and not isinstance(tag, str):
             raise ValueError(f"extra_args[{FULL_KEY!r}] must be a string tag")
 
-    def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool = False) -> None:
+    def __init__(self, vllm_config: Any, device_or_states: Any,
+                 is_pin_memory: bool = False) -> None:
+        """V1 passes (vllm_config, device, is_pin_memory), V2 (vllm_config, req_states)."""
+        self.slots: dict[int, str] = {}  # V2: request slot -> tag
         model_config = vllm_config.model_config
         self.dtype = model_config.dtype
         self.width = model_config.get_vocab_size()
@@ -119,7 +127,26 @@ class FullLogits(LogitsProcessor):
             if direction == MoveDirectionality.SWAP and row_b is not None:
                 self.rows[a] = row_b
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """V2: a request takes slot `req_idx`."""
+        tag = (sampling_params.extra_args or {}).get(FULL_KEY)
+        if tag is None:
+            self.slots.pop(req_idx, None)
+        else:
+            self.slots[req_idx] = tag
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: Optional[LogitsContext] = None) -> torch.Tensor:
+        """V1 calls apply(logits), V2 apply(logits, ctx)."""
+        if ctx is not None:
+            if self.slots:
+                slots = ctx.expanded_idx_mapping.cpu().tolist()
+                seen = (ctx.pos + 1).cpu().tolist()
+                for i, (slot, position) in enumerate(zip(slots, seen)):
+                    tag = self.slots.get(slot)
+                    if tag is not None:
+                        _put(tag, position, logits[i, :self.width].to(self.dtype, copy=True))
+            return logits
         for index, row in self.rows.items():
             if index < logits.shape[0]:
                 position = len(row.prompt_ids) + len(row.output_ids)

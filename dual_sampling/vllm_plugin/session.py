@@ -365,8 +365,13 @@ class _Connection:
         if not step.wanted:
             await self._send(wire.encode_topk(step.op, step.msg_id, step.ids, step.logp))
             return
-        rows = (await self.engine.collective_rpc("dual_sampling_pop_full",
-                                                 args=(step.wanted,)))[0]
+        try:
+            rows = (await self.engine.collective_rpc("dual_sampling_pop_full",
+                                                     args=(step.wanted,)))[0]
+        except Exception as exc:  # noqa: BLE001 - the client must hear of it, not time out
+            await self._send_error(step.msg_id, f"{wire.OP_NAMES[step.op]}: the engine could "
+                                                f"not hand over the logits: {exc}")
+            return
         if rows["missing"]:
             await self._send_error(step.msg_id, (
                 f"{wire.OP_NAMES[step.op]}: the engine kept no logits for {rows['missing'][:4]}"
