@@ -292,7 +292,8 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
 
     sequences, received = asyncio.run(run())
     steps = sum(len(seq.completion_ids) for seq in sequences)
-    assert received == steps * VOCAB * 2 + 24 * 8  # 8 replies (2 rows each): 24-byte headers
+    # 8 replies of 2 rows (24-byte headers), and the 12-byte ack of the CLOSE at the end
+    assert received == steps * VOCAB * 2 + 24 * 8 + 12
     for prompt, seq in zip(prompts, sequences):
         ids = prompt + seq.completion_ids
         target = reference.full_logprobs("target", ids)
