@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dual_sampling.errors import ConfigError
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
+ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")  # as mixture.py's
 TRANSPORTS = ("auto", "request", "session", "fused")
 DEFAULT_TOP_K = 20
 TOPK_DTYPES = ("int8", "fp16", "bf16")
@@ -150,6 +151,15 @@ class SampleParams:
     """Completion length cap."""
     alpha: Optional[float] = None
     """None solves alpha* per token; a number in [0,1] fixes it (0 = theta, 1 = target)."""
+    alpha_method: str = "kl_symmetry"
+    """How alpha is chosen per token: kl_symmetry (the Chernoff point, KL(q||theta) =
+    KL(q||target)), ess_balance (the importance weights to each model have equal ESS: sum
+    theta^2/q = sum target^2/q), entropy (H(theta) / (H(theta) + H(target)), no solve) or
+    fixed (`sample.alpha`; a set alpha with kl_symmetry means fixed too)."""
+    alpha_min: float = 0.0
+    """Lower clamp of the chosen alpha (the optimal_sampling package uses 0.5)."""
+    alpha_max: float = 1.0
+    """Upper clamp of the chosen alpha."""
     missing: str = "kth"
     """Logprob given to a candidate one server did not return: kth, uniform_rest or floor."""
     concurrency: int = 32
@@ -186,6 +196,15 @@ class SampleParams:
         _require(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "must be >= 1")
         _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha,
                  "must be null (solve per token) or in [0, 1]")
+        _require(self.alpha_method in ALPHA_METHODS, f"{key}.alpha_method",
+                 self.alpha_method, f"choose one of {ALPHA_METHODS}")
+        _require(self.alpha_method != "fixed" or self.alpha is not None,
+                 f"{key}.alpha_method", self.alpha_method, f"fixed needs {key}.alpha=A")
+        _require(self.alpha is None or self.alpha_method in ("kl_symmetry", "fixed"),
+                 f"{key}.alpha", self.alpha, f"fixes alpha, which {key}.alpha_method="
+                 f"{self.alpha_method} would choose: give one of them")
+        _require(0.0 <= self.alpha_min <= self.alpha_max <= 1.0, f"{key}.alpha_min",
+                 self.alpha_min, f"needs 0 <= alpha_min <= alpha_max ({self.alpha_max}) <= 1")
         _require(self.missing in MISSING_POLICIES, f"{key}.missing", self.missing,
                  f"choose one of {MISSING_POLICIES}")
         _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
@@ -194,6 +213,11 @@ class SampleParams:
         _require(self.n >= 1, f"{key}.n", self.n, "must be >= 1")
         _require(math.isfinite(self.temperature) and self.temperature > 0,
                  f"{key}.temperature", self.temperature, "must be a finite number > 0")
+
+    @property
+    def rule(self) -> str:
+        """The alpha rule that runs: `fixed` whenever alpha is set."""
+        return "fixed" if self.alpha is not None else self.alpha_method
 
     @property
     def k(self) -> int:

@@ -155,6 +155,9 @@ class SampleSettings:
     seed: int = 0
     record_candidates: bool = False
     temperature: float = 1.0
+    alpha_method: str = "kl_symmetry"  # config.ALPHA_METHODS; alpha set: fixed
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
 
 
 @dataclass
@@ -264,10 +267,9 @@ class Coordinator:
         t1 = time.perf_counter()
         cand = mixture.merge_topk(ids_theta, logp_theta, ids_target, logp_target,
                                   missing=s.missing, vocab_size=s.vocab_size)  # (B, M)
-        if s.alpha is None:
-            alpha = mixture.solve_alpha(cand.logp_theta, cand.logp_target)  # (B,)
-        else:
-            alpha = np.full(len(active), s.alpha)
+        alpha = mixture.choose_alpha(  # (B,)
+            cand.logp_theta, cand.logp_target, "fixed" if s.alpha is not None
+            else s.alpha_method, s.alpha, s.alpha_min, s.alpha_max)
         log_q = mixture.temper(mixture.log_mixture(cand.logp_theta, cand.logp_target, alpha),
                                s.temperature)  # (B, M) what the token is drawn from
         uniforms = np.array([seq.rng.random() for seq in active])  # (B,)
@@ -309,9 +311,9 @@ class Coordinator:
             theta, target = theta.float(), target.float()
         rows = kernels.Rows.of(theta, target)
         n = len(active)
-        fixed = np.full(n, s.alpha is not None)
-        solution = kernels.solve(rows, np.full(n, np.nan if s.alpha is None else s.alpha),
-                                 fixed)
+        solution = kernels.solve_rules(
+            rows, [s.alpha_method] * n, np.full(n, np.nan if s.alpha is None else s.alpha),
+            np.full(n, s.alpha_min), np.full(n, s.alpha_max))
         seeds = np.array([prompt_seed(s.seed, seq.item.index, seq.sample_index)
                           for seq in active], dtype=np.uint64)
         steps = np.array([len(seq.completion_ids) for seq in active], dtype=np.uint64)

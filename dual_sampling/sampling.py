@@ -273,7 +273,8 @@ class Sampling:
             {"theta_model": info_theta.model, "target_model": info_target.model})}
         self.settings = SampleSettings(
             top_k=None if self.exact else params.k, max_tokens=params.max_tokens,
-            alpha=params.alpha,
+            alpha=params.alpha, alpha_method=params.rule, alpha_min=params.alpha_min,
+            alpha_max=params.alpha_max,
             missing=params.missing, concurrency=params.concurrency,
             eos_token_ids=info_theta.eos_token_ids, max_model_len=self.max_model_len,
             vocab_size=info_theta.vocab_size, stop=tuple(params.stop), seed=seed,
@@ -347,7 +348,9 @@ class Sampling:
                 return FusedCoordinator(theta, FusedSettings(
                     max_tokens=params.max_tokens, alpha=params.alpha,
                     concurrency=params.concurrency, max_model_len=self.max_model_len,
-                    temperature=params.temperature, stop=tuple(params.stop), seed=self.seed),
+                    temperature=params.temperature, stop=tuple(params.stop), seed=self.seed,
+                    alpha_method=params.rule, alpha_min=params.alpha_min,
+                    alpha_max=params.alpha_max),
                     on_finished, on_step=on_step)
             per_token = (SessionTransport(theta, target, timeout_s=self.timeout_s,
                                           max_retries=self.max_retries)

@@ -70,6 +70,9 @@ class _Row:
     alpha: Optional[float]
     temperature: float
     output_ids: list[int] = field(default_factory=list)  # V1's live list of generated ids
+    alpha_method: str = "kl_symmetry"  # kernels.solve_rules
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
     step: int = 0  # position in the completion of the token sampled this step
 
     @classmethod
@@ -77,6 +80,9 @@ class _Row:
         args = _read_args(params) or {}
         row = cls(tag=args.get("tag"), seed=int(args.get("seed", 0)), alpha=args.get("alpha"),
                   temperature=float(args.get("temperature", 1.0)),
+                  alpha_method=str(args.get("alpha_method", "kl_symmetry")),
+                  alpha_min=float(args.get("alpha_min", 0.0)),
+                  alpha_max=float(args.get("alpha_max", 1.0)),
                   output_ids=output_ids if output_ids is not None else [])
         if row.tag is not None:
             state.open_record(row.tag)
@@ -184,9 +190,10 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
             rows = kernels.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
         else:
             rows = kernels.Rows.of(stash[0][idx], stash[1][idx])
-        fixed = np.array([r.alpha is not None for r in states])
         start = np.array([np.nan if r.alpha is None else r.alpha for r in states])
-        solution = kernels.solve(rows, start, fixed)
+        solution = kernels.solve_rules(rows, [r.alpha_method for r in states], start,
+                                       np.array([r.alpha_min for r in states]),
+                                       np.array([r.alpha_max for r in states]))
         solve_s = time.perf_counter() - t0
         mix = solution.mixture()
         tagged = [r.tag is not None for r in states]

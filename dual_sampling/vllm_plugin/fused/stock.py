@@ -59,6 +59,11 @@ def check_extra_args(params: SamplingParams) -> None:
         raise VLLMValidationError(
             f"extra_args.{EXTRA_KEY}.temperature = {temperature!r}: must be >= 0 (0 = "
             f"argmax of q*)", parameter="temperature", value=temperature)
+    method = args.get("alpha_method", "kl_symmetry")
+    if method not in ("kl_symmetry", "ess_balance", "entropy", "fixed"):  # kernels' rules
+        raise VLLMValidationError(
+            f"extra_args.{EXTRA_KEY}.alpha_method = {method!r}: choose kl_symmetry, "
+            f"ess_balance, entropy or fixed", parameter="alpha_method", value=method)
     if not isinstance(args.get("tag"), str) or not isinstance(args.get("seed"), int):
         raise VLLMValidationError(
             f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer `seed`, got "
