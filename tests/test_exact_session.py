@@ -44,7 +44,7 @@ def encode(reference, text: str) -> list[int]:
 
 
 async def _exact(servers, items: list[PromptItem], seed: int, max_tokens: int,
-                 alpha=None, temperature: float = 1.0, concurrency: int = 32) -> dict:
+                 alpha=None, temperature: float = 1.0, concurrency: int = 32, **rule) -> dict:
     """(index, sample_index) -> Sequence, through the exact session transport."""
     done = {}
 
@@ -57,7 +57,7 @@ async def _exact(servers, items: list[PromptItem], seed: int, max_tokens: int,
 
     settings = SampleSettings(top_k=None, max_tokens=max_tokens, alpha=alpha, missing="kth",
                               concurrency=concurrency, eos_token_ids=(), max_model_len=2048,
-                              vocab_size=VOCAB, seed=seed, temperature=temperature)
+                              vocab_size=VOCAB, seed=seed, temperature=temperature, **rule)
     async with VLLMClient(servers.url("theta"), name="theta") as theta, \
             VLLMClient(servers.url("target"), name="target") as target:
         transport = SessionTransport(theta, target)
@@ -300,3 +300,30 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
         rows = np.arange(len(prompt) - 1, len(ids) - 1)
         np.testing.assert_allclose(seq.tokens["logp_target"],
                                    target[rows, seq.completion_ids], atol=0.1)
+
+
+# -- the alpha rules through both exact engines (issue 36) ------------------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("rule", [{"alpha_method": "ess_balance"},
+                                  {"alpha_method": "entropy", "alpha_min": 0.5,
+                                   "alpha_max": 0.9}])
+def test_alpha_rules_give_the_same_tokens_on_both_exact_engines_and_match_numpy(
+        servers, fused_server, reference, rule):
+    """Each rule through the fused engine and the exact session path at one seed: the same
+    tokens (as above), and each token's alpha against mixture.choose_alpha on transformers'
+    full-vocabulary logprobs (checked against scipy in test_mixture.py) within the forward
+    noise: 1e-5 (ess_balance's root moves by ~1e-6 / slope; entropy's ratio by ~1e-6)."""
+    prompts = [encode(reference, text) for text in TEXTS[:3]]
+    two = exact(servers, prompts, seed=6, max_tokens=12, **rule)
+    one = fused(fused_server, prompts, seed=6, max_tokens=12, **rule)
+    assert [seq.completion_ids for seq in two] == [r["token_ids"] for r in one]
+    for prompt, seq, result in zip(prompts, two, one):
+        np.testing.assert_allclose(seq.tokens["alpha"], result["alpha"], atol=2e-5)
+        ids = prompt + seq.completion_ids
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t in range(len(seq.completion_ids)):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            want = mixture.choose_alpha(a, b, rule["alpha_method"],
+                                        alpha_min=rule.get("alpha_min", 0.0),
+                                        alpha_max=rule.get("alpha_max", 1.0))
+            assert abs(seq.tokens["alpha"][t] - want) < 1e-5
