@@ -130,11 +130,24 @@ class PromptDataConfig(ShardedInputConfig):
     """The JSONL field that holds a prompt's text (records with `messages` use those)."""
     chat_template: bool = True
     """Render `messages` records with the model's chat template."""
+    theta_template: Optional[str] = None
+    """theta's prompt built from the row's fields, e.g. "{problem}" (rows with
+    theta_prompt/theta_messages use those); None: `prompt_field` or `messages`."""
+    target_template: Optional[str] = None
+    """The target's own prompt from the row's fields, e.g. "{problem}\n\n## Hint\n{solution}"
+    (a teacher that sees the solution; rows with target_prompt/target_messages use those);
+    None: the target reads theta's prompt. Two servers only (session, request)."""
+    theta_chat: bool = True
+    """Render theta_template's text as one user message through theta's chat template
+    (false: plain text, for a base model: "Question: {problem}\nAnswer:")."""
+    target_chat: bool = True
+    """The same for target_template, through the target's chat template."""
 
     def check(self, key: str) -> None:
         _require(self.prompts not in ("", "???"), f"{key}.prompts", self.prompts,
                  f"give a prompt file: {key}.prompts=path/to/prompts.jsonl")
-        _require(Path(self.prompts).is_file(), f"{key}.prompts", self.prompts, "file not found")
+        _require(Path(self.prompts).exists(), f"{key}.prompts", self.prompts,
+                 "file not found (a JSONL, Parquet or text file, or a datasets folder)")
         super().check(key)
 
 

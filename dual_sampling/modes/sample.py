@@ -168,7 +168,10 @@ def run(config: SampleRunConfig) -> dict[str, Any]:
 
 async def _run(config: SampleRunConfig) -> dict[str, Any]:
     params = config.sample
-    prompts = data.read_prompts(config.data.prompts, config.data.prompt_field)
+    prompts = data.read_prompts(
+        config.data.prompts, config.data.prompt_field,
+        theta_template=config.data.theta_template, target_template=config.data.target_template,
+        theta_chat=config.data.theta_chat, target_chat=config.data.target_chat)
     num_prompts = len(prompts)
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
