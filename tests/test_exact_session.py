@@ -327,3 +327,94 @@ def test_alpha_rules_give_the_same_tokens_on_both_exact_engines_and_match_numpy(
                                         alpha_min=rule.get("alpha_min", 0.0),
                                         alpha_max=rule.get("alpha_max", 1.0))
             assert abs(seq.tokens["alpha"][t] - want) < 1e-5
+
+
+# -- a teacher that sees the answer: per-model prompts (issue 36) -----------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_each_model_scores_the_shared_completion_after_its_own_prompt(servers, reference,
+                                                                      top_k):
+    """theta reads the problem, the target the problem and its solution: every token's
+    logp_theta is transformers' theta logprob after theta's prompt and the completion so far,
+    logp_target the target's after its own (within 1e-4: the 2-layer models' float32 noise
+    through a log-softmax), on the exact path and over the merged top-20 (where the token is
+    in that server's top-20)."""
+    theta_prompt = encode(reference, "Question: what is the standard library?\nAnswer:")
+    target_prompt = encode(reference, "Question: what is the standard library?\n\n## Hint\n"
+                                      "the modules that ship with Python\nAnswer:")
+    item = PromptItem(0, "", theta_prompt, target_prompt="hinted",
+                      target_prompt_ids=target_prompt)
+    settings = SampleSettings(top_k=top_k, max_tokens=12, alpha=None, missing="kth",
+                              concurrency=1, eos_token_ids=(), max_model_len=2048,
+                              vocab_size=VOCAB, seed=2)
+
+    async def run():
+        done = []
+
+        async def on_finished(seq):
+            done.append(seq)
+
+        async def items():
+            yield item
+
+        async with VLLMClient(servers.url("theta"), name="theta") as theta, \
+                VLLMClient(servers.url("target"), name="target") as target:
+            async with SessionTransport(theta, target) as transport:
+                await Coordinator(transport, settings, on_finished).run(items())
+        return done[0]
+
+    seq = asyncio.run(run())
+    completion = seq.completion_ids
+    theta = reference.full_logprobs("theta", theta_prompt + completion)
+    target = reference.full_logprobs("target", target_prompt + completion)
+    for t, token in enumerate(completion):
+        want_theta = theta[len(theta_prompt) - 1 + t, token]
+        want_target = target[len(target_prompt) - 1 + t, token]
+        if top_k is None or seq.tokens["in_topk_theta"][t]:
+            assert abs(seq.tokens["logp_theta"][t] - want_theta) < 1e-4
+        if top_k is None or seq.tokens["in_topk_target"][t]:
+            assert abs(seq.tokens["logp_target"][t] - want_target) < 1e-4
+
+
+@pytest.mark.server
+def test_sample_mode_with_a_hinted_teacher_and_a_plain_policy_template(servers, fused_server,
+                                                                       tmp_path):
+    """data.theta_template (plain text) and data.target_template (chat, with the solution):
+    records keep both prompts and the row's other fields; the messages rows hold theta's
+    prompt; a fused server refuses per-model prompts with a ConfigError that says what to
+    do."""
+    import subprocess
+    import sys
+
+    from dual_sampling.records import read_records
+    prompts = tmp_path / "problems.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?",
+                                           "solution": str(2 * i), "id": f"p{i}"}) + "\n"
+                               for i in range(3)))
+    common = [f"data.prompts={prompts}", "data.theta_template=Question: {problem}\nAnswer:",
+              "data.theta_chat=false",
+              "data.target_template={problem}\n\n## Hint\n{solution}", "progress=false",
+              "sample.max_tokens=8", "sample.report=false", "wandb.mode=disabled"]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "dual_sampling", "mode=sample",
+                           f"theta.url={servers.url('theta')}",
+                           f"target.url={servers.url('target')}", f"output_dir={out}",
+                           *common], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = sorted(read_records(out / "samples.jsonl"), key=lambda r: r["index"])
+    assert records[1]["prompt"] == "Question: What is 1 + 1?\nAnswer:"
+    assert "## Hint\\n2" in records[1]["target_prompt"]
+    assert records[1]["theta_prompt_token_ids"] == records[1]["prompt_token_ids"]
+    assert records[1]["target_prompt_token_ids"] != records[1]["prompt_token_ids"]
+    assert records[1]["fields"] == {"id": "p1"}
+    merged = subprocess.run([sys.executable, "-m", "dual_sampling.merge", "--format",
+                             "messages", str(out)], capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    rows = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    assert rows[1]["messages"][0] == {"role": "user",
+                                      "content": "Question: What is 1 + 1?\nAnswer:"}
+    refused = subprocess.run([sys.executable, "-m", "dual_sampling", "mode=sample",
+                              f"theta.url={fused_server.url('fused')}",
+                              f"output_dir={tmp_path / 'fused'}", *common],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "sample.transport=session" in refused.stderr
