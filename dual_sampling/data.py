@@ -69,6 +69,7 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def _render(template: str, row: dict[str, Any], where: str, which: str) -> tuple[str, set]:
     """The template filled from the row's fields, and the fields it used."""
     import string
+    template = template.replace("\\n", "\n")  # `\n` typed on a command line: a newline
     used = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     missing = sorted(name for name in used if name not in row)
     if missing:

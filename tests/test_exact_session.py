@@ -391,9 +391,9 @@ def test_sample_mode_with_a_hinted_teacher_and_a_plain_policy_template(servers, 
     prompts.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?",
                                            "solution": str(2 * i), "id": f"p{i}"}) + "\n"
                                for i in range(3)))
-    common = [f"data.prompts={prompts}", "data.theta_template=Question: {problem}\nAnswer:",
+    common = [f"data.prompts={prompts}", 'data.theta_template="Question: {problem}\\nAnswer:"',
               "data.theta_chat=false",
-              "data.target_template={problem}\n\n## Hint\n{solution}", "progress=false",
+              'data.target_template="{problem}\\n\\n## Hint\\n{solution}"', "progress=false",
               "sample.max_tokens=8", "sample.report=false", "wandb.mode=disabled"]
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "dual_sampling", "mode=sample",
