@@ -179,6 +179,10 @@ class ScoreItem:
     labels: bool
     """Given as a list (`completions`, or a list of id lists): probabilities are normalised
     over them."""
+    target_prompt: Optional[dict[str, Any]] = None
+    """The target's own prompt (`{"prompt"}` / `{"messages"}`), or None: theta's."""
+    target_prompt_token_ids: Optional[list[int]] = None
+    """The target's own prompt as given ids (a sample run's records carry them)."""
 
 
 def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[ScoreItem]:
@@ -200,6 +204,23 @@ def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[Sco
 
 
 def score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
+    """One score-mode record; the target's own prompt, if the row gives one
+    (`target_prompt_token_ids`, `target_prompt`, `target_messages`), rides along."""
+    import dataclasses
+    item = _score_item(where, index, row, prompt_field)
+    target_ids = _token_ids(where, "target_prompt_token_ids", row.get("target_prompt_token_ids"))
+    target, _ = _side(row, "target", None, True, where)
+    if target is None and target_ids is None:
+        return item
+    if target is not None and "prompt" in target and target["prompt"].startswith("["):
+        try:  # a sample run's record stores a chat prompt as its JSON
+            target = {"messages": json.loads(target["prompt"])}
+        except ValueError:
+            pass
+    return dataclasses.replace(item, target_prompt=target, target_prompt_token_ids=target_ids)
+
+
+def _score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
     prompt_ids = _token_ids(where, "prompt_token_ids", row.get("prompt_token_ids"))
     if isinstance(row.get(prompt_field), str) and row[prompt_field]:
         prompt = {"index": index, "prompt": row[prompt_field]}
