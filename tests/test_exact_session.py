@@ -312,7 +312,10 @@ def test_alpha_rules_give_the_same_tokens_on_both_exact_engines_and_match_numpy(
     """Each rule through the fused engine and the exact session path at one seed: the same
     tokens (as above), and each token's alpha against mixture.choose_alpha on transformers'
     full-vocabulary logprobs (checked against scipy in test_mixture.py) within the forward
-    noise: 1e-5 (ess_balance's root moves by ~1e-6 / slope; entropy's ratio by ~1e-6)."""
+    noise: logprobs differ from transformers' by ~1e-6, which moves entropy's ratio by
+    ~1e-6 (1e-5 here) and ess_balance's condition h by a few 1e-6, so its root by that over
+    |h'| (flat where the two tilts agree): there the engine's alpha must zero transformers'
+    h to 1e-4 instead."""
     prompts = [encode(reference, text) for text in TEXTS[:3]]
     two = exact(servers, prompts, seed=6, max_tokens=12, **rule)
     one = fused(fused_server, prompts, seed=6, max_tokens=12, **rule)
@@ -326,7 +329,14 @@ def test_alpha_rules_give_the_same_tokens_on_both_exact_engines_and_match_numpy(
             want = mixture.choose_alpha(a, b, rule["alpha_method"],
                                         alpha_min=rule.get("alpha_min", 0.0),
                                         alpha_max=rule.get("alpha_max", 1.0))
-            assert abs(seq.tokens["alpha"][t] - want) < 1e-5
+            got = seq.tokens["alpha"][t]
+            if rule["alpha_method"] == "ess_balance" and abs(got - want) >= 1e-5:
+                lq = (1 - got) * a + got * b
+                lq -= np.logaddexp.reduce(lq)
+                gap = np.logaddexp.reduce(2 * a - lq) - np.logaddexp.reduce(2 * b - lq)
+                assert abs(gap) < 1e-4, (got, want, gap)
+            else:
+                assert abs(got - want) < 1e-5
 
 
 # -- a teacher that sees the answer: per-model prompts (issue 36) -----------------------------

@@ -106,8 +106,8 @@ async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool
         if target is None:
             raise DataError(f"{item.where}: the record gives the target its own prompt, but "
                             f"no target server is set (target.url)")
-        target_ids = (await tokenize_prompt(item.target_prompt, [target], chat_template)
-                      ).prompt_ids
+        target_ids = (await tokenize_prompt({**item.target_prompt, "index": item.index},
+                                            [target], chat_template)).prompt_ids
     return Group(item, prompt_text, prompt_ids, completion_ids, target_ids)
 
 
