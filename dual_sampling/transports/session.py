@@ -35,7 +35,6 @@ from typing import Any, Optional
 
 import aiohttp
 import numpy as np
-import torch
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from dual_sampling import session_format as wire
@@ -220,30 +219,22 @@ class _ServerSessions:
                                        chunks)
             calls.append((op, op_rows, self._call(frame, msg_id, future)))
         replies = await asyncio.gather(*(call for _, _, call in calls), return_exceptions=True)
+        parts = self._settle(keys, contexts, calls, replies)  # [(rows, reply), ...]
         if k == wire.FULL:
-            return self._gather_full(keys, contexts, calls, replies)
+            return self._stack_full(len(keys), parts)
         ids = np.empty((len(keys), k), dtype=np.int64)  # (B, k)
         logp = np.empty((len(keys), k), dtype=np.float64)  # (B, k)
-        failure: Optional[BaseException] = None
-        for (op, op_rows, _), reply in zip(calls, replies):
-            if isinstance(reply, BaseException):
-                # a refusal would come back after a reconnect too: it wins over a lost link
-                failure = reply if failure is None or isinstance(reply, ServerError) else failure
-                if op == wire.OPEN:
-                    for row in op_rows:
-                        self.sids.pop(keys[row], None)
-                continue
+        for op_rows, reply in parts:
             ids[op_rows], logp[op_rows] = self._read_topk(reply, len(op_rows), k)
-            for row in op_rows:
-                self.held[keys[row]] = len(contexts[row])
-        if failure is not None:
-            raise failure
         order = np.argsort(-logp, axis=1, kind="stable")  # (B, k)
         return np.take_along_axis(ids, order, axis=1), np.take_along_axis(logp, order, axis=1)
 
-    def _gather_full(self, keys: list[int], contexts: list[list[int]], calls: list,
-                     replies: list) -> torch.Tensor:
-        """The FULL replies of one step as one (B, V) tensor, rows in key order."""
+    def _settle(self, keys: list[int], contexts: list[list[int]], calls: list,
+                replies: list) -> list[tuple[list[int], bytes]]:
+        """Book the step's replies: each answered message's keys are held to their whole
+        context, a failed OPEN's keys are forgotten; then raise the failure, if any (a
+        refusal would come back after a reconnect too: it wins over a lost link), else
+        return (rows, reply) per message."""
         parts, failure = [], None
         for (op, op_rows, _), reply in zip(calls, replies):
             if isinstance(reply, BaseException):
@@ -252,23 +243,30 @@ class _ServerSessions:
                     for row in op_rows:
                         self.sids.pop(keys[row], None)
                 continue
-            parts.append((op_rows, self._read_full(reply, len(op_rows))))
+            parts.append((op_rows, reply))
             for row in op_rows:
                 self.held[keys[row]] = len(contexts[row])
         if failure is not None:
             raise failure
-        if len(parts) == 1:
-            return parts[0][1]
-        widths = {rows.shape[1] for _, rows in parts}
+        return parts
+
+    def _stack_full(self, n_keys: int, parts: list[tuple[list[int], bytes]]) -> Any:
+        """The FULL replies of one step as one (B, V) torch tensor, rows in key order."""
+        import torch  # the exact path only: the top-k transports need no torch
+        rows = [(op_rows, self._read_full(reply, len(op_rows))) for op_rows, reply in parts]
+        if len(rows) == 1:
+            return rows[0][1]
+        widths = {values.shape[1] for _, values in rows}
         if len(widths) != 1:
             raise MalformedResponseError(f"{self._where()} sent rows of {sorted(widths)} ids "
                                          f"in one step")
-        out = torch.empty((len(keys), widths.pop()), dtype=parts[0][1].dtype)
-        for op_rows, rows in parts:
-            out[op_rows] = rows
+        out = torch.empty((n_keys, widths.pop()), dtype=rows[0][1].dtype)
+        for op_rows, values in rows:
+            out[op_rows] = values
         return out
 
-    def _read_full(self, reply: bytes, n: int) -> torch.Tensor:
+    def _read_full(self, reply: bytes, n: int) -> Any:
+        import torch
         try:
             _, _, payload, rows, width, dtype = wire.decode_full(reply)
         except wire.SessionFormatError as exc:
@@ -347,9 +345,9 @@ class SessionTransport:
 
     async def full_step(self, keys: list[int], contexts: list[list[int]],
                         target_contexts: Optional[list[list[int]]] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each model's logits over the whole vocabulary after each context, (B, V) each
-        (the exact transport: the coordinator samples q* from them with the fused
+                        ) -> tuple[Any, Any]:
+        """Each model's logits over the whole vocabulary after each context, (B, V) torch
+        tensors (the exact transport: the coordinator samples q* from them with the fused
         engine's kernels). ServerMismatchError when the two widths differ."""
         theta, target = await asyncio.gather(
             self.theta.step(keys, contexts, wire.FULL),
