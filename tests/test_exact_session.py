@@ -300,3 +300,19 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
         rows = np.arange(len(prompt) - 1, len(ids) - 1)
         np.testing.assert_allclose(seq.tokens["logp_target"],
                                    target[rows, seq.completion_ids], atol=0.1)
+
+
+def test_the_top_k_transports_import_without_torch():
+    """The coordinator's own dependencies have no torch (pyproject): only the exact path
+    imports it, so choose_exact can tell a torch-less install to add the `exact` extra."""
+    import subprocess
+    import sys
+    code = ("import builtins\nreal = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'torch': raise ImportError('no torch here')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "import dual_sampling.transports.session, dual_sampling.sampling\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
