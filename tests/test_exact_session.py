@@ -428,3 +428,17 @@ def test_sample_mode_with_a_hinted_teacher_and_a_plain_policy_template(servers, 
                               f"output_dir={tmp_path / 'fused'}", *common],
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "sample.transport=session" in refused.stderr
+def test_the_top_k_transports_import_without_torch():
+    """The coordinator's own dependencies have no torch (pyproject): only the exact path
+    imports it, so choose_exact can tell a torch-less install to add the `exact` extra."""
+    import subprocess
+    import sys
+    code = ("import builtins\nreal = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'torch': raise ImportError('no torch here')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "import dual_sampling.transports.session, dual_sampling.sampling\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
