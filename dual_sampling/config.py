@@ -121,6 +121,24 @@ class ShardedInputConfig:
 
 
 @dataclass
+class FieldNames:
+    """The dataset's column for each name the prompt reader and the templates use (each
+    column is renamed to its name before a row is read; the other columns keep theirs)."""
+
+    prompt: Optional[str] = None
+    """The column read as `prompt` (None: data.prompt_field)."""
+    messages: str = "messages"
+    """The column read as chat `messages`."""
+    problem: str = "problem"
+    """The column a template's {problem} reads."""
+    solution: str = "solution"
+    """The column a template's {solution} reads (a reference answer or hint)."""
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: column for name, column in vars(self).items() if column}
+
+
+@dataclass
 class PromptDataConfig(ShardedInputConfig):
     """Prompts for sample mode."""
 
@@ -142,12 +160,19 @@ class PromptDataConfig(ShardedInputConfig):
     (false: plain text, for a base model: "Question: {problem}\nAnswer:")."""
     target_chat: bool = True
     """The same for target_template, through the target's chat template."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Dataset columns by the names templates use: data.fields.solution=answer reads the
+    `answer` column as {solution}."""
 
     def check(self, key: str) -> None:
         _require(self.prompts not in ("", "???"), f"{key}.prompts", self.prompts,
                  f"give a prompt file: {key}.prompts=path/to/prompts.jsonl")
         _require(Path(self.prompts).exists(), f"{key}.prompts", self.prompts,
                  "file not found (a JSONL, Parquet or text file, or a datasets folder)")
+        _require(self.fields.prompt is None or self.prompt_field == "prompt",
+                 f"{key}.fields.prompt", self.fields.prompt,
+                 f"give the prompt's column once: {key}.fields.prompt or {key}.prompt_field, "
+                 f"not both")
         super().check(key)
 
 

@@ -74,7 +74,9 @@ def _render(template: str, row: dict[str, Any], where: str, which: str) -> tuple
     missing = sorted(name for name in used if name not in row)
     if missing:
         raise DataError(f"{where}: no field `{missing[0]}`, which data.{which} "
-                        f"({template!r}) uses; the row has {sorted(row)[:12]}")
+                        f"({template!r}) uses; the row has {sorted(row)[:12]}. A column of "
+                        f"another name maps with data.fields.{missing[0]}=<column>, or edit "
+                        f"the template.")
     return template.format(**{name: row[name] for name in used}), used
 
 
@@ -93,9 +95,23 @@ def _side(row: dict[str, Any], model: str, template: Optional[str], chat: bool, 
             used)
 
 
+def renamed(row: dict[str, Any], fields: Optional[dict[str, str]]) -> dict[str, Any]:
+    """The row with each dataset column `fields[name]` renamed to `name` (data.fields:
+    {"solution": "answer"} lets templates and readers say `solution` for a set whose column is
+    `answer`). A name the row already has is kept as it is."""
+    if not fields:
+        return row
+    row = dict(row)
+    for name, column in fields.items():
+        if column and column != name and column in row and name not in row:
+            row[name] = row.pop(column)
+    return row
+
+
 def read_prompts(path: str | Path, prompt_field: str = "prompt", *,
                  theta_template: Optional[str] = None, target_template: Optional[str] = None,
-                 theta_chat: bool = True, target_chat: bool = True) -> list[dict[str, Any]]:
+                 theta_chat: bool = True, target_chat: bool = True,
+                 fields: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """Prompts as `{"index": i, "prompt": str}` or `{"index": i, "messages": [...]}` (theta's,
     which the target reads too), with `"target": {"prompt"|"messages"}` when the target has
     its own and `"fields"` holding the row's other fields.
@@ -104,13 +120,16 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", *,
     line). Each model's prompt: `theta_prompt`/`theta_messages` (`target_...`) in the row,
     else its template (`"{problem}"`, `"{problem}\n\n## Hint\n{solution}"`: the row's
     fields by name) as one user message through that model's chat template (`*_chat`) or as
-    plain text, else (theta) `prompt_field` or `messages`. Raises DataError naming the file,
-    the row and the field on an empty file or a row that lacks what it needs.
+    plain text, else (theta) `prompt_field` or `messages`. `fields` renames the dataset's
+    columns first ({"solution": "answer"}: its `answer` column is `solution`). Raises
+    DataError naming the file, the row and the field on an empty file or a row that lacks
+    what it needs.
     """
     path = _check_file(path) if not Path(path).is_dir() else Path(path)
     prompts: list[dict[str, Any]] = []
     if path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet"):
         for number, row in _rows(path):
+            row = renamed(row, fields)
             where = f"{path}:{number}" if path.suffix in (".jsonl", ".json") \
                 else f"{path} row {number}"
             theta, used = _side(row, "theta", theta_template, theta_chat, where)

@@ -61,6 +61,21 @@ def test_a_missing_field_names_the_file_row_and_field(tmp_path):
         read_prompts(path, theta_template="{problem}", target_template=HINTED)
 
 
+def test_data_fields_map_the_datasets_own_column_names(tmp_path):
+    """data.fields.solution=answer reads a set whose columns are `question`/`answer` through
+    templates that say {problem}/{solution}; the unmapped columns keep their names."""
+    path = write_jsonl(tmp_path / "p.jsonl",
+                       [{"question": "2+3?", "answer": "5", "id": "a1"}])
+    [prompt] = read_prompts(path, theta_template="{problem}", target_template=HINTED,
+                            fields={"problem": "question", "solution": "answer"})
+    assert prompt["messages"][0]["content"] == "2+3?"
+    assert prompt["target"]["messages"][0]["content"] == "2+3?\n\n## Hint\n5"
+    assert prompt["fields"] == {"id": "a1"}
+    with pytest.raises(DataError, match=r"no field `solution`.*data\.fields\.solution=<column>"):
+        read_prompts(path, theta_template="{problem}", target_template=HINTED,
+                     fields={"problem": "question"})
+
+
 def test_messages_rows_load_in_datasets_and_train_one_sft_step(tiny_models, tmp_path):
     """merge --format messages on one run's output_dir; the rows load with
     datasets.load_dataset as TRL documents its conversational format, and one SFTTrainer

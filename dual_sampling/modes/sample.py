@@ -171,7 +171,8 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     prompts = data.read_prompts(
         config.data.prompts, config.data.prompt_field,
         theta_template=config.data.theta_template, target_template=config.data.target_template,
-        theta_chat=config.data.theta_chat, target_chat=config.data.target_chat)
+        theta_chat=config.data.theta_chat, target_chat=config.data.target_chat,
+        fields=config.data.fields.as_dict())
     num_prompts = len(prompts)
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
