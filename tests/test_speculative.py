@@ -18,6 +18,7 @@ from scipy.special import log_softmax
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
 from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
+from helpers import assert_rule_alpha
 from test_fused import (PROMPTS, chernoff_alpha, check_dataset, chi_square_p, encode, generate,
                         run_sample, tokens_of, write_prompts)
 
@@ -89,6 +90,26 @@ def test_every_emitted_token_has_the_references_diagnostics(spec_server, referen
                  diag["entropy_q"]], atol=1e-3)
             checked += 1
     assert checked == 48
+
+
+@pytest.mark.parametrize("rule", [{"alpha_method": "ess_balance"},
+                                  {"alpha_method": "entropy", "alpha_min": 0.5,
+                                   "alpha_max": 0.9}])
+def test_alpha_rules_in_the_verify_step(spec_server, reference, rule):
+    """The alpha rules of issue 36 through the verify step: every emitted token's alpha
+    (drafted ones included) against mixture.choose_alpha on transformers' logprobs
+    (helpers.assert_rule_alpha), and its logp_q under q at that alpha within 1e-3 (as
+    above)."""
+    prompts = [encode(reference, p) for p in PROMPTS[:2]]
+    results = generate(spec_server, prompts, [31, 32], max_tokens=12, **rule)
+    for prompt, result in zip(prompts, results):
+        ids = prompt + result["token_ids"]
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t, token in enumerate(result["token_ids"]):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            got = result["alpha"][t]
+            assert_rule_alpha(got, a, b, rule)
+            assert abs(result["logp_q"][t] - mixture.log_mixture(a, b, got)[token]) < 1e-3
 
 
 def test_same_seed_same_tokens_whatever_the_batch_and_greedy_is_the_argmax(spec_server,

@@ -130,7 +130,7 @@ class _Refused(Exception):
     """A request this route refuses with HTTP 400."""
 
 
-def _check(body: FusedRequest, vocab_size: int, speculative: bool = False) -> None:
+def _check(body: FusedRequest, vocab_size: int) -> None:
     if body.alpha_method == "fixed" and body.alpha is None:
         raise _Refused("alpha_method fixed needs alpha")
     if body.alpha is not None and body.alpha_method not in ("kl_symmetry", "fixed"):
@@ -138,10 +138,6 @@ def _check(body: FusedRequest, vocab_size: int, speculative: bool = False) -> No
                        f"choose: give one of them")
     if body.alpha_min > body.alpha_max:
         raise _Refused(f"alpha_min {body.alpha_min} > alpha_max {body.alpha_max}")
-    if speculative and (body.alpha_method not in ("kl_symmetry", "fixed")
-                        or (body.alpha_min, body.alpha_max) != (0.0, 1.0)):
-        raise _Refused("the speculative engine solves alpha* (kl_symmetry) on [0, 1] only: "
-                       "serve the pair without --speculate for other alpha rules")
     if not body.prompts or len(body.seeds) != len(body.prompts):
         raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
                        f"{len(body.seeds)} seeds")
@@ -186,7 +182,7 @@ async def generate(body: FusedRequest, request: Request) -> JSONResponse:
         return error(409, f"this server does not serve the fused model ({ARCHITECTURE}): "
                            f"start one with ./start_vllm.sh --fused --theta A --target B")
     try:
-        _check(body, engine.model_config.get_vocab_size(), is_speculative(engine))
+        _check(body, engine.model_config.get_vocab_size())
     except _Refused as exc:
         return error(400, str(exc))
     state = request.app.state

@@ -7,8 +7,9 @@ the composite verifies them in ONE pass over K + 1 positions of both models, and
 replaces vLLM's rejection sampler for that step (vLLM refuses custom logits processors under
 speculative decoding, so the per-step work of sampler.py moves here):
 
-- q* at every verified position: alpha* (or the request's fixed alpha) from both models'
-  logits, the same solve as the non-speculative engine (kernels.py);
+- q* at every verified position: alpha by the request's rule (alpha*, ess_balance,
+  entropy or its fixed alpha, clamped to its [alpha_min, alpha_max]) from both models'
+  logits, the same solve as the non-speculative engine (kernels.solve_rules);
 - draft token x at a position is accepted with probability min(1, q(x) / p(x)), where
   q = q*^(1/T) normalised and p = theta^(1/T) normalised, the draft's own distribution (the
   ratio q*/pi_theta is the token's importance weight); the first rejection draws its token
@@ -81,6 +82,9 @@ class Request:
     drafts: int  # draft tokens to verify this step
     top_k: int = 0  # a stock request's restrictions of q (vLLM's meaning; these: none)
     top_p: float = 1.0
+    alpha_method: str = "kl_symmetry"  # kernels.solve_rules, as the non-speculative engine
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
 
 
 @dataclass
@@ -123,7 +127,10 @@ def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
         else:
             out.append(Request(args["tag"], int(args["seed"]), args.get("alpha"),
                                float(args.get("temperature", 1.0)), max(position, 0),
-                               drafts[i], **limits))
+                               drafts[i], **limits,
+                               alpha_method=str(args.get("alpha_method", "kl_symmetry")),
+                               alpha_min=float(args.get("alpha_min", 0.0)),
+                               alpha_max=float(args.get("alpha_max", 1.0))))
     return out
 
 
@@ -197,10 +204,11 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     offset = np.arange(len(row_req)) - starts[row_req]  # position of the row in its request
     is_draft_row = offset < counts[row_req] - 1
     rows = kernels.Rows.of(theta, target)
-    fixed = np.array([requests[i].alpha is not None for i in row_req])
     start = np.array([np.nan if requests[i].alpha is None else requests[i].alpha
                       for i in row_req])
-    solution = kernels.solve(rows, start, fixed)
+    solution = kernels.solve_rules(rows, [requests[i].alpha_method for i in row_req], start,
+                                   np.array([requests[i].alpha_min for i in row_req]),
+                                   np.array([requests[i].alpha_max for i in row_req]))
     mix = solution.mixture()
     temperature = torch.tensor([requests[i].temperature for i in row_req],
                                dtype=torch.float64, device=device)
