@@ -1,6 +1,6 @@
 """A teacher that sees the answer, on the real pair: how often the completions are right.
 
-    python experiments/bench_hinted.py [--samples 4] [--max-tokens 48] [--temperature 0.7]
+    python experiments/bench_hinted.py [--samples 4] [--max-tokens 48] [--temperature 1.0]
 
 A small problem set whose answers are known (sums and capitals, the answer as the
 `solution` field). Two real servers (theta and target, start_vllm.sh --cpu), the exact
@@ -10,6 +10,8 @@ session path, side by side in one run, each on the same problems and seeds:
 - q* with a plain teacher (both models read the problem);
 - q* with a hinted teacher (the target reads "{problem}\\n\\n## Hint\\n{solution}", theta the
   problem alone: per-model prompts);
+- the same with the ess_balance rule, and with the entropy rule clamped to [0.5, 1] (the
+  `optimal_sampling` package's defaults);
 - the hinted target alone (alpha fixed at 1), for reference.
 
 Printed per setup: the share of completions that contain the right answer, mean alpha,
@@ -52,6 +54,9 @@ def setups() -> dict[str, tuple[list[dict], dict]]:
     return {"theta alone (alpha = 0)": (plain, {"alpha": 0.0}),
             "q*, plain teacher": (plain, {}),
             "q*, hinted teacher": (hinted, {}),
+            "q*, hinted teacher, ess_balance": (hinted, {"alpha_method": "ess_balance"}),
+            "q*, hinted teacher, entropy on [0.5, 1]": (
+                hinted, {"alpha_method": "entropy", "alpha_min": 0.5}),
             "hinted target alone (alpha = 1)": (hinted, {"alpha": 1.0})}
 
 
@@ -72,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args()
     models = ensure_real_models()
     with tempfile.TemporaryDirectory() as run_dir:

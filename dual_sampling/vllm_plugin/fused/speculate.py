@@ -53,6 +53,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dual_sampling.vllm_plugin import patches
 from dual_sampling.vllm_plugin.fused import kernels, state
 from dual_sampling.vllm_plugin.fused.setup import EXTRA_KEY
 
@@ -442,22 +443,21 @@ def install() -> None:
     """Patch the two vLLM methods (once a process); inert on any other server."""
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer as proposer_cls
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
-    if getattr(runner_cls, "_dual_sampling_patched", False):
-        return
-    original_sample = runner_cls._sample
-    original_draw = proposer_cls._sample_from_logits
+    def make_sample(original_sample):
+        def _sample(self, logits, spec_decode_metadata):
+            if logits is not None and serves_speculative_composite(self):
+                out = sample_step(self, logits, spec_decode_metadata)
+                if out is not None:
+                    return out
+            return original_sample(self, logits, spec_decode_metadata)
+        return _sample
 
-    def _sample(self, logits, spec_decode_metadata):
-        if logits is not None and serves_speculative_composite(self):
-            out = sample_step(self, logits, spec_decode_metadata)
-            if out is not None:
-                return out
-        return original_sample(self, logits, spec_decode_metadata)
+    def make_draw(original_draw):
+        def _sample_from_logits(self, logits, sampling_metadata):
+            drawn = draft_draw(logits)  # None unless a speculative composite step set it up
+            return drawn if drawn is not None else original_draw(self, logits,
+                                                                 sampling_metadata)
+        return _sample_from_logits
 
-    def _sample_from_logits(self, logits, sampling_metadata):
-        drawn = draft_draw(logits)  # None unless a speculative composite step set it up
-        return drawn if drawn is not None else original_draw(self, logits, sampling_metadata)
-
-    runner_cls._sample = _sample
-    proposer_cls._sample_from_logits = _sample_from_logits
-    runner_cls._dual_sampling_patched = True
+    patches.replace(runner_cls, "_sample", make_sample, feature="speculative")
+    patches.replace(proposer_cls, "_sample_from_logits", make_draw, feature="speculative")
