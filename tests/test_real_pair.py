@@ -9,8 +9,7 @@ import pytest
 
 from dual_sampling.api import SyncDualSampler
 from dual_sampling.launch import Servers
-from test_fused import chernoff_alpha
-from test_real_fused import CHATS, LOGP_TOL, chat_ids
+from helpers import CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, topk_of
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,6 @@ def test_exact_session_gives_the_fused_engines_tokens_and_exact_fields(real_fuse
     sequence may differ (counted in the message). Every field is within LOGP_TOL of
     transformers + scipy over the full vocabulary, alpha* within alpha_bound."""
     from dual_sampling import mixture
-    from test_real_fused import alpha_bound
     draws = real_fused_draws
     sequences = _exact_session(real_pair, draws["prompts"], draws["seed"],
                                draws["temperature"])
@@ -122,7 +120,6 @@ def test_score_topk_and_perplexity_match_transformers(real_pair, real_reference,
                                       ServerConfig, WandbConfig)
     from dual_sampling.modes import perplexity
     from dual_sampling.topk_format import error_bound
-    from test_topk import topk_of
 
     prompts = [{"messages": m} for m in CHATS[:2]]
     completions = ["The capital of France is Paris.", "Leaves fall slowly down"]
