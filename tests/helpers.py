@@ -26,6 +26,7 @@ from dual_sampling.tiny_models import corpus_path
 from dual_sampling.launch import Servers
 from dual_sampling.records import read_records
 from dual_sampling.transports.fused import PATH as FUSED_PATH
+from dual_sampling.transports.session import SessionTransport
 
 
 
@@ -81,6 +82,25 @@ def generate(server: Servers, prompts: list[list[int]], seeds: list[int], max_to
 def encode(reference, text: str) -> list[int]:
     return reference.tokenizer(text)["input_ids"]
 
+
+def assert_batch_invariant_and_greedy_is_the_argmax(server: Servers, reference,
+                                                     prompts: list[list[int]],
+                                                     greedy_tokens: int) -> None:
+    """A fused server's tokens at one seed: the same alone, again and in a batch of 12; at
+    T = 0 each is the argmax of q* (scipy's alpha*) on transformers' logprobs."""
+    alone = generate(server, prompts[:1], [7], max_tokens=24)[0]
+    again = generate(server, prompts[:1], [7], max_tokens=24)[0]
+    batched = generate(server, prompts, [7] + list(range(100, 100 + len(prompts) - 1)),
+                       max_tokens=24)[0]
+    assert alone["token_ids"] == again["token_ids"] == batched["token_ids"]
+    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
+    greedy = generate(server, prompts[:1], [7], max_tokens=greedy_tokens, temperature=0.0)[0]
+    assert greedy["logp_q"] == [0.0] * greedy_tokens
+    ids = prompts[0] + greedy["token_ids"]
+    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+    for t, token in enumerate(greedy["token_ids"]):
+        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
+        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
 # -- sample mode through the real entry point ------------------------------------------------
 
 
@@ -126,6 +146,20 @@ def wait_for_records(proc: subprocess.Popen, samples: Path, n: int, timeout_s: f
             return
         time.sleep(0.05)
 
+
+def run_killing_a_replica(cmd: list[str], replica: Servers, role: str, out: Path) -> None:
+    """Run a sample command whose theta.url lists `replica`'s `role` among others; SIGKILL
+    that replica once two records are written; the run must finish, restarting the
+    replica's sequences on the others."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_records(proc, out / "samples.jsonl", 2)
+        replica.kill(role)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        replica.stop()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restart on the others" in stdout + stderr
 
 def tokens_of(out: Path) -> dict[int, list[int]]:
     return {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
@@ -193,6 +227,44 @@ def topk_of(url: str, sequences, k=32, fmt="int8"):
         async with VLLMClient(url, name="teacher") as client:
             return await client.prompt_topk(sequences, k, fmt)
     return asyncio.run(go())
+
+
+async def run_exact(theta_url: str, target_url: str, items: list[PromptItem], *, seed: int,
+                    max_tokens: int, vocab_size: int | None = None, max_model_len: int = 2048,
+                    concurrency: int = 32, **options) -> tuple[dict, int]:
+    """(index, sample_index) -> Sequence through the exact session transport (top_k unset,
+    no EOS; `options`: alpha, temperature, the alpha rule), and the bytes the target's
+    connection received."""
+    done = {}
+
+    async def on_finished(seq) -> None:
+        done[seq.item.index, seq.sample_index] = seq
+
+    async def feed():
+        for item in items:
+            yield item
+
+    settings = SampleSettings(top_k=None, max_tokens=max_tokens, missing="kth",
+                              concurrency=concurrency, eos_token_ids=(),
+                              max_model_len=max_model_len, vocab_size=vocab_size, seed=seed,
+                              **{"alpha": None, **options})
+    async with VLLMClient(theta_url, name="theta") as theta, \
+            VLLMClient(target_url, name="target") as target:
+        transport = SessionTransport(theta, target)
+        try:
+            await Coordinator(transport, settings, on_finished).run(feed())
+            received = transport.target.bytes_received
+        finally:
+            await transport.aclose()
+    return done, received
+
+
+def exact_sequences(theta_url: str, target_url: str, prompts: list[list[int]],
+                    **options) -> list:
+    """One exact-path Sequence per prompt, in order (run_exact's options)."""
+    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
+    done, _ = asyncio.run(run_exact(theta_url, target_url, items, **options))
+    return [done[i, 0] for i in range(len(prompts))]
 
 # -- the report page ------------------------------------------------------------------------
 

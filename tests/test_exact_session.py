@@ -15,8 +15,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
 from scipy.stats import chisquare
 
 from dual_sampling import mixture
@@ -28,7 +26,7 @@ from dual_sampling.errors import ConfigError, ServerMismatchError
 from dual_sampling.sampling import choose_exact
 from dual_sampling.transports.fused import PATH as FUSED_PATH
 from dual_sampling.transports.session import SessionTransport
-from helpers import assert_rule_alpha
+from helpers import assert_rule_alpha, chernoff_alpha, encode, exact_sequences, run_exact
 
 VOCAB = 1024  # the tiny tokenizer's ids
 TEXTS = [f"Prompt number {i}: the standard library module" for i in range(8)]
@@ -40,39 +38,9 @@ def reference(tiny_models):
     return Reference(tiny_models)
 
 
-def encode(reference, text: str) -> list[int]:
-    return reference.tokenizer(text)["input_ids"]
-
-
-async def _exact(servers, items: list[PromptItem], seed: int, max_tokens: int,
-                 alpha=None, temperature: float = 1.0, concurrency: int = 32, **rule) -> dict:
-    """(index, sample_index) -> Sequence, through the exact session transport."""
-    done = {}
-
-    async def on_finished(seq):
-        done[seq.item.index, seq.sample_index] = seq
-
-    async def prompts():
-        for item in items:
-            yield item
-
-    settings = SampleSettings(top_k=None, max_tokens=max_tokens, alpha=alpha, missing="kth",
-                              concurrency=concurrency, eos_token_ids=(), max_model_len=2048,
-                              vocab_size=VOCAB, seed=seed, temperature=temperature, **rule)
-    async with VLLMClient(servers.url("theta"), name="theta") as theta, \
-            VLLMClient(servers.url("target"), name="target") as target:
-        transport = SessionTransport(theta, target)
-        try:
-            await Coordinator(transport, settings, on_finished).run(prompts())
-        finally:
-            await transport.aclose()
-    return done
-
-
 def exact(servers, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
-    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
-    done = asyncio.run(_exact(servers, items, seed, max_tokens, **options))
-    return [done[i, 0] for i in range(len(prompts))]
+    return exact_sequences(servers.url("theta"), servers.url("target"), prompts, seed=seed,
+                           max_tokens=max_tokens, vocab_size=VOCAB, **options)
 
 
 def fused(server, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
@@ -83,11 +51,6 @@ def fused(server, prompts: list[list[int]], seed: int, max_tokens: int, **option
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as reply:
         return json.loads(reply.read())["results"]
-
-
-def chernoff_alpha(a: np.ndarray, b: np.ndarray) -> float:
-    return minimize_scalar(lambda x: logsumexp((1 - x) * a + x * b), bounds=(0, 1),
-                           method="bounded", options={"xatol": 1e-12}).x
 
 
 # -- the same tokens as the fused engine ------------------------------------------------------
@@ -152,7 +115,8 @@ def test_first_tokens_follow_q_star(servers, reference):
     prompt = encode(reference, "The module")
     n = 2000
     items = [PromptItem(0, "", prompt, tuple(range(n)))]
-    done = asyncio.run(_exact(servers, items, seed=3, max_tokens=1, concurrency=120))
+    done, _ = asyncio.run(run_exact(servers.url("theta"), servers.url("target"), items, seed=3,
+                                    max_tokens=1, concurrency=120, vocab_size=VOCAB))
     tokens = [done[0, s].completion_ids[0] for s in range(n)]
     a, b = reference.position_logprobs(prompt)
     q = np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b)))
@@ -268,30 +232,11 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
     of this size (|logit| < 16: half a unit in the last place, 2^-8 * 16 / 2 = 0.03)."""
     prompts = [encode(reference, text) for text in TEXTS[:2]]
 
-    async def run():
-        done = {}
-
-        async def on_finished(seq):
-            done[seq.item.index] = seq
-
-        async def items():
-            for i, ids in enumerate(prompts):
-                yield PromptItem(i, "", ids)
-
-        settings = SampleSettings(top_k=None, max_tokens=8, alpha=None, missing="kth",
-                                  concurrency=2, eos_token_ids=(), max_model_len=512,
-                                  vocab_size=VOCAB, seed=1)
-        async with VLLMClient(servers.url("theta"), name="theta") as theta, \
-                VLLMClient(bf16_target.url("target"), name="target") as target:
-            transport = SessionTransport(theta, target)
-            try:
-                await Coordinator(transport, settings, on_finished).run(items())
-                received = transport.target.bytes_received
-            finally:
-                await transport.aclose()
-        return [done[i] for i in range(len(prompts))], received
-
-    sequences, received = asyncio.run(run())
+    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
+    done, received = asyncio.run(run_exact(servers.url("theta"), bf16_target.url("target"),
+                                           items, seed=1, max_tokens=8, concurrency=2,
+                                           max_model_len=512, vocab_size=VOCAB))
+    sequences = [done[i, 0] for i in range(len(prompts))]
     steps = sum(len(seq.completion_ids) for seq in sequences)
     # 8 replies of 2 rows (24-byte headers), and the 12-byte ack of the CLOSE at the end
     assert received == steps * VOCAB * 2 + 24 * 8 + 12

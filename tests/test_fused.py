@@ -28,7 +28,8 @@ from dual_sampling.records import read_records
 from dual_sampling.transports.fused import prompt_seed
 from dual_sampling.vllm_plugin.fused.route import ENGINE_PATH
 from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, hf_overrides
-from helpers import (PROMPTS, check_dataset, chernoff_alpha, chi_square_p, encode, generate,
+from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, check_dataset,
+                     chernoff_alpha, chi_square_p, encode, generate, run_killing_a_replica,
                      run_sample, sample_cmd, tokens_of, wait_for_records, write_prompts)
 
 VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
@@ -164,18 +165,8 @@ def test_fixed_alpha_zero_and_one_reproduce_each_model(fused_server, reference, 
 @pytest.mark.server
 def test_tokens_do_not_depend_on_batching_and_temperature_zero_is_argmax(fused_server,
                                                                          reference):
-    prompts = [encode(reference, p) for p in PROMPTS[:12]]
-    alone = generate(fused_server, prompts[:1], [7], max_tokens=24)[0]
-    batched = generate(fused_server, prompts, [7] + list(range(100, 111)), max_tokens=24)[0]
-    assert alone["token_ids"] == batched["token_ids"]
-    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
-    greedy = generate(fused_server, prompts[:1], [7], max_tokens=8, temperature=0.0)[0]
-    assert greedy["logp_q"] == [0.0] * 8
-    ids = prompts[0] + greedy["token_ids"]
-    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
-    for t, token in enumerate(greedy["token_ids"]):
-        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
-        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
+    assert_batch_invariant_and_greedy_is_the_argmax(
+        fused_server, reference, [encode(reference, p) for p in PROMPTS[:12]], greedy_tokens=8)
 
 
 @pytest.mark.server
@@ -343,15 +334,7 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(fused_server, fused
     out = tmp_path / "out"
     cmd = sample_cmd(fused_server, prompts, out, "sample.concurrency=2", "theta.max_retries=1",
                      f"theta.url=[{fused_server.url('fused')},{replica.url('fused')}]")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_records(proc, out / "samples.jsonl", 2)
-        replica.kill("fused")
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        replica.stop()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "restart on the others" in stdout + stderr
+    run_killing_a_replica(cmd, replica, "fused", out)
     assert tokens_of(out) == tokens_of(out_whole)
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from dual_sampling import merge, mixture
 from dual_sampling.records import read_records
-from helpers import PROMPTS, check_dataset, run_sample, sample_cmd, wait_for_records, write_prompts
+from helpers import (PROMPTS, check_dataset, run_killing_a_replica, run_sample, sample_cmd,
+                     wait_for_records, write_prompts)
 
 pytestmark = pytest.mark.server
 
@@ -226,15 +227,7 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
     cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16",
                      f"theta.url=[{servers.url('theta')},{replica.url('model')}]",
                      "theta.max_retries=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_records(proc, out / "samples.jsonl", 2)
-        replica.kill("model")
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        replica.stop()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "restart on the others" in stdout + stderr
+    run_killing_a_replica(cmd, replica, "model", out)
     check_dataset(out, len(PROMPTS))
 
 

@@ -18,8 +18,9 @@ from scipy.special import log_softmax
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
 from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
-from helpers import (PROMPTS, assert_rule_alpha, check_dataset, chernoff_alpha, chi_square_p,
-                     encode, generate, run_sample, tokens_of, write_prompts)
+from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, assert_rule_alpha,
+                     check_dataset, chernoff_alpha, chi_square_p, encode, generate, run_sample,
+                     tokens_of, write_prompts)
 
 K = 3  # conftest.py's spec_server
 pytestmark = pytest.mark.server
@@ -113,19 +114,8 @@ def test_alpha_rules_in_the_verify_step(spec_server, reference, rule):
 
 def test_same_seed_same_tokens_whatever_the_batch_and_greedy_is_the_argmax(spec_server,
                                                                            reference):
-    prompts = [encode(reference, p) for p in PROMPTS[:12]]
-    alone = generate(spec_server, prompts[:1], [7], max_tokens=24)[0]
-    again = generate(spec_server, prompts[:1], [7], max_tokens=24)[0]
-    batched = generate(spec_server, prompts, [7] + list(range(100, 111)), max_tokens=24)[0]
-    assert alone["token_ids"] == again["token_ids"] == batched["token_ids"]
-    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
-    greedy = generate(spec_server, prompts[:1], [7], max_tokens=10, temperature=0.0)[0]
-    assert greedy["logp_q"] == [0.0] * 10
-    ids = prompts[0] + greedy["token_ids"]
-    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
-    for t, token in enumerate(greedy["token_ids"]):
-        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
-        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
+    assert_batch_invariant_and_greedy_is_the_argmax(
+        spec_server, reference, [encode(reference, p) for p in PROMPTS[:12]], greedy_tokens=10)
 
 
 def test_a_prompt_prefilled_in_chunks_and_a_stock_request(spec_server, reference):

@@ -53,12 +53,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
+from dual_sampling.vllm_plugin.batch_rows import apply_moves
 from dual_sampling.vllm_plugin.fused import kernels, state, stock
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
+
+
+def _forget(row: "_Row") -> None:
+    """A row that left the batch: its request's per-step records go (state.mark_removed)."""
+    if row.tag is not None:
+        state.mark_removed(row.tag)
 
 
 @dataclass
@@ -127,19 +134,12 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         for index, params, _, output_ids in batch_update.added:
             self._drop(index)
             self.rows[index] = _Row.of(params, output_ids)
-        for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if row_a is not None:
-                self.rows[b] = row_a
-            if direction == MoveDirectionality.SWAP and row_b is not None:
-                self.rows[a] = row_b
-            elif row_b is not None and row_b.tag is not None:
-                state.mark_removed(row_b.tag)
+        apply_moves(self.rows, batch_update.moved, _forget)
 
     def _drop(self, index: int, table: Optional[dict[int, _Row]] = None) -> None:
         row = (self.rows if table is None else table).pop(index, None)
-        if row is not None and row.tag is not None:
-            state.mark_removed(row.tag)
+        if row is not None:
+            _forget(row)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """V2: a request takes slot `req_idx` (a slot's previous request has left)."""
