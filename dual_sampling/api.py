@@ -131,13 +131,17 @@ class DualSampler:
                      max_tokens: int = _SAMPLE.max_tokens,
                      temperature: float = _SAMPLE.temperature,
                      alpha: Optional[float] = _SAMPLE.alpha, stop: Sequence[str] = (),
-                     seed: Optional[int] = None
+                     seed: Optional[int] = None, alpha_method: str = _SAMPLE.alpha_method,
+                     alpha_min: float = _SAMPLE.alpha_min, alpha_max: float = _SAMPLE.alpha_max
                      ) -> list[dict[str, Any]]:
         """n completions per prompt from q*; the samples.jsonl rows, ordered by (index,
-        sample_index). `alpha`: None solves alpha* per token, a number fixes it."""
+        sample_index). `alpha`: None solves alpha* per token, a number fixes it;
+        `alpha_method`, `alpha_min`, `alpha_max`: as `sample.*` (config.SampleParams)."""
         self._check_open()
         params = dataclasses.replace(self.defaults, n=n, max_tokens=max_tokens,
-                                     temperature=temperature, alpha=alpha, stop=list(stop))
+                                     temperature=temperature, alpha=alpha, stop=list(stop),
+                                     alpha_method=alpha_method, alpha_min=alpha_min,
+                                     alpha_max=alpha_max)
         params.check("sample")
         if seed is None:
             seed = self.seed + self.calls

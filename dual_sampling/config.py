@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dual_sampling.errors import ConfigError
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
+ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")  # as mixture.py's
 TRANSPORTS = ("auto", "request", "session", "fused")
 DEFAULT_TOP_K = 20
 TOPK_DTYPES = ("int8", "fp16", "bf16")
@@ -120,6 +121,24 @@ class ShardedInputConfig:
 
 
 @dataclass
+class FieldNames:
+    """The dataset's column for each name the prompt reader and the templates use (each
+    column is renamed to its name before a row is read; the other columns keep theirs)."""
+
+    prompt: Optional[str] = None
+    """The column read as `prompt` (None: data.prompt_field)."""
+    messages: str = "messages"
+    """The column read as chat `messages`."""
+    problem: str = "problem"
+    """The column a template's {problem} reads."""
+    solution: str = "solution"
+    """The column a template's {solution} reads (a reference answer or hint)."""
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: column for name, column in vars(self).items() if column}
+
+
+@dataclass
 class PromptDataConfig(ShardedInputConfig):
     """Prompts for sample mode."""
 
@@ -129,11 +148,31 @@ class PromptDataConfig(ShardedInputConfig):
     """The JSONL field that holds a prompt's text (records with `messages` use those)."""
     chat_template: bool = True
     """Render `messages` records with the model's chat template."""
+    theta_template: Optional[str] = None
+    """theta's prompt built from the row's fields, e.g. "{problem}" (rows with
+    theta_prompt/theta_messages use those); None: `prompt_field` or `messages`."""
+    target_template: Optional[str] = None
+    """The target's own prompt from the row's fields, e.g. "{problem}\n\n## Hint\n{solution}"
+    (a teacher that sees the solution; rows with target_prompt/target_messages use those);
+    None: the target reads theta's prompt. Two servers only (session, request)."""
+    theta_chat: bool = True
+    """Render theta_template's text as one user message through theta's chat template
+    (false: plain text, for a base model: "Question: {problem}\nAnswer:")."""
+    target_chat: bool = True
+    """The same for target_template, through the target's chat template."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Dataset columns by the names templates use: data.fields.solution=answer reads the
+    `answer` column as {solution}."""
 
     def check(self, key: str) -> None:
         _require(self.prompts not in ("", "???"), f"{key}.prompts", self.prompts,
                  f"give a prompt file: {key}.prompts=path/to/prompts.jsonl")
-        _require(Path(self.prompts).is_file(), f"{key}.prompts", self.prompts, "file not found")
+        _require(Path(self.prompts).exists(), f"{key}.prompts", self.prompts,
+                 "file not found (a JSONL, Parquet or text file, or a datasets folder)")
+        _require(self.fields.prompt is None or self.prompt_field == "prompt",
+                 f"{key}.fields.prompt", self.fields.prompt,
+                 f"give the prompt's column once: {key}.fields.prompt or {key}.prompt_field, "
+                 f"not both")
         super().check(key)
 
 
@@ -150,6 +189,15 @@ class SampleParams:
     """Completion length cap."""
     alpha: Optional[float] = None
     """None solves alpha* per token; a number in [0,1] fixes it (0 = theta, 1 = target)."""
+    alpha_method: str = "kl_symmetry"
+    """How alpha is chosen per token: kl_symmetry (the Chernoff point, KL(q||theta) =
+    KL(q||target)), ess_balance (the importance weights to each model have equal ESS: sum
+    theta^2/q = sum target^2/q), entropy (H(theta) / (H(theta) + H(target)), no solve) or
+    fixed (`sample.alpha`; a set alpha with kl_symmetry means fixed too)."""
+    alpha_min: float = 0.0
+    """Lower clamp of the chosen alpha (the optimal_sampling package uses 0.5)."""
+    alpha_max: float = 1.0
+    """Upper clamp of the chosen alpha."""
     missing: str = "kth"
     """Logprob given to a candidate one server did not return: kth, uniform_rest or floor."""
     concurrency: int = 32
@@ -186,6 +234,15 @@ class SampleParams:
         _require(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "must be >= 1")
         _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha,
                  "must be null (solve per token) or in [0, 1]")
+        _require(self.alpha_method in ALPHA_METHODS, f"{key}.alpha_method",
+                 self.alpha_method, f"choose one of {ALPHA_METHODS}")
+        _require(self.alpha_method != "fixed" or self.alpha is not None,
+                 f"{key}.alpha_method", self.alpha_method, f"fixed needs {key}.alpha=A")
+        _require(self.alpha is None or self.alpha_method in ("kl_symmetry", "fixed"),
+                 f"{key}.alpha", self.alpha, f"fixes alpha, which {key}.alpha_method="
+                 f"{self.alpha_method} would choose: give one of them")
+        _require(0.0 <= self.alpha_min <= self.alpha_max <= 1.0, f"{key}.alpha_min",
+                 self.alpha_min, f"needs 0 <= alpha_min <= alpha_max ({self.alpha_max}) <= 1")
         _require(self.missing in MISSING_POLICIES, f"{key}.missing", self.missing,
                  f"choose one of {MISSING_POLICIES}")
         _require(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "must be >= 1")
@@ -194,6 +251,11 @@ class SampleParams:
         _require(self.n >= 1, f"{key}.n", self.n, "must be >= 1")
         _require(math.isfinite(self.temperature) and self.temperature > 0,
                  f"{key}.temperature", self.temperature, "must be a finite number > 0")
+
+    @property
+    def rule(self) -> str:
+        """The alpha rule that runs: `fixed` whenever alpha is set."""
+        return "fixed" if self.alpha is not None else self.alpha_method
 
     @property
     def k(self) -> int:

@@ -55,9 +55,12 @@ class Transport(Protocol):
     since its last step. `release` tells it a sequence is done (finished or abandoned).
     """
 
-    async def step(self, keys: list[int], contexts: list[list[int]], k: int
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int,
+                   *target_contexts: list[list[int]]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k of theta and of target after each context: ids and logprobs, each (B, k)."""
+        """Top-k of theta and of target after each context: ids and logprobs, each (B, k).
+        A fourth argument, when given, holds the target's own contexts (per-model prompts);
+        the coordinator passes it only then."""
 
     async def release(self, keys: list[int]) -> None:
         """Forget these sequences (free their server-side state, if any)."""
@@ -74,6 +77,11 @@ class PromptItem:
     prompt: str
     prompt_ids: list[int]
     sample_indices: tuple[int, ...] = (0,)
+    # the target's own prompt (a teacher that sees a hint or the solution; per-model
+    # templates), None: the target reads theta's; the completion is shared
+    target_prompt: Optional[str] = None
+    target_prompt_ids: Optional[list[int]] = None
+    fields: dict[str, Any] = field(default_factory=dict)  # the row's other fields, kept
 
 
 class PromptQueue:
@@ -140,6 +148,12 @@ class Sequence:
     def context(self) -> list[int]:
         return self.item.prompt_ids + self.completion_ids
 
+    @property
+    def target_context(self) -> list[int]:
+        """The target's prompt (its own, if the item has one) and the shared completion."""
+        prompt = self.item.target_prompt_ids
+        return self.context if prompt is None else prompt + self.completion_ids
+
 
 @dataclass
 class SampleSettings:
@@ -155,6 +169,9 @@ class SampleSettings:
     seed: int = 0
     record_candidates: bool = False
     temperature: float = 1.0
+    alpha_method: str = "kl_symmetry"  # config.ALPHA_METHODS; alpha set: fixed
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
 
 
 @dataclass
@@ -260,14 +277,13 @@ class Coordinator:
             return await self._finish_step(active, t0, *await self._exact(active))
         ids_theta, logp_theta, ids_target, logp_target = await self.transport.step(
             [seq.key for seq in active], [seq.context for seq in active],
-            s.top_k)  # each (B, k)
+            s.top_k, *self._target_contexts(active))  # each (B, k)
         t1 = time.perf_counter()
         cand = mixture.merge_topk(ids_theta, logp_theta, ids_target, logp_target,
                                   missing=s.missing, vocab_size=s.vocab_size)  # (B, M)
-        if s.alpha is None:
-            alpha = mixture.solve_alpha(cand.logp_theta, cand.logp_target)  # (B,)
-        else:
-            alpha = np.full(len(active), s.alpha)
+        alpha = mixture.choose_alpha(  # (B,)
+            cand.logp_theta, cand.logp_target, "fixed" if s.alpha is not None
+            else s.alpha_method, s.alpha, s.alpha_min, s.alpha_max)
         log_q = mixture.temper(mixture.log_mixture(cand.logp_theta, cand.logp_target, alpha),
                                s.temperature)  # (B, M) what the token is drawn from
         uniforms = np.array([seq.rng.random() for seq in active])  # (B,)
@@ -303,15 +319,16 @@ class Coordinator:
         from dual_sampling.vllm_plugin.fused import kernels  # torch: the exact path only
         s = self.settings
         theta, target = await self.transport.full_step(
-            [seq.key for seq in active], [seq.context for seq in active])  # (B, V) each
+            [seq.key for seq in active], [seq.context for seq in active],
+            *self._target_contexts(active))  # (B, V) each
         t1 = time.perf_counter()
         if theta.dtype != target.dtype:  # engines of two dtypes: float32 holds both exactly
             theta, target = theta.float(), target.float()
         rows = kernels.Rows.of(theta, target)
         n = len(active)
-        fixed = np.full(n, s.alpha is not None)
-        solution = kernels.solve(rows, np.full(n, np.nan if s.alpha is None else s.alpha),
-                                 fixed)
+        solution = kernels.solve_rules(
+            rows, [s.alpha_method] * n, np.full(n, np.nan if s.alpha is None else s.alpha),
+            np.full(n, s.alpha_min), np.full(n, s.alpha_max))
         seeds = np.array([prompt_seed(s.seed, seq.item.index, seq.sample_index)
                           for seq in active], dtype=np.uint64)
         steps = np.array([len(seq.completion_ids) for seq in active], dtype=np.uint64)
@@ -323,6 +340,14 @@ class Coordinator:
         per_token.update(coverage_theta=ones, coverage_target=ones, in_topk_theta=true,
                          in_topk_target=true)
         return t1, drawn["token"].cpu().numpy(), per_token, None
+
+    @staticmethod
+    def _target_contexts(active: list[Sequence]) -> tuple[list[list[int]], ...]:
+        """`(the target's contexts,)` where any sequence has a target prompt of its own,
+        else `()`: transports written for one stream keep working."""
+        if all(seq.item.target_prompt_ids is None for seq in active):
+            return ()
+        return ([seq.target_context for seq in active],)
 
     async def _finish_step(self, active: list[Sequence], t0: float, t1: float,
                            token: np.ndarray, per_token: dict[str, np.ndarray],
@@ -342,7 +367,7 @@ class Coordinator:
             if token_list[row] in s.eos_token_ids:
                 seq.finish_reason = "stop"
             elif (len(seq.completion_ids) >= s.max_tokens
-                  or len(seq.context) >= s.max_model_len):
+                  or max(len(seq.context), len(seq.target_context)) >= s.max_model_len):
                 seq.finish_reason = "length"
             if seq.finish_reason:
                 finished.append(seq)

@@ -40,23 +40,117 @@ def _check_file(path: str | Path) -> Path:
     return path
 
 
-def read_prompts(path: str | Path, prompt_field: str = "prompt") -> list[dict[str, Any]]:
-    """Prompts as `{"index": i, "prompt": str}` or `{"index": i, "messages": [...]}`.
+PER_MODEL_KEYS = ("theta_prompt", "theta_messages", "target_prompt", "target_messages")
 
-    JSONL records need `prompt_field` (a string) or `messages` (a chat list); a text file
-    gives one prompt a non-empty line. Raises DataError on an empty file or a bad record.
+
+def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, record) of a JSONL, a Parquet file or a `datasets` folder saved with
+    `save_to_disk` (its train split when it holds several)."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as exc:
+            raise DataError(f"{path} is a folder: reading a `datasets` folder needs the "
+                            f"`datasets` package (pip install datasets)") from exc
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"{path}: not a folder written by datasets' save_to_disk "
+                            f"({exc})") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return [(number, dict(row)) for number, row in enumerate(loaded, start=1)]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    return _jsonl(path)
+
+
+def _render(template: str, row: dict[str, Any], where: str, which: str) -> tuple[str, set]:
+    """The template filled from the row's fields, and the fields it used."""
+    import string
+    template = template.replace("\\n", "\n")  # `\n` typed on a command line: a newline
+    used = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    missing = sorted(name for name in used if name not in row)
+    if missing:
+        raise DataError(f"{where}: no field `{missing[0]}`, which data.{which} "
+                        f"({template!r}) uses; the row has {sorted(row)[:12]}. A column of "
+                        f"another name maps with data.fields.{missing[0]}=<column>, or edit "
+                        f"the template.")
+    return template.format(**{name: row[name] for name in used}), used
+
+
+def _side(row: dict[str, Any], model: str, template: Optional[str], chat: bool, where: str
+          ) -> tuple[Optional[dict[str, Any]], set]:
+    """A model's own prompt from the row (`<model>_prompt` / `<model>_messages`) or its
+    template, as {"prompt": text} or {"messages": [...]}; None when it has neither."""
+    if isinstance(row.get(f"{model}_messages"), list) and row[f"{model}_messages"]:
+        return {"messages": row[f"{model}_messages"]}, {f"{model}_messages"}
+    if isinstance(row.get(f"{model}_prompt"), str) and row[f"{model}_prompt"]:
+        return {"prompt": row[f"{model}_prompt"]}, {f"{model}_prompt"}
+    if template is None:
+        return None, set()
+    text, used = _render(template, row, where, f"{model}_template")
+    return ({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text},
+            used)
+
+
+def renamed(row: dict[str, Any], fields: Optional[dict[str, str]]) -> dict[str, Any]:
+    """The row with each dataset column `fields[name]` renamed to `name` (data.fields:
+    {"solution": "answer"} lets templates and readers say `solution` for a set whose column is
+    `answer`). A name the row already has is kept as it is."""
+    if not fields:
+        return row
+    row = dict(row)
+    for name, column in fields.items():
+        if column and column != name and column in row and name not in row:
+            row[name] = row.pop(column)
+    return row
+
+
+def read_prompts(path: str | Path, prompt_field: str = "prompt", *,
+                 theta_template: Optional[str] = None, target_template: Optional[str] = None,
+                 theta_chat: bool = True, target_chat: bool = True,
+                 fields: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+    """Prompts as `{"index": i, "prompt": str}` or `{"index": i, "messages": [...]}` (theta's,
+    which the target reads too), with `"target": {"prompt"|"messages"}` when the target has
+    its own and `"fields"` holding the row's other fields.
+
+    Rows come from a JSONL, a Parquet file, a `datasets` folder or a text file (one prompt a
+    line). Each model's prompt: `theta_prompt`/`theta_messages` (`target_...`) in the row,
+    else its template (`"{problem}"`, `"{problem}\n\n## Hint\n{solution}"`: the row's
+    fields by name) as one user message through that model's chat template (`*_chat`) or as
+    plain text, else (theta) `prompt_field` or `messages`. `fields` renames the dataset's
+    columns first ({"solution": "answer"}: its `answer` column is `solution`). Raises
+    DataError naming the file, the row and the field on an empty file or a row that lacks
+    what it needs.
     """
-    path = _check_file(path)
+    path = _check_file(path) if not Path(path).is_dir() else Path(path)
     prompts: list[dict[str, Any]] = []
-    if path.suffix in (".jsonl", ".json"):
-        for number, row in _jsonl(path):
-            if isinstance(row.get(prompt_field), str) and row[prompt_field]:
-                prompts.append({"index": len(prompts), "prompt": row[prompt_field]})
-            elif isinstance(row.get("messages"), list) and row["messages"]:
-                prompts.append({"index": len(prompts), "messages": row["messages"]})
-            else:
-                raise DataError(f"{path}:{number}: no non-empty `{prompt_field}` string and no "
-                                f"`messages` list; set `data.prompt_field` to the right key.")
+    if path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet"):
+        for number, row in _rows(path):
+            row = renamed(row, fields)
+            where = f"{path}:{number}" if path.suffix in (".jsonl", ".json") \
+                else f"{path} row {number}"
+            theta, used = _side(row, "theta", theta_template, theta_chat, where)
+            if theta is None:
+                if isinstance(row.get(prompt_field), str) and row[prompt_field]:
+                    theta, used = {"prompt": row[prompt_field]}, {prompt_field}
+                elif isinstance(row.get("messages"), list) and row["messages"]:
+                    theta, used = {"messages": row["messages"]}, {"messages"}
+                else:
+                    raise DataError(f"{where}: no non-empty `{prompt_field}` string and no "
+                                    f"`messages` list; set `data.prompt_field` to the right "
+                                    f"key, or data.theta_template.")
+            target, used_target = _side(row, "target", target_template, target_chat, where)
+            record = {"index": len(prompts), **theta}
+            if target is not None:
+                record["target"] = target
+            fields = {key: value for key, value in row.items()
+                      if key not in used | used_target | set(PER_MODEL_KEYS)}
+            if fields:  # carried into the records as they are (an id, an answer...)
+                record["fields"] = fields
+            prompts.append(record)
     else:
         lines = path.read_text(encoding="utf-8").splitlines()
         prompts = [{"index": i, "prompt": line} for i, line in
@@ -104,6 +198,10 @@ class ScoreItem:
     labels: bool
     """Given as a list (`completions`, or a list of id lists): probabilities are normalised
     over them."""
+    target_prompt: Optional[dict[str, Any]] = None
+    """The target's own prompt (`{"prompt"}` / `{"messages"}`), or None: theta's."""
+    target_prompt_token_ids: Optional[list[int]] = None
+    """The target's own prompt as given ids (a sample run's records carry them)."""
 
 
 def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[ScoreItem]:
@@ -125,6 +223,23 @@ def read_score_items(path: str | Path, prompt_field: str = "prompt") -> list[Sco
 
 
 def score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
+    """One score-mode record; the target's own prompt, if the row gives one
+    (`target_prompt_token_ids`, `target_prompt`, `target_messages`), rides along."""
+    import dataclasses
+    item = _score_item(where, index, row, prompt_field)
+    target_ids = _token_ids(where, "target_prompt_token_ids", row.get("target_prompt_token_ids"))
+    target, _ = _side(row, "target", None, True, where)
+    if target is None and target_ids is None:
+        return item
+    if target is not None and "prompt" in target and target["prompt"].startswith("["):
+        try:  # a sample run's record stores a chat prompt as its JSON
+            target = {"messages": json.loads(target["prompt"])}
+        except ValueError:
+            pass
+    return dataclasses.replace(item, target_prompt=target, target_prompt_token_ids=target_ids)
+
+
+def _score_item(where: str, index: int, row: dict[str, Any], prompt_field: str) -> ScoreItem:
     prompt_ids = _token_ids(where, "prompt_token_ids", row.get("prompt_token_ids"))
     if isinstance(row.get(prompt_field), str) and row[prompt_field]:
         prompt = {"index": index, "prompt": row[prompt_field]}

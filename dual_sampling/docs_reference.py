@@ -227,6 +227,10 @@ SUMMARY: dict[str, tuple[str, str, str]] = {
                                        "without a complete group; absent with n = 1"),
     "top_k": ("candidates per server and step (request, session over the merged top-k)", "",
               "on an exact path (fused, or session with sample.top_k unset)"),
+    "alpha_method": ("the alpha rule that ran (`sample.alpha_method`; fixed when "
+                     "`sample.alpha` is set)", "", "never"),
+    "alpha_min": ("`sample.alpha_min`: the lower clamp of alpha", "", "never"),
+    "alpha_max": ("`sample.alpha_max`: the upper clamp of alpha", "", "never"),
     "exact": ("whether q* covered the whole vocabulary (fused; session with sample.top_k "
               "unset) or the two servers' merged top-k", "", "never"),
     "n": ("`sample.n`", "", "never"),

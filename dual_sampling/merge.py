@@ -1,6 +1,7 @@
 """One dataset from the job folders of a sharded sample run, no server.
 
     python -m dual_sampling.merge RUN_DIR
+    python -m dual_sampling.merge --format messages RUN_DIR    # also messages.jsonl (SFT)
 
 RUN_DIR is the output_dir of a sweep over shards (`-m data.num_shards=64
 data.shard_index='range(0,64)' output_dir=RUN_DIR`: jobs in RUN_DIR/job0, job1, ...) or a
@@ -44,7 +45,7 @@ from dual_sampling.errors import DualSamplingError, MergeError
 from dual_sampling.modes.sample import (GROUPS_FILE, RUN_PARAMS_FILE, SAMPLE_KEY, SAMPLES_FILE,
                                         SHARD_FILE, SUMMARY_FILE, distribution_params,
                                         theta_summary)
-from dual_sampling.records import read_records
+from dual_sampling.records import MESSAGES_FILE, read_records, to_messages
 
 PARQUET_FILE = "samples.parquet"
 # shard.json (modes/sample.py write_shard); shard_index and limit are each job's own
@@ -262,20 +263,41 @@ def merge(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def write_messages(run_dir: Path) -> Path:
+    """RUN_DIR/messages.jsonl from RUN_DIR/samples.jsonl (a single run's output_dir, or a
+    merged one): one `records.to_messages` row per sample, in (index, sample_index) order,
+    which TRL's SFTTrainer reads through `datasets.load_dataset("json", ...)`."""
+    if not (run_dir / SAMPLES_FILE).is_file():
+        raise MergeError(f"{run_dir} holds no {SAMPLES_FILE} to turn into messages")
+    records = sorted(read_records(run_dir / SAMPLES_FILE), key=SAMPLE_KEY)
+    write_atomically(run_dir / MESSAGES_FILE,
+                     lambda tmp: _write_jsonl([to_messages(r) for r in records], tmp))
+    return run_dir / MESSAGES_FILE
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dual_sampling.merge",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="the output_dir of a sweep over shards, or a Hydra multirun "
-                             "directory")
+                             "directory (with --format messages, also one run's output_dir)")
+    parser.add_argument("--format", choices=("samples", "messages"), default="samples",
+                        help="messages: also write messages.jsonl, chat rows for supervised "
+                             "fine-tuning (TRL's SFTTrainer reads them as they are)")
     args = parser.parse_args(argv)
+    single = (args.run_dir / SAMPLES_FILE).is_file() and not any(
+        (p / SAMPLES_FILE).is_file() for p in args.run_dir.iterdir() if p.is_dir())
     try:
-        summary = merge(args.run_dir)
+        if not (single and args.format == "messages"):
+            summary = merge(args.run_dir)
+            print(f"merged {summary['num_jobs']} jobs ({summary['num_shards']} shards), "
+                  f"{summary['num_sequences']} samples: {summary['dataset']}, "
+                  f"{summary['parquet']}")
+        if args.format == "messages":
+            print(f"SFT rows: {write_messages(args.run_dir)}")
     except DualSamplingError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    print(f"merged {summary['num_jobs']} jobs ({summary['num_shards']} shards), "
-          f"{summary['num_sequences']} samples: {summary['dataset']}, {summary['parquet']}")
     return 0
 
 

@@ -164,6 +164,92 @@ def solve_alpha(logp_theta, logp_target, tol=1e-8):
     return alpha.reshape(batch_shape)
 
 
+ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")
+
+
+def ess_balance_alpha(logp_theta, logp_target, tol=1e-10):
+    """alpha where the importance weights of q_alpha to each model have equal ESS:
+    sum theta^2 / q = sum target^2 / q (ESS_m(q) = 1 / sum m^2 / q), shape (...).
+
+    With a = logp_theta, d = logp_target - logp_theta on the shared support, theta^2 / q =
+    Z exp(a - alpha d) and target^2 / q = Z exp(a + (2 - alpha) d), so the root is of
+    h(alpha) = logsumexp(a + (2 - alpha) d) - logsumexp(a - alpha d), which decreases in
+    alpha (the log moment generating function of d under theta is convex). h(0) <= 0 gives
+    0 and h(1) >= 0 gives 1 (over a full vocabulary h(0) >= 0 >= h(1) always). Vectorised
+    safeguarded Newton: h'(alpha) = E_r[d] - E_s[d], r and s the two tilted distributions.
+    Identical rows (d = 0): 0.5.
+    """
+    _, _, a_shared, d = _prepare(logp_theta, logp_target)
+    batch_shape, K = a_shared.shape[:-1], a_shared.shape[-1]
+    a_shared, d = a_shared.reshape(-1, K), d.reshape(-1, K)
+
+    def h_and_slope(x):
+        up, down = a_shared + (2 - x)[:, None] * d, a_shared - x[:, None] * d  # (N, K)
+        lse_up, lse_down = _logsumexp(up), _logsumexp(down)
+        with np.errstate(invalid="ignore"):
+            r = np.exp(up - np.where(np.isfinite(lse_up), lse_up, 0.0)[:, None])
+            s = np.exp(down - np.where(np.isfinite(lse_down), lse_down, 0.0)[:, None])
+        return lse_up - lse_down, np.sum(s * d, axis=-1) - np.sum(r * d, axis=-1)
+
+    n = a_shared.shape[0]
+    lo, hi = np.zeros(n), np.ones(n)
+    h_lo, _ = h_and_slope(lo)
+    h_hi, _ = h_and_slope(hi)
+    alpha = np.full(n, 0.5)
+    flat = np.all(d == 0, axis=-1) | ~np.isfinite(h_lo) | ~np.isfinite(h_hi)
+    alpha[(h_lo <= 0) & ~flat] = 0.0
+    alpha[(h_hi >= 0) & (h_lo > 0) & ~flat] = 1.0
+    rows = np.flatnonzero((h_lo > 0) & (h_hi < 0) & ~flat)
+    x = np.full(rows.size, 0.5)
+    lo, hi = lo[rows], hi[rows]
+    a_shared, d = a_shared[rows], d[rows]
+    for _ in range(_MAX_ITER):
+        if not rows.size:
+            break
+        h, slope = h_and_slope(x)
+        lo, hi = np.where(h > 0, x, lo), np.where(h < 0, x, hi)
+        newton = x - h / np.where(slope < 0, slope, -1.0)
+        step = np.where((slope < 0) & (newton > lo) & (newton < hi), newton, 0.5 * (lo + hi))
+        done = (np.abs(step - x) <= tol) | (h == 0)
+        x = np.where(h == 0, x, step)
+        alpha[rows] = x
+        if done.all():
+            break
+    return alpha.reshape(batch_shape)
+
+
+def entropy_alpha(logp_theta, logp_target):
+    """alpha = H(theta) / (H(theta) + H(target)) per row (no solve), shape (...); 0.5 where
+    both are 0. Each model is normalised over its own finite entries (as everywhere here)."""
+    a = _normalise(_check_logp("logp_theta", logp_theta))
+    b = _normalise(_check_logp("logp_target", logp_target))
+    with np.errstate(invalid="ignore"):
+        h_a = -np.sum(np.where(np.isfinite(a), np.exp(a) * a, 0.0), axis=-1)
+        h_b = -np.sum(np.where(np.isfinite(b), np.exp(b) * b, 0.0), axis=-1)
+    total = h_a + h_b
+    return np.where(total > 0, h_a / np.where(total > 0, total, 1.0), 0.5)
+
+
+def choose_alpha(logp_theta, logp_target, method="kl_symmetry", alpha=None, alpha_min=0.0,
+                 alpha_max=1.0):
+    """alpha per row by `method` (ALPHA_METHODS; `fixed` takes `alpha`), clamped to
+    [alpha_min, alpha_max], shape (...)."""
+    if method == "kl_symmetry":
+        out = solve_alpha(logp_theta, logp_target)
+    elif method == "ess_balance":
+        out = ess_balance_alpha(logp_theta, logp_target)
+    elif method == "entropy":
+        out = entropy_alpha(logp_theta, logp_target)
+    elif method == "fixed":
+        if alpha is None:
+            raise ValueError("alpha method `fixed` needs an alpha")
+        out = np.broadcast_to(np.asarray(alpha, dtype=np.float64),
+                              np.shape(logp_theta)[:-1]).copy()
+    else:
+        raise ValueError(f"unknown alpha method {method!r}; choose one of {ALPHA_METHODS}")
+    return np.clip(out, alpha_min, alpha_max)
+
+
 def log_partition(logp_theta, logp_target, alpha):
     """log Z(alpha) = logsumexp((1-alpha) a + alpha b) over the shared support, shape (...).
 

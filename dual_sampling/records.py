@@ -125,3 +125,32 @@ class ResumableJsonlWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+MESSAGES_FILE = "messages.jsonl"  # the samples as chat rows for supervised fine-tuning
+
+
+def to_messages(record: dict[str, Any]) -> dict[str, Any]:
+    """A samples.jsonl record as an SFT row that TRL's SFTTrainer reads as it is:
+    `{"messages": [...theta's prompt as chat turns, {"role": "assistant", "content":
+    completion}], ...}` with the sample's key, its importance weights, mean alpha, finish
+    reason and the prompt row's other fields. theta's prompt, not the target's: the rows
+    train the policy on what q* wrote after what the policy saw. A chat prompt keeps its
+    turns (stored as their JSON); a text prompt becomes one user turn."""
+    prompt = record.get("prompt", "")
+    turns = None
+    if isinstance(prompt, str) and prompt.startswith("["):
+        try:
+            parsed = json.loads(prompt)
+            if isinstance(parsed, list) and all(isinstance(t, dict) and "role" in t
+                                                for t in parsed):
+                turns = parsed
+        except ValueError:
+            turns = None
+    if turns is None:
+        turns = [{"role": "user", "content": prompt}]
+    return {"messages": [*turns, {"role": "assistant", "content": record["completion"]}],
+            **{key: record.get(key) for key in ("index", "sample_index", "log_w_theta",
+                                                 "log_w_target", "mean_alpha",
+                                                 "finish_reason")},
+            **(record.get("fields") or {})}

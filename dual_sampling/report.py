@@ -40,7 +40,8 @@ OVERRIDE_FILES = (".hydra/overrides.yaml", "overrides.yaml")
 # overrides that say where a run ran, not what it sampled: never "swept"
 PLUMBING = re.compile(r"^(output_dir|progress|wandb\..*|.*\.(url|timeout_s|max_retries))$")
 JOB_MARKERS = (SAMPLES_FILE, SUMMARY_FILE, ".hydra", "overrides.yaml")
-TABLE_KEYS = ("num_sequences", "num_tokens", "mean_alpha", "mean_kl_q_theta",
+TABLE_KEYS = ("alpha_method", "exact", "num_sequences", "num_tokens", "mean_alpha",
+              "mean_kl_q_theta",
               "mean_kl_q_target", "mean_coverage_theta", "mean_coverage_target",
               "ess_theta_fraction", "ess_target_fraction", "mean_group_ess_theta_fraction",
               "mean_group_ess_target_fraction", "tokens_per_s")
@@ -111,8 +112,9 @@ def _load(job: Path, run: Run) -> Optional[str]:
             else {}
         n = int(saved.get("n") or max(r.get("sample_index", 0) for r in run.records) + 1)
         run.summary = sample_stats.summarize(run.records, n)
-        run.summary.update({key: saved[key] for key in ("tokens_per_s", "transport", "top_k",
-                                                        "temperature") if key in saved})
+        run.summary.update({key: saved[key] for key in (
+            "tokens_per_s", "transport", "top_k", "temperature", "alpha_method", "alpha_min",
+            "alpha_max", "exact") if key in saved})
         run.summary["n"] = n
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return (f"the {SAMPLES_FILE} records or {SUMMARY_FILE} lack or garble a field "

@@ -90,6 +90,11 @@ def sequence_record(seq: Sequence, completion: str, run_fields: dict[str, Any]
         "index": seq.item.index, "sample_index": seq.sample_index,
         "prompt": seq.item.prompt, "completion": completion,
         "prompt_token_ids": seq.item.prompt_ids, "completion_token_ids": seq.completion_ids,
+        **({} if seq.item.target_prompt_ids is None else {
+            "target_prompt": seq.item.target_prompt,
+            "theta_prompt_token_ids": seq.item.prompt_ids,
+            "target_prompt_token_ids": seq.item.target_prompt_ids}),
+        **({"fields": seq.item.fields} if seq.item.fields else {}),
         "finish_reason": seq.finish_reason, "num_tokens": len(seq.completion_ids),
         **tokens,
         "sum_logp_theta": sums["logp_theta"], "sum_logp_target": sums["logp_target"],
@@ -189,25 +194,37 @@ def choose_exact(params: SampleParams, infos: list[ServerInfo]) -> bool:
     return False
 
 
-async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
-                          chat_template: bool) -> PromptItem:
-    """Token ids of a prompt record, from the first theta replica that answers."""
+async def _tokenize(prompt: dict[str, Any], clients: list[VLLMClient], chat_template: bool
+                    ) -> tuple[str, list[int]]:
+    """(text, ids) of {"prompt"} or {"messages"}, from the first of `clients` that answers
+    (each model's own tokenizer and chat template)."""
     error: Optional[ServerError] = None
     for client in clients:
         try:
             if "messages" not in prompt:
-                text, ids = prompt["prompt"], await client.tokenize(prompt["prompt"])
-            elif chat_template:
-                text = json.dumps(prompt["messages"], ensure_ascii=False)
-                ids = await client.tokenize_chat(prompt["messages"])
-            else:
-                text = "\n".join(m.get("content", "") for m in prompt["messages"])
-                ids = await client.tokenize(text)
-            return PromptItem(prompt["index"], text, ids,
-                              tuple(prompt.get("sample_indices", (0,))))
+                return prompt["prompt"], await client.tokenize(prompt["prompt"])
+            if chat_template:
+                return (json.dumps(prompt["messages"], ensure_ascii=False),
+                        await client.tokenize_chat(prompt["messages"]))
+            text = "\n".join(m.get("content", "") for m in prompt["messages"])
+            return text, await client.tokenize(text)
         except ServerError as exc:
             error = exc
     raise error  # type: ignore[misc]
+
+
+async def tokenize_prompt(prompt: dict[str, Any], clients: list[VLLMClient],
+                          chat_template: bool, target_clients: tuple[VLLMClient, ...] | list[VLLMClient] = ()
+                          ) -> PromptItem:
+    """Token ids of a prompt record: theta's from the first theta replica that answers, the
+    target's own prompt (data.read_prompts' `target`), if any, from the target replicas."""
+    text, ids = await _tokenize(prompt, clients, chat_template)
+    item = PromptItem(prompt["index"], text, ids, tuple(prompt.get("sample_indices", (0,))),
+                      fields=dict(prompt.get("fields") or {}))
+    if prompt.get("target") is not None:
+        item.target_prompt, item.target_prompt_ids = await _tokenize(
+            prompt["target"], list(target_clients), chat_template)
+    return item
 
 
 async def generate(pairs: list[tuple[VLLMClient, ...]], queue: PromptQueue,
@@ -273,7 +290,8 @@ class Sampling:
             {"theta_model": info_theta.model, "target_model": info_target.model})}
         self.settings = SampleSettings(
             top_k=None if self.exact else params.k, max_tokens=params.max_tokens,
-            alpha=params.alpha,
+            alpha=params.alpha, alpha_method=params.rule, alpha_min=params.alpha_min,
+            alpha_max=params.alpha_max,
             missing=params.missing, concurrency=params.concurrency,
             eos_token_ids=info_theta.eos_token_ids, max_model_len=self.max_model_len,
             vocab_size=info_theta.vocab_size, stop=tuple(params.stop), seed=seed,
@@ -347,7 +365,9 @@ class Sampling:
                 return FusedCoordinator(theta, FusedSettings(
                     max_tokens=params.max_tokens, alpha=params.alpha,
                     concurrency=params.concurrency, max_model_len=self.max_model_len,
-                    temperature=params.temperature, stop=tuple(params.stop), seed=self.seed),
+                    temperature=params.temperature, stop=tuple(params.stop), seed=self.seed,
+                    alpha_method=params.rule, alpha_min=params.alpha_min,
+                    alpha_max=params.alpha_max),
                     on_finished, on_step=on_step)
             per_token = (SessionTransport(theta, target, timeout_s=self.timeout_s,
                                           max_retries=self.max_retries)
@@ -355,7 +375,14 @@ class Sampling:
             return Coordinator(per_token, self.settings, on_finished, on_step=on_step,
                                detokenize=theta.detokenize)
 
+        if self.transport == "fused" and any(p.get("target") is not None for p in prompts):
+            raise ConfigError(
+                "the prompts give the target its own prompt (target_prompt, target_messages "
+                "or data.target_template), which one fused engine cannot read: both models "
+                "share one token stream there. Serve the two models on two servers "
+                "(sample.transport=session).")
         queue = PromptQueue(prompts, partial(tokenize_prompt, clients=self.thetas,
+                                             target_clients=self.targets,
                                              chat_template=chat_template),
                             lookahead=2 * params.concurrency)
         return await generate(self.pairs, queue, make_coordinator)

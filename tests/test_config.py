@@ -84,3 +84,16 @@ def test_entry_point_exits_2_with_one_clear_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "ConfigError: config key `data.prompts`" in done.stderr
+
+
+def test_data_fields_compose_without_plus_and_the_prompt_column_is_given_once(tmp_path):
+    """data.fields.solution=answer composes as typed (no `+`: the names are schema keys);
+    giving the prompt's column twice is a ConfigError naming the key."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "2+3?", "answer": "5"}\n')
+    base = ["mode=sample", f"data.prompts={path}"]
+    config = load(*base, "data.fields.solution=answer")
+    assert config.data.fields.as_dict() == {"messages": "messages", "problem": "problem",
+                                            "solution": "answer"}
+    with pytest.raises(ConfigError, match="data.fields.prompt"):
+        load(*base, "data.fields.prompt=question", "data.prompt_field=text")

@@ -15,8 +15,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
 from scipy.stats import chisquare
 
 from dual_sampling import mixture
@@ -28,6 +26,7 @@ from dual_sampling.errors import ConfigError, ServerMismatchError
 from dual_sampling.sampling import choose_exact
 from dual_sampling.transports.fused import PATH as FUSED_PATH
 from dual_sampling.transports.session import SessionTransport
+from helpers import assert_rule_alpha, chernoff_alpha, encode, exact_sequences, run_exact
 
 VOCAB = 1024  # the tiny tokenizer's ids
 TEXTS = [f"Prompt number {i}: the standard library module" for i in range(8)]
@@ -39,39 +38,9 @@ def reference(tiny_models):
     return Reference(tiny_models)
 
 
-def encode(reference, text: str) -> list[int]:
-    return reference.tokenizer(text)["input_ids"]
-
-
-async def _exact(servers, items: list[PromptItem], seed: int, max_tokens: int,
-                 alpha=None, temperature: float = 1.0, concurrency: int = 32) -> dict:
-    """(index, sample_index) -> Sequence, through the exact session transport."""
-    done = {}
-
-    async def on_finished(seq):
-        done[seq.item.index, seq.sample_index] = seq
-
-    async def prompts():
-        for item in items:
-            yield item
-
-    settings = SampleSettings(top_k=None, max_tokens=max_tokens, alpha=alpha, missing="kth",
-                              concurrency=concurrency, eos_token_ids=(), max_model_len=2048,
-                              vocab_size=VOCAB, seed=seed, temperature=temperature)
-    async with VLLMClient(servers.url("theta"), name="theta") as theta, \
-            VLLMClient(servers.url("target"), name="target") as target:
-        transport = SessionTransport(theta, target)
-        try:
-            await Coordinator(transport, settings, on_finished).run(prompts())
-        finally:
-            await transport.aclose()
-    return done
-
-
 def exact(servers, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
-    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
-    done = asyncio.run(_exact(servers, items, seed, max_tokens, **options))
-    return [done[i, 0] for i in range(len(prompts))]
+    return exact_sequences(servers.url("theta"), servers.url("target"), prompts, seed=seed,
+                           max_tokens=max_tokens, vocab_size=VOCAB, **options)
 
 
 def fused(server, prompts: list[list[int]], seed: int, max_tokens: int, **options) -> list:
@@ -82,11 +51,6 @@ def fused(server, prompts: list[list[int]], seed: int, max_tokens: int, **option
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as reply:
         return json.loads(reply.read())["results"]
-
-
-def chernoff_alpha(a: np.ndarray, b: np.ndarray) -> float:
-    return minimize_scalar(lambda x: logsumexp((1 - x) * a + x * b), bounds=(0, 1),
-                           method="bounded", options={"xatol": 1e-12}).x
 
 
 # -- the same tokens as the fused engine ------------------------------------------------------
@@ -151,7 +115,8 @@ def test_first_tokens_follow_q_star(servers, reference):
     prompt = encode(reference, "The module")
     n = 2000
     items = [PromptItem(0, "", prompt, tuple(range(n)))]
-    done = asyncio.run(_exact(servers, items, seed=3, max_tokens=1, concurrency=120))
+    done, _ = asyncio.run(run_exact(servers.url("theta"), servers.url("target"), items, seed=3,
+                                    max_tokens=1, concurrency=120, vocab_size=VOCAB))
     tokens = [done[0, s].completion_ids[0] for s in range(n)]
     a, b = reference.position_logprobs(prompt)
     q = np.exp(mixture.log_mixture(a, b, chernoff_alpha(a, b)))
@@ -267,30 +232,11 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
     of this size (|logit| < 16: half a unit in the last place, 2^-8 * 16 / 2 = 0.03)."""
     prompts = [encode(reference, text) for text in TEXTS[:2]]
 
-    async def run():
-        done = {}
-
-        async def on_finished(seq):
-            done[seq.item.index] = seq
-
-        async def items():
-            for i, ids in enumerate(prompts):
-                yield PromptItem(i, "", ids)
-
-        settings = SampleSettings(top_k=None, max_tokens=8, alpha=None, missing="kth",
-                                  concurrency=2, eos_token_ids=(), max_model_len=512,
-                                  vocab_size=VOCAB, seed=1)
-        async with VLLMClient(servers.url("theta"), name="theta") as theta, \
-                VLLMClient(bf16_target.url("target"), name="target") as target:
-            transport = SessionTransport(theta, target)
-            try:
-                await Coordinator(transport, settings, on_finished).run(items())
-                received = transport.target.bytes_received
-            finally:
-                await transport.aclose()
-        return [done[i] for i in range(len(prompts))], received
-
-    sequences, received = asyncio.run(run())
+    items = [PromptItem(i, "", ids) for i, ids in enumerate(prompts)]
+    done, received = asyncio.run(run_exact(servers.url("theta"), bf16_target.url("target"),
+                                           items, seed=1, max_tokens=8, concurrency=2,
+                                           max_model_len=512, vocab_size=VOCAB))
+    sequences = [done[i, 0] for i in range(len(prompts))]
     steps = sum(len(seq.completion_ids) for seq in sequences)
     # 8 replies of 2 rows (24-byte headers), and the 12-byte ack of the CLOSE at the end
     assert received == steps * VOCAB * 2 + 24 * 8 + 12
@@ -302,6 +248,118 @@ def test_engines_of_two_dtypes_and_max_lengths(servers, bf16_target, reference):
                                    target[rows, seq.completion_ids], atol=0.1)
 
 
+# -- the alpha rules through both exact engines (issue 36) ------------------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("rule", [{"alpha_method": "ess_balance"},
+                                  {"alpha_method": "entropy", "alpha_min": 0.5,
+                                   "alpha_max": 0.9}])
+def test_alpha_rules_give_the_same_tokens_on_both_exact_engines_and_match_numpy(
+        servers, fused_server, reference, rule):
+    """Each rule through the fused engine and the exact session path at one seed: the same
+    tokens (as above), and each token's alpha against mixture.choose_alpha on transformers'
+    full-vocabulary logprobs (helpers.assert_rule_alpha says its tolerance)."""
+    prompts = [encode(reference, text) for text in TEXTS[:3]]
+    two = exact(servers, prompts, seed=6, max_tokens=12, **rule)
+    one = fused(fused_server, prompts, seed=6, max_tokens=12, **rule)
+    assert [seq.completion_ids for seq in two] == [r["token_ids"] for r in one]
+    for prompt, seq, result in zip(prompts, two, one):
+        np.testing.assert_allclose(seq.tokens["alpha"], result["alpha"], atol=2e-5)
+        ids = prompt + seq.completion_ids
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t in range(len(seq.completion_ids)):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            assert_rule_alpha(seq.tokens["alpha"][t], a, b, rule)
+
+
+# -- a teacher that sees the answer: per-model prompts (issue 36) -----------------------------
+@pytest.mark.server
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_each_model_scores_the_shared_completion_after_its_own_prompt(servers, reference,
+                                                                      top_k):
+    """theta reads the problem, the target the problem and its solution: every token's
+    logp_theta is transformers' theta logprob after theta's prompt and the completion so far,
+    logp_target the target's after its own (within 1e-4: the 2-layer models' float32 noise
+    through a log-softmax), on the exact path and over the merged top-20 (where the token is
+    in that server's top-20)."""
+    theta_prompt = encode(reference, "Question: what is the standard library?\nAnswer:")
+    target_prompt = encode(reference, "Question: what is the standard library?\n\n## Hint\n"
+                                      "the modules that ship with Python\nAnswer:")
+    item = PromptItem(0, "", theta_prompt, target_prompt="hinted",
+                      target_prompt_ids=target_prompt)
+    settings = SampleSettings(top_k=top_k, max_tokens=12, alpha=None, missing="kth",
+                              concurrency=1, eos_token_ids=(), max_model_len=2048,
+                              vocab_size=VOCAB, seed=2)
+
+    async def run():
+        done = []
+
+        async def on_finished(seq):
+            done.append(seq)
+
+        async def items():
+            yield item
+
+        async with VLLMClient(servers.url("theta"), name="theta") as theta, \
+                VLLMClient(servers.url("target"), name="target") as target:
+            async with SessionTransport(theta, target) as transport:
+                await Coordinator(transport, settings, on_finished).run(items())
+        return done[0]
+
+    seq = asyncio.run(run())
+    completion = seq.completion_ids
+    theta = reference.full_logprobs("theta", theta_prompt + completion)
+    target = reference.full_logprobs("target", target_prompt + completion)
+    for t, token in enumerate(completion):
+        want_theta = theta[len(theta_prompt) - 1 + t, token]
+        want_target = target[len(target_prompt) - 1 + t, token]
+        if top_k is None or seq.tokens["in_topk_theta"][t]:
+            assert abs(seq.tokens["logp_theta"][t] - want_theta) < 1e-4
+        if top_k is None or seq.tokens["in_topk_target"][t]:
+            assert abs(seq.tokens["logp_target"][t] - want_target) < 1e-4
+
+
+@pytest.mark.server
+def test_sample_mode_with_a_hinted_teacher_and_a_plain_policy_template(servers, fused_server,
+                                                                       tmp_path):
+    """data.theta_template (plain text) and data.target_template (chat, with the solution):
+    records keep both prompts and the row's other fields; the messages rows hold theta's
+    prompt; a fused server refuses per-model prompts with a ConfigError that says what to
+    do."""
+    import subprocess
+    import sys
+
+    from dual_sampling.records import read_records
+    prompts = tmp_path / "problems.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?",
+                                           "solution": str(2 * i), "id": f"p{i}"}) + "\n"
+                               for i in range(3)))
+    common = [f"data.prompts={prompts}", 'data.theta_template="Question: {problem}\\nAnswer:"',
+              "data.theta_chat=false",
+              'data.target_template="{problem}\\n\\n## Hint\\n{solution}"', "progress=false",
+              "sample.max_tokens=8", "sample.report=false", "wandb.mode=disabled"]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "dual_sampling", "mode=sample",
+                           f"theta.url={servers.url('theta')}",
+                           f"target.url={servers.url('target')}", f"output_dir={out}",
+                           *common], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = sorted(read_records(out / "samples.jsonl"), key=lambda r: r["index"])
+    assert records[1]["prompt"] == "Question: What is 1 + 1?\nAnswer:"
+    assert "## Hint\\n2" in records[1]["target_prompt"]
+    assert records[1]["theta_prompt_token_ids"] == records[1]["prompt_token_ids"]
+    assert records[1]["target_prompt_token_ids"] != records[1]["prompt_token_ids"]
+    assert records[1]["fields"] == {"id": "p1"}
+    merged = subprocess.run([sys.executable, "-m", "dual_sampling.merge", "--format",
+                             "messages", str(out)], capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    rows = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    assert rows[1]["messages"][0] == {"role": "user",
+                                      "content": "Question: What is 1 + 1?\nAnswer:"}
+    refused = subprocess.run([sys.executable, "-m", "dual_sampling", "mode=sample",
+                              f"theta.url={fused_server.url('fused')}",
+                              f"output_dir={tmp_path / 'fused'}", *common],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "sample.transport=session" in refused.stderr
 def test_the_top_k_transports_import_without_torch():
     """The coordinator's own dependencies have no torch (pyproject): only the exact path
     imports it, so choose_exact can tell a torch-less install to add the `exact` extra."""

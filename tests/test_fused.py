@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
-from scipy.stats import chisquare
 
 from dual_sampling import mixture
 from dual_sampling.client import ServerInfo
@@ -28,47 +25,18 @@ from dual_sampling.errors import ConfigError, ServerMismatchError
 from dual_sampling.launch import START_SCRIPT, Servers
 from dual_sampling.sampling import wants_fused
 from dual_sampling.records import read_records
-from dual_sampling.transports.fused import PATH, prompt_seed
+from dual_sampling.transports.fused import prompt_seed
 from dual_sampling.vllm_plugin.fused.route import ENGINE_PATH
 from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, hf_overrides
+from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, check_dataset,
+                     chernoff_alpha, chi_square_p, encode, generate, run_killing_a_replica,
+                     run_sample, sample_cmd, tokens_of, wait_for_records, write_prompts)
 
 VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
-PROMPTS = [f"Prompt number {i}: the standard library module" for i in range(24)]
-
-
-def generate(server: Servers, prompts: list[list[int]], seeds: list[int], max_tokens: int,
-             **options) -> list[dict]:
-    body = json.dumps({"prompts": prompts, "seeds": seeds, "max_tokens": max_tokens, **options})
-    request = urllib.request.Request(server.url("fused") + PATH, body.encode(),
-                                     {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as reply:
-        return json.loads(reply.read())["results"]
-
-
-def chernoff_alpha(logp_theta: np.ndarray, logp_target: np.ndarray) -> float:
-    """The full-vocabulary Chernoff point by scipy's bounded scalar minimiser of log Z."""
-    return minimize_scalar(lambda x: logsumexp((1 - x) * logp_theta + x * logp_target),
-                           bounds=(0, 1), method="bounded", options={"xatol": 1e-12}).x
-
-
-def chi_square_p(tokens: list[int], q: np.ndarray) -> float:
-    """p-value of the tokens' counts against q (bins with expected count < 5 pooled)."""
-    counts = np.bincount(tokens, minlength=len(q)).astype(float)
-    expected = q * len(tokens)
-    big = expected >= 5
-    observed = np.append(counts[big], counts[~big].sum())
-    wanted = np.append(expected[big], expected[~big].sum())
-    return chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
-
-
 @pytest.fixture(scope="module")
 def reference(fused_models):
     from dual_sampling.reference import Reference
     return Reference(fused_models)
-
-
-def encode(reference, text: str) -> list[int]:
-    return reference.tokenizer(text)["input_ids"]
 
 
 # -- against transformers ---------------------------------------------------------------------
@@ -197,18 +165,8 @@ def test_fixed_alpha_zero_and_one_reproduce_each_model(fused_server, reference, 
 @pytest.mark.server
 def test_tokens_do_not_depend_on_batching_and_temperature_zero_is_argmax(fused_server,
                                                                          reference):
-    prompts = [encode(reference, p) for p in PROMPTS[:12]]
-    alone = generate(fused_server, prompts[:1], [7], max_tokens=24)[0]
-    batched = generate(fused_server, prompts, [7] + list(range(100, 111)), max_tokens=24)[0]
-    assert alone["token_ids"] == batched["token_ids"]
-    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
-    greedy = generate(fused_server, prompts[:1], [7], max_tokens=8, temperature=0.0)[0]
-    assert greedy["logp_q"] == [0.0] * 8
-    ids = prompts[0] + greedy["token_ids"]
-    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
-    for t, token in enumerate(greedy["token_ids"]):
-        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
-        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
+    assert_batch_invariant_and_greedy_is_the_argmax(
+        fused_server, reference, [encode(reference, p) for p in PROMPTS[:12]], greedy_tokens=8)
 
 
 @pytest.mark.server
@@ -262,46 +220,6 @@ def test_a_stock_completion_request_samples_q_star(fused_server):
 
 
 # -- sample mode end to end ---------------------------------------------------------------------
-def write_prompts(path: Path, prompts=PROMPTS) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
-
-
-def sample_cmd(server: Servers, prompts: Path, out: Path, *overrides: str,
-               multirun: bool = False) -> list[str]:
-    return [sys.executable, "-m", "dual_sampling", *(["-m"] if multirun else []), "mode=sample",
-            f"theta.url={server.url('fused')}", f"data.prompts={prompts}", f"output_dir={out}",
-            "progress=false", "sample.max_tokens=16", "sample.concurrency=8",
-            "wandb.mode=offline", *overrides]
-
-
-def run_sample(server: Servers, prompts: Path, out: Path, *overrides: str, check: bool = True):
-    done = subprocess.run(sample_cmd(server, prompts, out, *overrides), capture_output=True,
-                          text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"sample run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
-
-
-def tokens_of(out: Path) -> dict[int, list[int]]:
-    return {r["index"]: r["completion_token_ids"] for r in read_records(out / "samples.jsonl")}
-
-
-def check_dataset(out: Path, n_prompts: int) -> list[dict]:
-    records = list(read_records(out / "samples.jsonl"))
-    assert sorted(r["index"] for r in records) == list(range(n_prompts))
-    for r in records:
-        n = r["num_tokens"]
-        assert n == len(r["completion_token_ids"]) >= 1
-        for name in ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
-                     "kl_q_target", "entropy_q", "coverage_theta", "in_topk_target"):
-            assert len(r[name]) == n
-        assert set(r["coverage_theta"]) == {1.0} and set(r["in_topk_target"]) == {True}
-        assert r["sum_logp_q"] == pytest.approx(sum(r["logp_q"]))
-        assert r["log_w_theta"] == pytest.approx(r["sum_logp_theta"] - r["sum_logp_q"])
-    return records
-
-
 @pytest.fixture(scope="module")
 def first_run(fused_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fused_sample")
@@ -371,7 +289,6 @@ def test_sigkill_then_resume_gives_the_same_dataset(fused_server, first_run, tmp
     cmd = sample_cmd(fused_server, prompts, out, "sample.concurrency=2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = out / "samples.jsonl"
-    from test_sample import wait_for_records
     wait_for_records(proc, samples, 3)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -417,16 +334,7 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(fused_server, fused
     out = tmp_path / "out"
     cmd = sample_cmd(fused_server, prompts, out, "sample.concurrency=2", "theta.max_retries=1",
                      f"theta.url=[{fused_server.url('fused')},{replica.url('fused')}]")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        from test_sample import wait_for_records
-        wait_for_records(proc, out / "samples.jsonl", 2)
-        replica.kill("fused")
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        replica.stop()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "restart on the others" in stdout + stderr
+    run_killing_a_replica(cmd, replica, "fused", out)
     assert tokens_of(out) == tokens_of(out_whole)
 
 

@@ -210,3 +210,22 @@ def test_chunked_and_indexed_evaluations_equal_one_call(monkeypatch):
     torch.testing.assert_close(chunked.blocks, solution.blocks, rtol=1e-12, atol=1e-300)
     assert (kernels.sample(rows, chunked, chunked.mixture().log_z, u, ones).token
             == token).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), vocab=st.integers(2, 3000), scale=st.floats(0.05, 8.0))
+def test_every_alpha_rule_matches_numpy_over_the_full_vocabulary(seed, vocab, scale):
+    """kernels.solve_rules (torch, what the fused engine and the exact session path run)
+    against mixture.choose_alpha (numpy, itself checked against scipy in test_mixture.py),
+    one row per rule and clamp; float64 logprobs, so to the solvers' tolerances."""
+    rng = np.random.default_rng(seed)
+    methods = ["kl_symmetry", "ess_balance", "entropy", "fixed", "kl_symmetry", "ess_balance"]
+    alpha = np.array([np.nan, np.nan, np.nan, 0.3, np.nan, np.nan])
+    lo = np.array([0.0, 0.0, 0.2, 0.0, 0.45, 0.5])
+    hi = np.array([1.0, 1.0, 0.6, 1.0, 0.55, 1.0])
+    a, b = random_pair(rng, len(methods), vocab, scale)
+    solution = kernels.solve_rules(rows_of(a, b), methods, alpha, lo, hi)
+    want = [mixture.choose_alpha(a[i], b[i], m, None if m != "fixed" else alpha[i], lo[i],
+                                 hi[i]) for i, m in enumerate(methods)]
+    np.testing.assert_allclose(solution.alpha.numpy(), want, atol=1e-6)
+    assert_diagnostics(solution, a, b, atol=1e-6)

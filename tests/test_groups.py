@@ -21,6 +21,8 @@ from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings, 
                                        sequence_seed)
 from dual_sampling.records import read_records
 from dual_sampling.transports.request import RequestTransport
+from helpers import (check_figures, check_table_row, read_page, run_sample, sample_cmd,
+                     write_prompts)
 
 VOCAB = 40
 
@@ -58,7 +60,7 @@ def settings(**overrides) -> SampleSettings:
     return SampleSettings(**{**values, **overrides})
 
 
-async def _items(items):
+async def prompt_items(items):
     for item in items:
         yield item
 
@@ -73,7 +75,7 @@ def run_fake(s: SampleSettings, n: int, prompts=((1, 2), (3,), (4, 5, 6), (7,)),
             await on_finished(seq)
 
     items = [PromptItem(i, "", list(ids), tuple(range(n))) for i, ids in enumerate(prompts)]
-    asyncio.run(Coordinator(transport or FakeTransport(), s, keep).run(_items(items)))
+    asyncio.run(Coordinator(transport or FakeTransport(), s, keep).run(prompt_items(items)))
     return finished
 
 
@@ -128,7 +130,7 @@ def test_a_failed_writer_gives_back_only_the_unwritten_samples():
     coordinator = Coordinator(FakeTransport(), s, fail_on_third)
     items = [PromptItem(i, "", [i + 1], (0, 1, 2)) for i in range(3)]
     with pytest.raises(OSError):
-        asyncio.run(coordinator.run(_items(items)))
+        asyncio.run(coordinator.run(prompt_items(items)))
     left = [(item.index, s) for item in coordinator.unfinished for s in item.sample_indices]
     assert len(left) == len(set(left)) and not set(left) & set(written)
     taken = set(written) | set(left)
@@ -175,7 +177,7 @@ async def _coordinate(servers, transport_name: str, s: SampleSettings,
         transport = (SessionTransport(theta, target) if transport_name == "session"
                      else RequestTransport(theta, target))
         try:
-            await Coordinator(transport, s, keep).run(_items(items))
+            await Coordinator(transport, s, keep).run(prompt_items(items))
         finally:
             await transport.aclose()
     return finished
@@ -244,7 +246,6 @@ def test_first_token_frequencies_match_the_tempered_reference(servers, tiny_mode
 @pytest.fixture(scope="module")
 def group_run(servers, tmp_path_factory):
     """A sample run with groups of 3 at T = 0.5, candidates recorded, and its report."""
-    from test_sample import run_sample, write_prompts
     tmp = tmp_path_factory.mktemp("groups")
     prompts = write_prompts(tmp / "prompts.jsonl", [f"Prompt {i}: the module" for i in range(4)])
     args = ("sample.n=3", "sample.temperature=0.5", "sample.max_tokens=8",
@@ -286,7 +287,6 @@ def test_group_dataset_records_groups_file_and_summary(group_run):
 
 @pytest.mark.server
 def test_resume_completes_half_groups_without_doubling(servers, group_run, tmp_path):
-    from test_sample import run_sample
     out, prompts, args = group_run
     full = {(r["index"], r["sample_index"]): r["completion_token_ids"]
             for r in read_records(out / "samples.jsonl")}
@@ -306,7 +306,6 @@ def test_resume_completes_half_groups_without_doubling(servers, group_run, tmp_p
 
 @pytest.mark.server
 def test_report_of_the_run_holds_its_summary(group_run):
-    from test_report import check_figures, check_table_row, read_page
     out, _, _ = group_run
     page = read_page(out)
     check_figures(out, page, at_least=6)
@@ -321,8 +320,6 @@ def test_report_of_the_run_holds_its_summary(group_run):
 def test_report_of_a_two_job_sweep(servers, tmp_path):
     import subprocess
     import sys
-    from test_report import check_figures, check_table_row, read_page
-    from test_sample import sample_cmd, write_prompts
     prompts = write_prompts(tmp_path / "p.jsonl", ["Prompt A: the module", "Prompt B: a list"])
     out = tmp_path / "sweep"
     done = subprocess.run(sample_cmd(servers, prompts, out, "sample.max_tokens=4", "sample.n=2",

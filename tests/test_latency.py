@@ -19,7 +19,7 @@ import pytest
 from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import Coordinator
 from dual_sampling.transports.session import SessionTransport
-from test_session import _items, clients, corpus_prompts, settings
+from helpers import clients, corpus_prompts, prompt_items, settings
 
 CALLS = 60
 MAX_GAP_S = 0.005
@@ -95,7 +95,7 @@ def test_session_transport_runs_never_stall(servers):
             async with SessionTransport(theta, target) as transport:
                 async def run() -> None:
                     await Coordinator(transport, settings(2, 8, 1024), _discard).run(
-                        _items(prompts))
+                        prompt_items(prompts))
                 await run()  # warm
                 return await timed(run)
 

@@ -31,17 +31,7 @@ from dual_sampling.api import SyncDualSampler
 from dual_sampling.launch import Servers
 from dual_sampling.real_models import EOS_ID
 from dual_sampling.records import read_records
-from test_fused import chernoff_alpha, chi_square_p, generate
-
-LOGP_TOL = 2e-4  # see the module docstring: twice the largest float32 noise seen
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Write a haiku about autumn leaves."}],
-    [{"role": "system", "content": "You are a concise assistant."},
-     {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Give me two tips for staying focused."}],
-]
-
+from helpers import CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, chi_square_p, generate
 
 @pytest.fixture(scope="module")
 def real_fused(real_models, tmp_path_factory) -> Servers:
@@ -50,17 +40,6 @@ def real_fused(real_models, tmp_path_factory) -> Servers:
     server.start_fused()
     yield server
     server.stop()
-
-
-def chat_ids(real_reference, messages) -> list[int]:
-    return real_reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
-
-
-def alpha_bound(a: np.ndarray, b: np.ndarray, alpha: float) -> float:
-    q = np.exp(mixture.log_mixture(a, b, alpha))
-    d = b - a
-    return max(1e-5, LOGP_TOL / (q @ (d * d) - (q @ d) ** 2))
 
 
 @pytest.mark.server

@@ -9,8 +9,8 @@ import pytest
 
 from dual_sampling.api import SyncDualSampler
 from dual_sampling.launch import Servers
-from test_fused import chernoff_alpha
-from test_real_fused import CHATS, LOGP_TOL, chat_ids
+from helpers import (CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, exact_sequences,
+                     topk_of)
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +24,8 @@ def real_pair(real_models, tmp_path_factory) -> Servers:
 
 def _exact_session(real_pair, prompts: list[list[int]], seed: int, temperature: float) -> list:
     """Sequences of the exact session path (top_k unset) on the real pair."""
-    import asyncio
-
-    from dual_sampling.client import VLLMClient
-    from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
-    from dual_sampling.transports.session import SessionTransport
-
-    async def run():
-        done = {}
-
-        async def on_finished(seq):
-            done[seq.item.index] = seq
-
-        async def items():
-            for i, ids in enumerate(prompts):
-                yield PromptItem(i, "", ids)
-
-        settings = SampleSettings(top_k=None, max_tokens=24, alpha=None, missing="kth",
-                                  concurrency=len(prompts), eos_token_ids=(),
-                                  max_model_len=2048, seed=seed, temperature=temperature)
-        async with VLLMClient(real_pair.url("theta"), name="theta") as theta, \
-                VLLMClient(real_pair.url("target"), name="target") as target:
-            async with SessionTransport(theta, target) as transport:
-                await Coordinator(transport, settings, on_finished).run(items())
-        return [done[i] for i in range(len(prompts))]
-    return asyncio.run(run())
+    return exact_sequences(real_pair.url("theta"), real_pair.url("target"), prompts, seed=seed,
+                           max_tokens=24, temperature=temperature, concurrency=len(prompts))
 
 
 # first in this module: real_fused_draws (session-scoped) runs and stops its fused server
@@ -65,7 +42,6 @@ def test_exact_session_gives_the_fused_engines_tokens_and_exact_fields(real_fuse
     sequence may differ (counted in the message). Every field is within LOGP_TOL of
     transformers + scipy over the full vocabulary, alpha* within alpha_bound."""
     from dual_sampling import mixture
-    from test_real_fused import alpha_bound
     draws = real_fused_draws
     sequences = _exact_session(real_pair, draws["prompts"], draws["seed"],
                                draws["temperature"])
@@ -122,7 +98,6 @@ def test_score_topk_and_perplexity_match_transformers(real_pair, real_reference,
                                       ServerConfig, WandbConfig)
     from dual_sampling.modes import perplexity
     from dual_sampling.topk_format import error_bound
-    from test_topk import topk_of
 
     prompts = [{"messages": m} for m in CHATS[:2]]
     completions = ["The capital of France is Paris.", "Leaves fall slowly down"]

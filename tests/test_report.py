@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,8 @@ import pytest
 from dual_sampling import report, sample_stats
 from dual_sampling.errors import DataError
 from dual_sampling.records import read_records
+from helpers import check_figures, check_table_row, read_page
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -54,53 +53,6 @@ def fake_run(path: Path, records: list[dict], overrides: list[str] = (), n: int 
     if overrides:
         (path / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     return path
-
-
-class _Page(HTMLParser):
-    """The summary table's cells by `data-key`, the image sources, the skipped jobs."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.rows: list[dict[str, str]] = []
-        self.images: list[str] = []
-        self._key = None
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "tr":
-            self.rows.append({})
-        elif tag == "td":
-            self._key = attrs.get("data-key")
-        elif tag == "img":
-            self.images.append(attrs["src"])
-
-    def handle_data(self, data):
-        if self._key is not None:
-            self.rows[-1][self._key] = self.rows[-1].get(self._key, "") + data
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self._key = None
-
-
-def read_page(out: Path) -> _Page:
-    page = _Page((out / "report.html").read_text())
-    page.rows = [row for row in page.rows if row]  # the header row has no data cells
-    return page
-
-
-def check_figures(out: Path, page: _Page, at_least: int = 6) -> None:
-    assert len(page.images) >= at_least
-    for src in page.images:
-        data = (out / src).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 2000, src
-
-
-def check_table_row(row: dict[str, str], summary: dict) -> None:
-    for key in ("num_sequences", "num_tokens", "mean_alpha", "mean_kl_q_theta",
-                "ess_theta_fraction", "ess_target_fraction", "tokens_per_s"):
-        assert float(row[key]) == pytest.approx(summary[key], rel=1e-3), key
 
 
 # -- pure -------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,57 +18,10 @@ import pytest
 
 from dual_sampling import merge, mixture
 from dual_sampling.records import read_records
+from helpers import (PROMPTS, check_dataset, run_killing_a_replica, run_sample, sample_cmd,
+                     wait_for_records, write_prompts)
 
 pytestmark = pytest.mark.server
-
-PROMPTS = [f"Prompt number {i}: the standard library module" for i in range(24)]
-FIELDS_PER_TOKEN = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
-                    "kl_q_target", "coverage_theta", "coverage_target")
-
-
-def write_prompts(path: Path, prompts=PROMPTS) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
-
-
-def sample_cmd(servers, prompts: Path, out: Path, *overrides: str, multirun: bool = False
-               ) -> list[str]:
-    return [sys.executable, "-m", "dual_sampling", *(["-m"] if multirun else []), "mode=sample",
-            f"theta.url={servers.url('theta')}", f"target.url={servers.url('target')}",
-            f"data.prompts={prompts}", f"output_dir={out}", "progress=false",
-            "sample.max_tokens=12", "sample.concurrency=8", "wandb.mode=offline", *overrides]
-
-
-def run_sample(servers, prompts: Path, out: Path, *overrides: str, check: bool = True):
-    done = subprocess.run(sample_cmd(servers, prompts, out, *overrides), capture_output=True,
-                          text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"sample run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
-
-
-def wait_for_records(proc: subprocess.Popen, samples: Path, n: int, timeout_s: float = 300) -> None:
-    """Return once `samples` holds n complete lines (or the process ended, or time ran out)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if samples.exists() and samples.read_bytes().count(b"\n") >= n:
-            return
-        time.sleep(0.05)
-
-
-def check_dataset(out: Path, n_prompts: int) -> list[dict]:
-    records = list(read_records(out / "samples.jsonl"))
-    assert sorted(r["index"] for r in records) == list(range(n_prompts))
-    for r in records:
-        n = len(r["completion_token_ids"])
-        assert n == r["num_tokens"] >= 1
-        assert all(len(r[f]) == n for f in FIELDS_PER_TOKEN)
-        assert all(0.0 <= a <= 1.0 for a in r["alpha"])
-        assert r["finish_reason"] in ("stop", "length")
-        assert r["sum_logp_q"] == pytest.approx(sum(r["logp_q"]))
-        assert r["log_w_theta"] == pytest.approx(r["sum_logp_theta"] - r["sum_logp_q"])
-    return records
-
 
 @pytest.fixture(scope="module")
 def first_run(servers, tmp_path_factory):
@@ -276,15 +227,7 @@ def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
     cmd = sample_cmd(servers, prompts, out, "sample.concurrency=2", "sample.max_tokens=16",
                      f"theta.url=[{servers.url('theta')},{replica.url('model')}]",
                      "theta.max_retries=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_records(proc, out / "samples.jsonl", 2)
-        replica.kill("model")
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        replica.stop()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "restart on the others" in stdout + stderr
+    run_killing_a_replica(cmd, replica, "model", out)
     check_dataset(out, len(PROMPTS))
 
 

@@ -356,3 +356,24 @@ def test_hydra_run_with_shards_and_a_clear_error(servers, scored, tmp_path):
                    f"output_dir={tmp_path / 'bad'}")
     assert done.returncode == 2 and "bad.jsonl:2: completion 0 is empty" in done.stderr
     assert not (tmp_path / "bad" / "scores.jsonl").exists()
+
+
+@pytest.mark.server
+def test_each_model_scores_the_completion_after_its_own_prompt(servers, reference, tmp_path):
+    """A record with `target_prompt` (a teacher's hinted prompt): the target's logprobs are
+    transformers' after that prompt, theta's after its own (within 1e-4, this pair's float32
+    noise through a log-softmax), and the record keeps the target's prompt ids."""
+    path = tmp_path / "hinted.jsonl"
+    path.write_text(json.dumps({
+        "prompt": "Question: name a module.\nAnswer:",
+        "target_prompt": "Question: name a module.\n## Hint\nthe os module\nAnswer:",
+        "completion": " the os module"}) + "\n")
+    score.run(make_config(servers, path, tmp_path / "out", per_token=True))
+    (record,) = read_records(tmp_path / "out" / "scores.jsonl")
+    completion = record["completion_token_ids"]
+    for model, prompt in (("theta", record["prompt_token_ids"]),
+                          ("target", record["target_prompt_token_ids"])):
+        full = reference.full_logprobs(model, prompt + completion)
+        want = full[np.arange(len(prompt) - 1, len(prompt) + len(completion) - 1), completion]
+        np.testing.assert_allclose(record[f"logp_{model}"], want, atol=1e-4)
+    assert record["target_prompt_token_ids"] != record["prompt_token_ids"]

@@ -18,17 +18,13 @@ import pytest
 
 from dual_sampling import session_format as wire
 from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
 from dual_sampling.errors import ServerError
 from dual_sampling.launch import server_metrics
-from dual_sampling.tiny_models import corpus_path
 from dual_sampling.transports.request import RequestTransport
 from dual_sampling.transports.session import SessionTransport
+from helpers import PROMPT_LENGTHS, clients, corpus_prompts, run_coordinator, settings
 
 ROLES = ("theta", "target")
-# Different prompt lengths under a small coordinator max_model_len make sequences finish at
-# different steps, so refilled slots put OPEN and STEP messages in the same step.
-PROMPT_LENGTHS = (12, 20, 28, 36, 16, 24)
 
 
 # -- pure: the wire format --------------------------------------------------------------------
@@ -79,37 +75,6 @@ def wait_for_counts(servers, done, roles=ROLES, timeout_s: float = 60.0
 def assert_no_requests_left(servers) -> None:
     counts = wait_for_counts(servers, lambda c: c == (0.0, 0.0))
     assert all(c == (0.0, 0.0) for c in counts.values()), f"(running, waiting): {counts}"
-
-
-def settings(concurrency: int, max_tokens: int, max_model_len: int) -> SampleSettings:
-    """As experiments/bench_sample.py's dual_tok_s: top-20, alpha*, missing=kth, no EOS."""
-    return SampleSettings(top_k=20, max_tokens=max_tokens, alpha=None, missing="kth",
-                          concurrency=concurrency, eos_token_ids=(),
-                          max_model_len=max_model_len, seed=3)
-
-
-async def _items(prompts: list[list[int]]):
-    for index, ids in enumerate(prompts):
-        yield PromptItem(index, "", ids)
-
-
-async def run_coordinator(transport, prompts: list[list[int]], s: SampleSettings) -> dict:
-    finished = {}
-
-    async def keep(seq) -> None:
-        finished[seq.item.index] = seq
-    await Coordinator(transport, s, keep).run(_items(prompts))
-    return finished
-
-
-async def corpus_prompts(client: VLLMClient, lengths=PROMPT_LENGTHS) -> list[list[int]]:
-    ids = await client.tokenize(corpus_path().read_text()[:8000])
-    return [ids[7 * i: 7 * i + length] for i, length in enumerate(lengths)]
-
-
-def clients(servers) -> tuple[VLLMClient, VLLMClient]:
-    return (VLLMClient(servers.url("theta"), name="theta"),
-            VLLMClient(servers.url("target"), name="target"))
 
 
 @pytest.mark.server

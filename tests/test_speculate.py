@@ -17,7 +17,7 @@ from scipy.stats import chisquare
 
 from dual_sampling import mixture
 from dual_sampling.vllm_plugin.fused import speculate
-from test_fused import chernoff_alpha, chi_square_p
+from helpers import chernoff_alpha, chi_square_p
 
 V = 48
 K = 3

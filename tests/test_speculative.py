@@ -18,8 +18,9 @@ from scipy.special import log_softmax
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
 from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
-from test_fused import (PROMPTS, chernoff_alpha, check_dataset, chi_square_p, encode, generate,
-                        run_sample, tokens_of, write_prompts)
+from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, assert_rule_alpha,
+                     check_dataset, chernoff_alpha, chi_square_p, encode, generate, run_sample,
+                     tokens_of, write_prompts)
 
 K = 3  # conftest.py's spec_server
 pytestmark = pytest.mark.server
@@ -91,21 +92,30 @@ def test_every_emitted_token_has_the_references_diagnostics(spec_server, referen
     assert checked == 48
 
 
+@pytest.mark.parametrize("rule", [{"alpha_method": "ess_balance"},
+                                  {"alpha_method": "entropy", "alpha_min": 0.5,
+                                   "alpha_max": 0.9}])
+def test_alpha_rules_in_the_verify_step(spec_server, reference, rule):
+    """The alpha rules of issue 36 through the verify step: every emitted token's alpha
+    (drafted ones included) against mixture.choose_alpha on transformers' logprobs
+    (helpers.assert_rule_alpha), and its logp_q under q at that alpha within 1e-3 (as
+    above)."""
+    prompts = [encode(reference, p) for p in PROMPTS[:2]]
+    results = generate(spec_server, prompts, [31, 32], max_tokens=12, **rule)
+    for prompt, result in zip(prompts, results):
+        ids = prompt + result["token_ids"]
+        full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
+        for t, token in enumerate(result["token_ids"]):
+            a, b = (f[len(prompt) - 1 + t] for f in full)
+            got = result["alpha"][t]
+            assert_rule_alpha(got, a, b, rule)
+            assert abs(result["logp_q"][t] - mixture.log_mixture(a, b, got)[token]) < 1e-3
+
+
 def test_same_seed_same_tokens_whatever_the_batch_and_greedy_is_the_argmax(spec_server,
                                                                            reference):
-    prompts = [encode(reference, p) for p in PROMPTS[:12]]
-    alone = generate(spec_server, prompts[:1], [7], max_tokens=24)[0]
-    again = generate(spec_server, prompts[:1], [7], max_tokens=24)[0]
-    batched = generate(spec_server, prompts, [7] + list(range(100, 111)), max_tokens=24)[0]
-    assert alone["token_ids"] == again["token_ids"] == batched["token_ids"]
-    np.testing.assert_allclose(alone["alpha"], batched["alpha"], atol=1e-6)
-    greedy = generate(spec_server, prompts[:1], [7], max_tokens=10, temperature=0.0)[0]
-    assert greedy["logp_q"] == [0.0] * 10
-    ids = prompts[0] + greedy["token_ids"]
-    full = [reference.full_logprobs(m, ids) for m in ("theta", "target")]
-    for t, token in enumerate(greedy["token_ids"]):
-        a, b = (f[len(prompts[0]) - 1 + t] for f in full)
-        assert token == int(np.argmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))
+    assert_batch_invariant_and_greedy_is_the_argmax(
+        spec_server, reference, [encode(reference, p) for p in PROMPTS[:12]], greedy_tokens=10)
 
 
 def test_a_prompt_prefilled_in_chunks_and_a_stock_request(spec_server, reference):
@@ -125,7 +135,7 @@ def test_sample_mode_runs_unchanged_on_a_speculative_server(spec_server, tmp_pat
     prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:6])
     out = tmp_path / "out"
     run_sample(spec_server, prompts, out, "sample.temperature=0.7")
-    check_dataset(out, 6)
+    check_dataset(out, 6, exact=True)
     again = tmp_path / "again"
     run_sample(spec_server, prompts, again, "sample.temperature=0.7")
     assert tokens_of(again) == tokens_of(out)

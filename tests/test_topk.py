@@ -25,6 +25,7 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.topk_format import (FORMATS, EncodedTopk, TopkFormatError, decode_body,
                                        encode_body, encode_sequence, error_bound,
                                        id_dtype_for_vocab, read_index)
+from helpers import topk_of
 
 K = 32
 FLOAT_TOL = 1e-3
@@ -151,13 +152,6 @@ def reference(tiny_models):
 @pytest.fixture(scope="module")
 def sequences(reference):
     return [reference.tokenizer(text)["input_ids"] for text in TEXTS]
-
-
-def topk_of(url: str, sequences, k=K, fmt="int8"):
-    async def go():
-        async with VLLMClient(url, name="teacher") as client:
-            return await client.prompt_topk(sequences, k, fmt)
-    return asyncio.run(go())
 
 
 def assert_matches_reference(results, sequences, reference, fmt):

@@ -16,7 +16,7 @@ from dual_sampling.errors import ConfigError
 from dual_sampling.launch import ENGINE_STEPS, server_metrics
 from dual_sampling.transports.session import SessionTransport
 from dual_sampling.vllm_plugin import tuning
-from test_session import clients, corpus_prompts, run_coordinator, settings
+from helpers import clients, corpus_prompts, run_coordinator, settings
 
 
 def test_seconds_from_env_names_the_variable(monkeypatch):

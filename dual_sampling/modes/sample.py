@@ -51,7 +51,11 @@ GROUPS_FILE = "groups.jsonl"
 RUN_PARAMS_FILE = "run_params.json"
 SHARD_FILE = "shard.json"
 # the settings that decide which tokens a sample gets: a resumed run must keep them
-TOKEN_SHAPING = ("alpha", "temperature", "top_k", "missing", "max_tokens", "stop")
+TOKEN_SHAPING = ("alpha", "alpha_method", "alpha_min", "alpha_max", "temperature", "top_k",
+                 "missing", "max_tokens", "stop")
+# what run_params.json files written before a key existed meant by its absence
+ABSENT_MEANS = {"sample.alpha_method": "kl_symmetry", "sample.alpha_min": 0.0,
+                "sample.alpha_max": 1.0}
 TABLE_COLUMNS = ("index", "sample_index", "prompt", "completion", "mean_alpha", "finish_reason")
 # files written before groups have no sample_index: each of their records is sample 0
 SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),))
@@ -71,8 +75,9 @@ def check_resume(out: Path, config: SampleRunConfig, transport: str,
     wanted = json.loads(json.dumps(wanted))  # lists and None as JSON gives them back
     path = out / RUN_PARAMS_FILE
     found = json.loads(path.read_text()) if path.is_file() else {}
-    changed = [f"{key}={found.get(key)!r} there, {value!r} now"
-               for key, value in wanted.items() if found and found.get(key) != value]
+    changed = [f"{key}={found.get(key, ABSENT_MEANS.get(key))!r} there, {value!r} now"
+               for key, value in wanted.items()
+               if found and found.get(key, ABSENT_MEANS.get(key)) != value]
     exact = transport == "fused" if exact is None else exact
     if found.get("transport", transport) != transport:
         changed.append(f"transport {found['transport']!r} there, {transport!r} now (fused "
@@ -163,7 +168,11 @@ def run(config: SampleRunConfig) -> dict[str, Any]:
 
 async def _run(config: SampleRunConfig) -> dict[str, Any]:
     params = config.sample
-    prompts = data.read_prompts(config.data.prompts, config.data.prompt_field)
+    prompts = data.read_prompts(
+        config.data.prompts, config.data.prompt_field,
+        theta_template=config.data.theta_template, target_template=config.data.target_template,
+        theta_chat=config.data.theta_chat, target_chat=config.data.target_chat,
+        fields=config.data.fields.as_dict())
     num_prompts = len(prompts)
     prompts = data.select(prompts, config.data.shard_index, config.data.num_shards,
                           config.data.limit)
@@ -234,7 +243,8 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
         summary.update({
             "top_k": None if sampling.exact else params.k, "exact": sampling.exact,
             "n": params.n,
-            "temperature": params.temperature,
+            "temperature": params.temperature, "alpha_method": params.rule,
+            "alpha_min": params.alpha_min, "alpha_max": params.alpha_max,
             "tokens_this_run": counters["tokens"],
             "tokens_per_s": counters["tokens"] / elapsed if elapsed > 0 else 0.0,
             "server_wait_fraction": wait_s / total_s if total_s > 0 else 0.0,

@@ -68,18 +68,29 @@ class Group:
     prompt_text: Optional[str]
     prompt_ids: list[int]
     completion_ids: list[list[int]]
+    target_prompt_ids: Optional[list[int]] = None  # the target's own prompt, if any
+
+    def prompt_of(self, model: str) -> list[int]:
+        """The prompt `model` reads: the target's own where it has one, else theta's."""
+        return self.target_prompt_ids if model == "target" and self.target_prompt_ids \
+            is not None else self.prompt_ids
+
+    def sequences_of(self, model: str) -> list[list[int]]:
+        return [self.prompt_of(model) + ids for ids in self.completion_ids]
 
     @property
     def sequences(self) -> list[list[int]]:
-        return [self.prompt_ids + ids for ids in self.completion_ids]
+        return self.sequences_of("theta")
 
     @property
     def longest(self) -> int:
-        return len(self.prompt_ids) + max(map(len, self.completion_ids))
+        prompt = max(len(self.prompt_ids), len(self.target_prompt_ids or ()))
+        return prompt + max(map(len, self.completion_ids))
 
 
 async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool,
-                        tokenize_completion: Callable[[str], Awaitable[list[int]]]) -> Group:
+                        tokenize_completion: Callable[[str], Awaitable[list[int]]],
+                        target: Optional[VLLMClient] = None) -> Group:
     """Prompt and completion ids as generation has them (given ids are used as they are)."""
     prompt_text = item.prompt.get("prompt")
     if "messages" in item.prompt:
@@ -90,11 +101,18 @@ async def tokenize_item(item: ScoreItem, client: VLLMClient, chat_template: bool
     completion_ids = item.completion_token_ids
     if completion_ids is None:
         completion_ids = list(await asyncio.gather(*map(tokenize_completion, item.completions)))
-    return Group(item, prompt_text, prompt_ids, completion_ids)
+    target_ids = item.target_prompt_token_ids
+    if target_ids is None and item.target_prompt is not None:
+        if target is None:
+            raise DataError(f"{item.where}: the record gives the target its own prompt, but "
+                            f"no target server is set (target.url)")
+        target_ids = (await tokenize_prompt({**item.target_prompt, "index": item.index},
+                                            [target], chat_template)).prompt_ids
+    return Group(item, prompt_text, prompt_ids, completion_ids, target_ids)
 
 
-async def tokenize_items(items: list[ScoreItem], client: VLLMClient, chat_template: bool
-                         ) -> list[Group]:
+async def tokenize_items(items: list[ScoreItem], client: VLLMClient, chat_template: bool,
+                         target: Optional[VLLMClient] = None) -> list[Group]:
     """Every item tokenised, TOKENIZE_IN_FLIGHT at a time; each distinct completion text is
     sent once (a label set repeats over thousands of prompts)."""
     gate = asyncio.Semaphore(TOKENIZE_IN_FLIGHT)
@@ -108,7 +126,8 @@ async def tokenize_items(items: list[ScoreItem], client: VLLMClient, chat_templa
 
     async def one(item: ScoreItem) -> Group:
         async with gate:
-            return await tokenize_item(item, client, chat_template, tokenize_completion)
+            return await tokenize_item(item, client, chat_template, tokenize_completion,
+                                       target)
 
     return list(await asyncio.gather(*map(one, items)))
 
@@ -159,7 +178,8 @@ def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_t
     group_sizes = np.array([len(g.completion_ids) for g in batch])  # (G,)
     logp, sums, probs = {}, {}, {}
     for name, rows in actual.items():
-        logp[name] = [scoring.completion_rows(a, p) for a, p in zip(rows, starts)]
+        own = [len(g.prompt_of(name)) for g in batch for _ in g.completion_ids]
+        logp[name] = [scoring.completion_rows(a, p) for a, p in zip(rows, own)]
         sums[name] = scoring.sequence_sums(lengths, np.concatenate(logp[name]))  # (S,)
         probs[name] = scoring.normalise_within_groups(sums[name], group_sizes)  # (S,)
     records, s = [], 0
@@ -169,6 +189,8 @@ def batch_records(batch: list[Group], actual: dict[str, list[np.ndarray]], per_t
                 "index": group.item.index, "completion_index": c, "prompt": group.prompt_text,
                 "completion": group.item.completions[c], "num_prompt_tokens": starts[s],
                 "num_tokens": int(lengths[s])}
+            if group.target_prompt_ids is not None:
+                record["target_prompt_token_ids"] = group.target_prompt_ids
             if per_token:
                 record["prompt_token_ids"] = group.prompt_ids
                 record["completion_token_ids"] = ids
@@ -206,7 +228,7 @@ async def plan_groups(clients: dict[str, VLLMClient], infos: dict[str, ServerInf
                       ) -> tuple[list[Group], list[dict[str, Any]]]:
     """The items tokenised (through theta's server) and checked against the vocabulary; the
     groups that fit every server's max-model-len, and the skipped ones with their reason."""
-    groups = await tokenize_items(items, clients["theta"], chat_template)
+    groups = await tokenize_items(items, clients["theta"], chat_template, clients.get("target"))
     check_vocab(groups, infos["theta"].vocab_size)
     owner = min(clients, key=lambda n: infos[n].max_model_len or 1 << 30)
     max_length = infos[owner].max_model_len or 1 << 30
@@ -240,11 +262,11 @@ async def score_groups(clients: dict[str, VLLMClient], infos: dict[str, ServerIn
     in_flight = asyncio.Semaphore(params.concurrency)
 
     async def score(batch: list[Group]) -> None:
-        sequences = [s for g in batch for s in g.sequences]
-        rows_from = [len(g.prompt_ids) - 1 for g in batch for _ in g.completion_ids]
-        async with in_flight:
-            results = await asyncio.gather(*(scorer(sequences, rows_from)
-                                             for scorer in scorers.values()))
+        async with in_flight:  # each model its own prompt (per-model prompts), same completions
+            results = await asyncio.gather(*(
+                scorer([s for g in batch for s in g.sequences_of(name)],
+                       [len(g.prompt_of(name)) - 1 for g in batch for _ in g.completion_ids])
+                for name, scorer in scorers.items()))
         on_records(batch_records(batch, dict(zip(scorers, results)), params.per_token, models))
 
     await asyncio.gather(*(score(b) for b in plan_batches(groups, params.batch_size)))

@@ -50,6 +50,17 @@ class FusedSettings:
     stop: tuple[str, ...] = ()
     seed: int = 0
     ignore_eos: bool = False  # every completion max_tokens long (benchmarks)
+    alpha_method: str = "kl_symmetry"  # config.ALPHA_METHODS
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+
+    def rule_fields(self) -> dict:
+        """The request's alpha-rule fields: none for the default rule, so a server of an
+        earlier version serves default runs as before."""
+        if (self.alpha_method, self.alpha_min, self.alpha_max) == ("kl_symmetry", 0.0, 1.0):
+            return {}
+        return {"alpha_method": self.alpha_method, "alpha_min": self.alpha_min,
+                "alpha_max": self.alpha_max}
 
 
 class FusedCoordinator:
@@ -120,7 +131,7 @@ class FusedCoordinator:
                 "prompts": [item.prompt_ids],
                 "seeds": [prompt_seed(s.seed, item.index, sample_index)],
                 "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
-                "stop": list(s.stop), "ignore_eos": s.ignore_eos})
+                "stop": list(s.stop), "ignore_eos": s.ignore_eos, **s.rule_fields()})
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -5,6 +5,7 @@ Implements the coordinator's per-token `Transport` protocol (dual_sampling/coord
 from __future__ import annotations
 
 import asyncio
+from typing import Optional
 
 import numpy as np
 
@@ -21,10 +22,12 @@ class RequestTransport:
     def __init__(self, theta: VLLMClient, target: VLLMClient) -> None:
         self.theta, self.target = theta, target
 
-    async def step(self, keys: list[int], contexts: list[list[int]], k: int
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int,
+                   target_contexts: Optional[list[list[int]]] = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
-            self.theta.next_token_topk(contexts, k), self.target.next_token_topk(contexts, k))
+            self.theta.next_token_topk(contexts, k),
+            self.target.next_token_topk(target_contexts or contexts, k))
         return ids_theta, logp_theta, ids_target, logp_target
 
     async def release(self, keys: list[int]) -> None:

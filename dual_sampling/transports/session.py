@@ -333,18 +333,25 @@ class SessionTransport:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    async def step(self, keys: list[int], contexts: list[list[int]], k: int
+    async def step(self, keys: list[int], contexts: list[list[int]], k: int,
+                   target_contexts: Optional[list[list[int]]] = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`target_contexts`: the target's own (its prompt, the shared completion); None:
+        the same as theta's."""
         (ids_theta, logp_theta), (ids_target, logp_target) = await asyncio.gather(
-            self.theta.step(keys, contexts, k), self.target.step(keys, contexts, k))
+            self.theta.step(keys, contexts, k),
+            self.target.step(keys, target_contexts or contexts, k))
         return ids_theta, logp_theta, ids_target, logp_target
 
-    async def full_step(self, keys: list[int], contexts: list[list[int]]) -> tuple[Any, Any]:
+    async def full_step(self, keys: list[int], contexts: list[list[int]],
+                        target_contexts: Optional[list[list[int]]] = None
+                        ) -> tuple[Any, Any]:
         """Each model's logits over the whole vocabulary after each context, (B, V) torch
         tensors (the exact transport: the coordinator samples q* from them with the fused
         engine's kernels). ServerMismatchError when the two widths differ."""
-        theta, target = await asyncio.gather(self.theta.step(keys, contexts, wire.FULL),
-                                             self.target.step(keys, contexts, wire.FULL))
+        theta, target = await asyncio.gather(
+            self.theta.step(keys, contexts, wire.FULL),
+            self.target.step(keys, target_contexts or contexts, wire.FULL))
         if theta.shape[1] != target.shape[1]:
             raise ServerMismatchError(
                 f"the theta server at {self.theta.url} sends {theta.shape[1]} ids a row and "

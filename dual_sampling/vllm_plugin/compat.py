@@ -1,7 +1,9 @@
 """Every private vLLM name this plugin wraps, checked before it is touched.
 
 The plugin patches vLLM internals that carry no stability promise (tuning.py, session.py's
-send gate, raw_logprobs.py). Each feature lists the names it needs in `PRIVATE`, with the
+send gate, raw_logprobs.py, fused/stock.py, fused/speculate.py), each replaced method through
+patches.replace, which records it under its feature here (tests/test_patches.py checks that
+every one is listed). Each feature lists the names it needs in `PRIVATE`, with the
 leading parameters a callable must take. `usable(feature)` checks them and, when one is
 missing or changed, logs one warning naming it and returns False, so the caller leaves vLLM
 stock (the feature is a speed-up; stock behaviour gives the same outputs).
@@ -51,7 +53,9 @@ class Private:
         except (ImportError, AttributeError) as exc:
             return f"{where} is missing ({exc})"
         if self.params:
-            func = getattr(obj, "_dual_sampling_original", obj)  # already wrapped by us
+            func = getattr(obj, "_dual_sampling_original", obj)  # already wrapped (patches.py)
+            if func is not obj and inspect.ismethod(obj):  # a classmethod: bind it the same
+                func = func.__get__(obj.__self__)
             try:
                 names = tuple(inspect.signature(func).parameters)
             except (TypeError, ValueError):

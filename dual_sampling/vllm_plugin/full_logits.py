@@ -28,9 +28,11 @@ from typing import Any, Optional
 
 import torch
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
+
+from dual_sampling.vllm_plugin.batch_rows import apply_moves
 
 FULL_KEY = "dual_sampling_full"
 ABANDONED_AFTER_S = 120.0
@@ -120,12 +122,7 @@ class FullLogits(LogitsProcessor, LogitsProcessorV2):
                 self.rows.pop(index, None)
             else:
                 self.rows[index] = _Row(tag, prompt_ids, output_ids)
-        for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if row_a is not None:
-                self.rows[b] = row_a
-            if direction == MoveDirectionality.SWAP and row_b is not None:
-                self.rows[a] = row_b
+        apply_moves(self.rows, batch_update.moved)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """V2: a request takes slot `req_idx`."""

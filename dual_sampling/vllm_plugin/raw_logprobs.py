@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from dual_sampling.vllm_plugin import compat
+from dual_sampling.vllm_plugin import compat, patches
 
 RAW_KEY = "dual_sampling_raw_prompt_logprobs"
 
@@ -42,26 +42,27 @@ def install() -> bool:
     if not compat.usable("raw_prompt_logprobs"):
         return False  # the routes read the flat lists
     from vllm.v1.engine.logprobs import LogprobsProcessor
-    make = LogprobsProcessor.from_new_request.__func__
-    update = LogprobsProcessor._update_prompt_logprobs
-    if getattr(update, "_dual_sampling", False):
-        return True
 
-    def from_new_request(cls, tokenizer, request):
-        processor = make(cls, tokenizer, request)
-        extra = getattr(request.sampling_params, "extra_args", None) or {}
-        if extra.get(RAW_KEY) and processor.prompt_logprobs is not None:
-            processor.prompt_logprobs = RawPromptLogprobs()
-        return processor
+    def make_from_new_request(make):
+        def from_new_request(cls, tokenizer, request):
+            processor = make(cls, tokenizer, request)
+            extra = getattr(request.sampling_params, "extra_args", None) or {}
+            if extra.get(RAW_KEY) and processor.prompt_logprobs is not None:
+                processor.prompt_logprobs = RawPromptLogprobs()
+            return processor
+        return from_new_request
 
-    def _update_prompt_logprobs(self, prompt_logprobs_tensors) -> None:
-        if not isinstance(self.prompt_logprobs, RawPromptLogprobs):
-            return update(self, prompt_logprobs_tensors)
-        token_ids, logprobs, *_ = prompt_logprobs_tensors
-        self.prompt_logprobs.append((np.array(_array(token_ids), dtype=np.int64),
-                                     np.array(_array(logprobs), dtype=np.float32)))
+    def make_update(update):
+        def _update_prompt_logprobs(self, prompt_logprobs_tensors) -> None:
+            if not isinstance(self.prompt_logprobs, RawPromptLogprobs):
+                return update(self, prompt_logprobs_tensors)
+            token_ids, logprobs, *_ = prompt_logprobs_tensors
+            self.prompt_logprobs.append((np.array(_array(token_ids), dtype=np.int64),
+                                         np.array(_array(logprobs), dtype=np.float32)))
+        return _update_prompt_logprobs
 
-    _update_prompt_logprobs._dual_sampling = True
-    LogprobsProcessor.from_new_request = classmethod(from_new_request)
-    LogprobsProcessor._update_prompt_logprobs = _update_prompt_logprobs
+    patches.replace(LogprobsProcessor, "from_new_request", make_from_new_request,
+                    feature="raw_prompt_logprobs")
+    patches.replace(LogprobsProcessor, "_update_prompt_logprobs", make_update,
+                    feature="raw_prompt_logprobs")
     return True

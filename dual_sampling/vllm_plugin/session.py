@@ -47,7 +47,7 @@ from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling import session_format as wire
-from dual_sampling.vllm_plugin import compat
+from dual_sampling.vllm_plugin import compat, patches
 from dual_sampling.vllm_plugin.full_logits import FULL_KEY, keeps_full_logits
 from dual_sampling.theta_format import PIN_HEADER
 from dual_sampling.vllm_plugin.theta_route import state_of
@@ -74,9 +74,16 @@ class _SendGate:
 
     def __init__(self, engine: Any) -> None:
         self.core = engine.engine_core
-        self.send = self.core.add_request_async
         self.batches: dict[str, dict] = {}  # external request id -> its batch
-        self.core.add_request_async = self._add
+
+        def make(original: Any) -> Any:
+            self.send = original
+
+            async def add_request_async(request: Any) -> None:
+                return await self._add(request)
+            return add_request_async
+        patches.replace(self.core, "add_request_async", make, feature="session_gate",
+                        setting=id(self))
 
     @classmethod
     def of(cls, state: Any, engine: Any) -> "_SendGate | _NoGate":

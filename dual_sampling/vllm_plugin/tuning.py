@@ -38,7 +38,7 @@ import queue
 import time
 
 from dual_sampling.errors import ConfigError
-from dual_sampling.vllm_plugin import compat
+from dual_sampling.vllm_plugin import compat, patches
 
 SPIN_ENV = "DUAL_SAMPLING_SHM_SPIN_S"
 GAP_ENV = "DUAL_SAMPLING_INPUT_GAP_S"
@@ -62,18 +62,6 @@ def seconds_from_env(name: str) -> float | None:
     if value < 0:
         raise ConfigError(f"{name}={raw!r} must be >= 0 seconds (or unset)")
     return value
-
-
-def _patch(owner: type, name: str, make: callable, setting: object) -> None:
-    """Replace `owner.name` by `make(original)`, once per process (vLLM may call us twice)."""
-    current = getattr(owner, name)
-    if getattr(current, "_dual_sampling_setting", None) == setting:
-        return
-    original = getattr(current, "_dual_sampling_original", current)
-    patched = make(original)
-    patched._dual_sampling_setting = setting
-    patched._dual_sampling_original = original
-    setattr(owner, name, patched)
 
 
 def bounded_park_ms(idle_s: float, max_park: float, timeout_ms: int | None) -> int:
@@ -119,7 +107,7 @@ def cap_spin(limit: float | None, max_park: float = MAX_PARK_S) -> None:
             return original(self, timeout_ms)
         return wait
 
-    _patch(SpinCondition, "wait", make, (limit, max_park))
+    patches.replace(SpinCondition, "wait", make, feature="shm_spin_cap", setting=(limit, max_park))
 
 
 def gather_input(gap: float) -> None:
@@ -141,7 +129,8 @@ def gather_input(gap: float) -> None:
                 self._handle_client_request(*request)
         return _process_input_queue
 
-    _patch(EngineCoreProc, "_process_input_queue", make, gap)
+    patches.replace(EngineCoreProc, "_process_input_queue", make, feature="input_gap",
+                    setting=gap)
 
 
 def register() -> None:

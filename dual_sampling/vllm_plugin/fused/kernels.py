@@ -558,6 +558,94 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
     return Draw(token, logp_q)
 
 
+ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")  # as mixture.py's
+
+
+def rule_alpha(rows: Rows, method: str, max_iter: int = 60, tol: float = 1e-10
+               ) -> torch.Tensor:
+    """alpha (B,) float64 by `ess_balance` or `entropy` over the whole vocabulary: the torch
+    twin of mixture.ess_balance_alpha / entropy_alpha (see there for the math). Eager torch
+    over (B, V) float64 log-probabilities: a few passes for entropy, two a Newton step for
+    ess_balance (5-8 steps); the default rule, kl_symmetry, keeps `solve`'s fused passes.
+    The caller then evaluates q* at this alpha with `solve(..., fixed=...)`."""
+    a = rows.theta.double() - rows.c_theta[:, None]  # (B, V) log theta
+    b = rows.target.double() - rows.c_target[:, None]  # (B, V) log target
+    if method == "entropy":
+        h_a = -(a.exp() * a).nan_to_num(0.0).sum(dim=-1)
+        h_b = -(b.exp() * b).nan_to_num(0.0).sum(dim=-1)
+        total = h_a + h_b
+        return torch.where(total > 0, h_a / total.clamp(min=1e-300),
+                           torch.full_like(total, 0.5))
+    if method != "ess_balance":
+        raise ValueError(f"rule_alpha computes ess_balance or entropy, not {method!r}")
+    shared = torch.isfinite(a) & torch.isfinite(b)
+    a = torch.where(shared, a, -torch.inf)
+    d = torch.where(shared, b - a, 0.0)
+
+    def h_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = a + (2 - x)[:, None] * d, a - x[:, None] * d
+        lse_up, lse_down = up.logsumexp(dim=-1), down.logsumexp(dim=-1)
+        r, s = (up - lse_up[:, None]).exp(), (down - lse_down[:, None]).exp()
+        return lse_up - lse_down, (s * d).sum(dim=-1) - (r * d).sum(dim=-1)
+
+    n = a.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float64, device=a.device)
+    h_lo, _ = h_and_slope(zeros)
+    h_hi, _ = h_and_slope(zeros + 1)
+    flat = (d == 0).all(dim=-1) | ~torch.isfinite(h_lo) | ~torch.isfinite(h_hi)
+    alpha = torch.full_like(zeros, 0.5)
+    alpha[(h_lo <= 0) & ~flat] = 0.0
+    alpha[(h_hi >= 0) & (h_lo > 0) & ~flat] = 1.0
+    todo = (h_lo > 0) & (h_hi < 0) & ~flat
+    if todo.any():
+        a, d = a[todo], d[todo]
+        x = torch.full((a.shape[0],), 0.5, dtype=torch.float64, device=a.device)
+        lo, hi = torch.zeros_like(x), torch.ones_like(x)
+        for _ in range(max_iter):
+            h, slope = h_and_slope(x)
+            lo, hi = torch.where(h > 0, x, lo), torch.where(h < 0, x, hi)
+            newton = x - h / torch.where(slope < 0, slope, -1.0)
+            step = torch.where((slope < 0) & (newton > lo) & (newton < hi), newton,
+                               0.5 * (lo + hi))
+            step = torch.where(h == 0, x, step)
+            moved = (step - x).abs().max()
+            x = step
+            if moved <= tol:
+                break
+        alpha[todo] = x
+    return alpha
+
+
+def solve_rules(rows: Rows, methods: Optional[list[str]] = None,
+                alpha: Optional[np.ndarray] = None, alpha_min: Optional[np.ndarray] = None,
+                alpha_max: Optional[np.ndarray] = None) -> Solution:
+    """q*'s solution with each row's alpha by its rule (ALPHA_METHODS; None: kl_symmetry),
+    clamped to [alpha_min, alpha_max] (B,) each: `alpha` (B,) for fixed rows (NaN
+    elsewhere), `rule_alpha` for ess_balance and entropy, `solve`'s alpha* for kl_symmetry
+    (its root clamped: log Z is convex, so that is the minimiser on the interval). The
+    default rule with [0, 1] costs what `solve` costs; each other rule, its passes plus one
+    evaluation at the chosen alpha."""
+    n = rows.theta.shape[0]
+    methods = np.array(["kl_symmetry"] * n if methods is None else methods)
+    start = np.full(n, np.nan) if alpha is None else np.asarray(alpha, np.float64).copy()
+    lo = np.zeros(n) if alpha_min is None else np.asarray(alpha_min, np.float64)
+    hi = np.ones(n) if alpha_max is None else np.asarray(alpha_max, np.float64)
+    fixed = ~np.isnan(start)
+    for method in ("ess_balance", "entropy"):
+        picked = methods == method
+        if picked.any():
+            index = torch.from_numpy(np.flatnonzero(picked)).to(rows.theta.device)
+            start[picked] = rule_alpha(rows.take(index), method).cpu().numpy()
+            fixed |= picked
+    start = np.where(fixed, np.clip(start, lo, hi), np.nan)
+    solution = solve(rows, start, fixed)
+    solved = solution.alpha.cpu().numpy()
+    clamped = np.clip(solved, lo, hi)
+    if (clamped != solved).any():  # alpha* outside a row's interval: evaluate at the end
+        solution = solve(rows, clamped, np.ones(n, dtype=bool))
+    return solution
+
+
 FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
           "kl_q_target", "entropy_q")
 

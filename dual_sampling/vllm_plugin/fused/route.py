@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -35,6 +35,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling.vllm_plugin.fused import stock
+from dual_sampling.vllm_plugin.fused.kernels import ALPHA_METHODS
 from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
@@ -60,6 +61,9 @@ class FusedRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0)  # 0: argmax of q*
     stop: list[str] = []
     ignore_eos: bool = False
+    alpha_method: Literal[ALPHA_METHODS] = "kl_symmetry"  # kernels.solve_rules
+    alpha_min: float = Field(default=0.0, ge=0.0, le=1.0)
+    alpha_max: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 def is_fused(engine: Any) -> bool:
@@ -127,6 +131,13 @@ class _Refused(Exception):
 
 
 def _check(body: FusedRequest, vocab_size: int) -> None:
+    if body.alpha_method == "fixed" and body.alpha is None:
+        raise _Refused("alpha_method fixed needs alpha")
+    if body.alpha is not None and body.alpha_method not in ("kl_symmetry", "fixed"):
+        raise _Refused(f"alpha fixes alpha, which alpha_method {body.alpha_method} would "
+                       f"choose: give one of them")
+    if body.alpha_min > body.alpha_max:
+        raise _Refused(f"alpha_min {body.alpha_min} > alpha_max {body.alpha_max}")
     if not body.prompts or len(body.seeds) != len(body.prompts):
         raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
                        f"{len(body.seeds)} seeds")
@@ -146,7 +157,9 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
         detokenize=bool(body.stop), ignore_eos=body.ignore_eos,
         output_kind=RequestOutputKind.FINAL_ONLY,
         extra_args={EXTRA_KEY: {"tag": tag, "seed": seed, "alpha": body.alpha,
-                                "temperature": body.temperature}})
+                                "temperature": body.temperature,
+                                "alpha_method": body.alpha_method,
+                                "alpha_min": body.alpha_min, "alpha_max": body.alpha_max}})
     final = None
     async for output in engine.generate({"prompt_token_ids": ids}, params, request_id=tag):
         final = output

@@ -53,12 +53,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
+from dual_sampling.vllm_plugin.batch_rows import apply_moves
 from dual_sampling.vllm_plugin.fused import kernels, state, stock
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
+
+
+def _forget(row: "_Row") -> None:
+    """A row that left the batch: its request's per-step records go (state.mark_removed)."""
+    if row.tag is not None:
+        state.mark_removed(row.tag)
 
 
 @dataclass
@@ -70,6 +77,9 @@ class _Row:
     alpha: Optional[float]
     temperature: float
     output_ids: list[int] = field(default_factory=list)  # V1's live list of generated ids
+    alpha_method: str = "kl_symmetry"  # kernels.solve_rules
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
     step: int = 0  # position in the completion of the token sampled this step
 
     @classmethod
@@ -77,6 +87,9 @@ class _Row:
         args = _read_args(params) or {}
         row = cls(tag=args.get("tag"), seed=int(args.get("seed", 0)), alpha=args.get("alpha"),
                   temperature=float(args.get("temperature", 1.0)),
+                  alpha_method=str(args.get("alpha_method", "kl_symmetry")),
+                  alpha_min=float(args.get("alpha_min", 0.0)),
+                  alpha_max=float(args.get("alpha_max", 1.0)),
                   output_ids=output_ids if output_ids is not None else [])
         if row.tag is not None:
             state.open_record(row.tag)
@@ -121,19 +134,12 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
         for index, params, _, output_ids in batch_update.added:
             self._drop(index)
             self.rows[index] = _Row.of(params, output_ids)
-        for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if row_a is not None:
-                self.rows[b] = row_a
-            if direction == MoveDirectionality.SWAP and row_b is not None:
-                self.rows[a] = row_b
-            elif row_b is not None and row_b.tag is not None:
-                state.mark_removed(row_b.tag)
+        apply_moves(self.rows, batch_update.moved, _forget)
 
     def _drop(self, index: int, table: Optional[dict[int, _Row]] = None) -> None:
         row = (self.rows if table is None else table).pop(index, None)
-        if row is not None and row.tag is not None:
-            state.mark_removed(row.tag)
+        if row is not None:
+            _forget(row)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """V2: a request takes slot `req_idx` (a slot's previous request has left)."""
@@ -184,9 +190,10 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
             rows = kernels.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
         else:
             rows = kernels.Rows.of(stash[0][idx], stash[1][idx])
-        fixed = np.array([r.alpha is not None for r in states])
         start = np.array([np.nan if r.alpha is None else r.alpha for r in states])
-        solution = kernels.solve(rows, start, fixed)
+        solution = kernels.solve_rules(rows, [r.alpha_method for r in states], start,
+                                       np.array([r.alpha_min for r in states]),
+                                       np.array([r.alpha_max for r in states]))
         solve_s = time.perf_counter() - t0
         mix = solution.mixture()
         tagged = [r.tag is not None for r in states]

@@ -7,8 +7,9 @@ the composite verifies them in ONE pass over K + 1 positions of both models, and
 replaces vLLM's rejection sampler for that step (vLLM refuses custom logits processors under
 speculative decoding, so the per-step work of sampler.py moves here):
 
-- q* at every verified position: alpha* (or the request's fixed alpha) from both models'
-  logits, the same solve as the non-speculative engine (kernels.py);
+- q* at every verified position: alpha by the request's rule (alpha*, ess_balance,
+  entropy or its fixed alpha, clamped to its [alpha_min, alpha_max]) from both models'
+  logits, the same solve as the non-speculative engine (kernels.solve_rules);
 - draft token x at a position is accepted with probability min(1, q(x) / p(x)), where
   q = q*^(1/T) normalised and p = theta^(1/T) normalised, the draft's own distribution (the
   ratio q*/pi_theta is the token's importance weight); the first rejection draws its token
@@ -52,6 +53,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dual_sampling.vllm_plugin import patches
 from dual_sampling.vllm_plugin.fused import kernels, state
 from dual_sampling.vllm_plugin.fused.setup import EXTRA_KEY
 
@@ -81,6 +83,9 @@ class Request:
     drafts: int  # draft tokens to verify this step
     top_k: int = 0  # a stock request's restrictions of q (vLLM's meaning; these: none)
     top_p: float = 1.0
+    alpha_method: str = "kl_symmetry"  # kernels.solve_rules, as the non-speculative engine
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
 
 
 @dataclass
@@ -123,7 +128,10 @@ def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
         else:
             out.append(Request(args["tag"], int(args["seed"]), args.get("alpha"),
                                float(args.get("temperature", 1.0)), max(position, 0),
-                               drafts[i], **limits))
+                               drafts[i], **limits,
+                               alpha_method=str(args.get("alpha_method", "kl_symmetry")),
+                               alpha_min=float(args.get("alpha_min", 0.0)),
+                               alpha_max=float(args.get("alpha_max", 1.0))))
     return out
 
 
@@ -197,10 +205,11 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     offset = np.arange(len(row_req)) - starts[row_req]  # position of the row in its request
     is_draft_row = offset < counts[row_req] - 1
     rows = kernels.Rows.of(theta, target)
-    fixed = np.array([requests[i].alpha is not None for i in row_req])
     start = np.array([np.nan if requests[i].alpha is None else requests[i].alpha
                       for i in row_req])
-    solution = kernels.solve(rows, start, fixed)
+    solution = kernels.solve_rules(rows, [requests[i].alpha_method for i in row_req], start,
+                                   np.array([requests[i].alpha_min for i in row_req]),
+                                   np.array([requests[i].alpha_max for i in row_req]))
     mix = solution.mixture()
     temperature = torch.tensor([requests[i].temperature for i in row_req],
                                dtype=torch.float64, device=device)
@@ -434,22 +443,21 @@ def install() -> None:
     """Patch the two vLLM methods (once a process); inert on any other server."""
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer as proposer_cls
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
-    if getattr(runner_cls, "_dual_sampling_patched", False):
-        return
-    original_sample = runner_cls._sample
-    original_draw = proposer_cls._sample_from_logits
+    def make_sample(original_sample):
+        def _sample(self, logits, spec_decode_metadata):
+            if logits is not None and serves_speculative_composite(self):
+                out = sample_step(self, logits, spec_decode_metadata)
+                if out is not None:
+                    return out
+            return original_sample(self, logits, spec_decode_metadata)
+        return _sample
 
-    def _sample(self, logits, spec_decode_metadata):
-        if logits is not None and serves_speculative_composite(self):
-            out = sample_step(self, logits, spec_decode_metadata)
-            if out is not None:
-                return out
-        return original_sample(self, logits, spec_decode_metadata)
+    def make_draw(original_draw):
+        def _sample_from_logits(self, logits, sampling_metadata):
+            drawn = draft_draw(logits)  # None unless a speculative composite step set it up
+            return drawn if drawn is not None else original_draw(self, logits,
+                                                                 sampling_metadata)
+        return _sample_from_logits
 
-    def _sample_from_logits(self, logits, sampling_metadata):
-        drawn = draft_draw(logits)  # None unless a speculative composite step set it up
-        return drawn if drawn is not None else original_draw(self, logits, sampling_metadata)
-
-    runner_cls._sample = _sample
-    proposer_cls._sample_from_logits = _sample_from_logits
-    runner_cls._dual_sampling_patched = True
+    patches.replace(runner_cls, "_sample", make_sample, feature="speculative")
+    patches.replace(proposer_cls, "_sample_from_logits", make_draw, feature="speculative")

@@ -29,6 +29,7 @@ from typing import Any, Optional
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
+from dual_sampling.vllm_plugin import patches
 from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
 
 
@@ -59,6 +60,11 @@ def check_extra_args(params: SamplingParams) -> None:
         raise VLLMValidationError(
             f"extra_args.{EXTRA_KEY}.temperature = {temperature!r}: must be >= 0 (0 = "
             f"argmax of q*)", parameter="temperature", value=temperature)
+    method = args.get("alpha_method", "kl_symmetry")
+    if method not in ("kl_symmetry", "ess_balance", "entropy", "fixed"):  # kernels' rules
+        raise VLLMValidationError(
+            f"extra_args.{EXTRA_KEY}.alpha_method = {method!r}: choose kl_symmetry, "
+            f"ess_balance, entropy or fixed", parameter="alpha_method", value=method)
     if not isinstance(args.get("tag"), str) or not isinstance(args.get("seed"), int):
         raise VLLMValidationError(
             f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer `seed`, got "
@@ -99,16 +105,12 @@ def check(params: SamplingParams, speculative: bool) -> None:
 def install() -> None:
     """Wrap `SamplingParams.verify` (once a process) so that a composite-model server runs
     `check` on every request; any other server is untouched."""
-    if getattr(SamplingParams.verify, "_dual_sampling", False):
-        return
-    original = SamplingParams.verify
+    def make(original):
+        def verify(self: SamplingParams, model_config: Any, speculative_config: Optional[Any],
+                   *args: Any, **kwargs: Any) -> None:
+            original(self, model_config, speculative_config, *args, **kwargs)
+            if ARCHITECTURE in (getattr(model_config, "architectures", None) or []):
+                check(self, speculative=speculative_config is not None)
+        return verify
 
-    def verify(self: SamplingParams, model_config: Any, speculative_config: Optional[Any],
-               *args: Any, **kwargs: Any) -> None:
-        original(self, model_config, speculative_config, *args, **kwargs)
-        if ARCHITECTURE in (getattr(model_config, "architectures", None) or []):
-            check(self, speculative=speculative_config is not None)
-
-    verify._dual_sampling = True
-    verify._dual_sampling_original = original  # compat.py checks the signature of vLLM's
-    SamplingParams.verify = verify
+    patches.replace(SamplingParams, "verify", make, feature="fused")
