@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dual_sampling.errors import ConfigError
+from dual_sampling.mixture import ALPHA_METHODS
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
-ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")  # as mixture.py's
 TRANSPORTS = ("auto", "request", "session", "fused")
 DEFAULT_TOP_K = 20
 TOPK_DTYPES = ("int8", "fp16", "bf16")

@@ -30,7 +30,7 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path, make_tiny_models, widen_vocabulary
 from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
-from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH
+from dual_sampling.fused_format import COUNTERS_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, native_tok_s, prompt_items  # noqa: E402

@@ -33,7 +33,7 @@ from tabulate import tabulate
 from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
 from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
-from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH
+from dual_sampling.fused_format import COUNTERS_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import bench_models, native_tok_s, prompt_items, speed_arguments  # noqa: E402

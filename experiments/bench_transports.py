@@ -49,7 +49,7 @@ from dual_sampling.tiny_models import corpus_path
 from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
 from dual_sampling.transports.request import RequestTransport
 from dual_sampling.transports.session import SessionTransport
-from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH
+from dual_sampling.fused_format import COUNTERS_PATH
 from dual_sampling.vllm_plugin.fused.setup import kv_bytes_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -45,8 +45,8 @@ from dual_sampling.launch import Servers
 from dual_sampling.shaped_models import make_pair
 from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
 from dual_sampling.tiny_models import corpus_path, perturbed_checkpoint
-from dual_sampling.transports.fused import PATH as FUSED_PATH
-from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
+from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
+from dual_sampling.fused_format import COUNTERS_PATH, ENGINE_PATH
 
 PROMPT_TOKENS = 32
 GPU = dict(theta="qwen2.5-0.5b", target="qwen2.5-1.5b", vocab=151665, dtype="bfloat16",

@@ -146,7 +146,7 @@ def real_fused_draws(real_models, tmp_path_factory) -> dict:
     from transformers import AutoTokenizer
 
     from dual_sampling.coordinator import prompt_seed
-    from dual_sampling.transports.fused import PATH
+    from dual_sampling.fused_format import GENERATE_PATH as PATH
     tokenizer = AutoTokenizer.from_pretrained(str(real_models["target"]))
     prompts = [tokenizer(text)["input_ids"] for text in REAL_EXACT_TEXTS]
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_fused_draws"),

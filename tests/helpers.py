@@ -25,7 +25,7 @@ from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
 from dual_sampling.tiny_models import corpus_path
 from dual_sampling.launch import Servers
 from dual_sampling.records import read_records
-from dual_sampling.transports.fused import PATH as FUSED_PATH
+from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
 from dual_sampling.transports.session import SessionTransport
 
 
@@ -138,7 +138,8 @@ def run_sample(servers, prompts: Path, out: Path, *overrides: str, check: bool =
     return done
 
 
-def wait_for_records(proc: subprocess.Popen, samples: Path, n: int, timeout_s: float = 300) -> None:
+def wait_for_records(proc: subprocess.Popen, samples: Path, n: int,
+                     timeout_s: float = 300) -> None:
     """Return once `samples` holds n complete lines (or the process ended, or time ran out)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:

@@ -24,7 +24,7 @@ from dual_sampling.config import SampleParams
 from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings, prompt_seed
 from dual_sampling.errors import ConfigError, ServerMismatchError
 from dual_sampling.sampling import choose_exact
-from dual_sampling.transports.fused import PATH as FUSED_PATH
+from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
 from dual_sampling.transports.session import SessionTransport
 from helpers import assert_rule_alpha, chernoff_alpha, encode, exact_sequences, run_exact
 

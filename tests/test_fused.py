@@ -26,7 +26,7 @@ from dual_sampling.launch import START_SCRIPT, Servers
 from dual_sampling.sampling import wants_fused
 from dual_sampling.records import read_records
 from dual_sampling.transports.fused import prompt_seed
-from dual_sampling.vllm_plugin.fused.route import ENGINE_PATH
+from dual_sampling.fused_format import ENGINE_PATH
 from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, hf_overrides
 from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, check_dataset,
                      chernoff_alpha, chi_square_p, encode, generate, run_killing_a_replica,

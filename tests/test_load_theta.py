@@ -26,7 +26,7 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.errors import CheckpointRefusedError, ServerError, ThetaChangedError
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import perturbed_checkpoint
-from dual_sampling.transports.fused import PATH as FUSED_PATH
+from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
 
 pytestmark = pytest.mark.server
 

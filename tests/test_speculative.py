@@ -17,7 +17,7 @@ from scipy.special import log_softmax
 
 from dual_sampling import mixture
 from dual_sampling.launch import Servers
-from dual_sampling.vllm_plugin.fused.route import COUNTERS_PATH, ENGINE_PATH
+from dual_sampling.fused_format import COUNTERS_PATH, ENGINE_PATH
 from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, assert_rule_alpha,
                      check_dataset, chernoff_alpha, chi_square_p, encode, generate, run_sample,
                      tokens_of, write_prompts)

@@ -34,10 +34,7 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import (TOKEN_FIELDS, PromptItem, Sequence, StepStats,
                                        prompt_seed)
 from dual_sampling.errors import MalformedResponseError
-
-PATH = "/v1/dual_sampling/fused/generate"  # dual_sampling/vllm_plugin/fused/route.py
-EXACT = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
-         "entropy_q")  # what the server returns per token; q* covers the whole vocabulary
+from dual_sampling.fused_format import GENERATE_PATH, TokenArgs, generate_body, read_result
 
 
 @dataclass
@@ -54,13 +51,11 @@ class FusedSettings:
     alpha_min: float = 0.0
     alpha_max: float = 1.0
 
-    def rule_fields(self) -> dict:
-        """The request's alpha-rule fields: none for the default rule, so a server of an
-        earlier version serves default runs as before."""
-        if (self.alpha_method, self.alpha_min, self.alpha_max) == ("kl_symmetry", 0.0, 1.0):
-            return {}
-        return {"alpha_method": self.alpha_method, "alpha_min": self.alpha_min,
-                "alpha_max": self.alpha_max}
+    def token_args(self) -> TokenArgs:
+        """How the engine chooses each token (fused_format.TokenArgs; seeds per prompt)."""
+        return TokenArgs(tag=None, seed=0, alpha=self.alpha, temperature=self.temperature,
+                         alpha_method=self.alpha_method, alpha_min=self.alpha_min,
+                         alpha_max=self.alpha_max)
 
 
 class FusedCoordinator:
@@ -71,6 +66,7 @@ class FusedCoordinator:
                  on_step: Optional[Callable[[StepStats], None]] = None) -> None:
         self.client = client
         self.settings = settings
+        self.args = settings.token_args()  # checked here, before any request
         self.on_finished = on_finished
         self.on_step = on_step
         self.transport = self  # what modes/sample.generate closes
@@ -127,11 +123,9 @@ class FusedCoordinator:
             self._busy_since = t0
         self._in_flight += 1
         try:
-            reply = await self.client.request("POST", PATH, {
-                "prompts": [item.prompt_ids],
-                "seeds": [prompt_seed(s.seed, item.index, sample_index)],
-                "max_tokens": room, "alpha": s.alpha, "temperature": s.temperature,
-                "stop": list(s.stop), "ignore_eos": s.ignore_eos, **s.rule_fields()})
+            reply = await self.client.request("POST", GENERATE_PATH, generate_body(
+                [item.prompt_ids], [prompt_seed(s.seed, item.index, sample_index)], room,
+                self.args, s.stop, s.ignore_eos))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -152,18 +146,12 @@ class FusedCoordinator:
 
     def _sequence(self, item: PromptItem, sample_index: int, reply: dict) -> Sequence:
         """The coordinator's Sequence of one reply: coverage 1 and in-top-k true per token."""
-        where = f"{self.client.name} server at {self.client.url} (POST {PATH})"
+        where = f"{self.client.name} server at {self.client.url} (POST {GENERATE_PATH})"
         try:
-            result = reply["results"][0]
-            ids = [int(t) for t in result["token_ids"]]
-            exact = {name: [float(v) for v in result[name]] for name in EXACT}
-            finish = result["finish_reason"]
+            ids, exact, finish = read_result(reply["results"][0])
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise MalformedResponseError(f"{where} answered without a readable result: "
-                                         f"{str(reply)[:200]}") from exc
-        if not ids or any(len(values) != len(ids) for values in exact.values()):
-            raise MalformedResponseError(f"{where} returned {len(ids)} tokens with per-token "
-                                         f"lists of other lengths")
+            raise MalformedResponseError(f"{where} answered without a readable result "
+                                         f"({exc}): {str(reply)[:200]}") from exc
         full = {"coverage_theta": 1.0, "coverage_target": 1.0, "in_topk_theta": True,
                 "in_topk_target": True}
         tokens = {name: exact[name] if name in exact else [full[name]] * len(ids)

@@ -47,6 +47,8 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
+from dual_sampling.fused_format import TOKEN_FIELDS
+
 TOL = 1e-7  # alpha; see solve for the stopping rule
 MAX_ITER = 60
 BLOCK = 1024  # ids per block: the sums' float32 partials and the inverse CDF's first level
@@ -558,7 +560,6 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
     return Draw(token, logp_q)
 
 
-ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")  # as mixture.py's
 
 
 def rule_alpha(rows: Rows, method: str, max_iter: int = 60, tol: float = 1e-10
@@ -619,8 +620,8 @@ def rule_alpha(rows: Rows, method: str, max_iter: int = 60, tol: float = 1e-10
 def solve_rules(rows: Rows, methods: Optional[list[str]] = None,
                 alpha: Optional[np.ndarray] = None, alpha_min: Optional[np.ndarray] = None,
                 alpha_max: Optional[np.ndarray] = None) -> Solution:
-    """q*'s solution with each row's alpha by its rule (ALPHA_METHODS; None: kl_symmetry),
-    clamped to [alpha_min, alpha_max] (B,) each: `alpha` (B,) for fixed rows (NaN
+    """q*'s solution with each row's alpha by its rule (mixture.ALPHA_METHODS; None:
+    kl_symmetry), clamped to [alpha_min, alpha_max] (B,) each: `alpha` (B,) for fixed rows (NaN
     elsewhere), `rule_alpha` for ess_balance and entropy, `solve`'s alpha* for kl_symmetry
     (its root clamped: log Z is convex, so that is the minimiser on the interval). The
     default rule with [0, 1] costs what `solve` costs; each other rule, its passes plus one
@@ -646,8 +647,7 @@ def solve_rules(rows: Rows, methods: Optional[list[str]] = None,
     return solution
 
 
-FIELDS = ("token", "alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta",
-          "kl_q_target", "entropy_q")
+FIELDS = ("token",) + TOKEN_FIELDS  # what draw returns per row
 
 
 def draw(rows: Rows, solution: Solution, mix: Mixture, seeds: np.ndarray, steps: np.ndarray,

@@ -1,17 +1,13 @@
 """`POST /v1/dual_sampling/fused/generate`: whole completions from q* with exact diagnostics.
 
-Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. Request JSON:
-
-    {"prompts": [[ids...], ...], "seeds": [int, ...], "max_tokens": 64,
-     "alpha": null | 0.3, "temperature": 1.0, "stop": [], "ignore_eos": false}
+Only on a fused server (start_vllm.sh --fused); elsewhere it answers 409. The request and
+reply are fused_format.py's (the contract the client shares).
 
 Each prompt becomes one ordinary engine request (vLLM batches them with everything else in
 flight), tagged in `extra_args` so the logits processor (fused/sampler.py) samples its tokens
 from q* with the prompt's seed and records each token's diagnostics in the worker. When a
 request finishes, its record, cut to the completion's length, comes back through one
-`collective_rpc` for all the requests that finished meanwhile. Reply JSON: `{"results": [{"token_ids", "finish_reason",
-"alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
-"entropy_q"}, ...]}` in prompt order, per-token lists as long as `token_ids`.
+`collective_rpc` for all the requests that finished meanwhile.
 
 `GET /v1/dual_sampling/fused/counters`: the worker's counters (steps, seconds solving
 alpha*, solver iterations) for benchmarks.
@@ -24,6 +20,7 @@ engine made one KV-cache group (fused/setup.py's check, seen from the engine's s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import Any, Literal, Optional
@@ -35,15 +32,12 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dual_sampling.vllm_plugin.fused import stock
-from dual_sampling.vllm_plugin.fused.kernels import ALPHA_METHODS
-from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
+from dual_sampling.fused_format import (COUNTERS_PATH, ENGINE_PATH, GENERATE_PATH, TOKEN_FIELDS,
+                                        TokenArgs, TokenArgsError)
+from dual_sampling.mixture import ALPHA_METHODS
+from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
 
-GENERATE_PATH = "/v1/dual_sampling/fused/generate"
-COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
-ENGINE_PATH = "/v1/dual_sampling/fused/engine"
-DIAGNOSTICS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
-               "entropy_q")
 
 router = APIRouter()
 log = logging.getLogger("vllm.dual_sampling.fused")  # under vLLM's handlers
@@ -130,24 +124,26 @@ class _Refused(Exception):
     """A request this route refuses with HTTP 400."""
 
 
-def _check(body: FusedRequest, vocab_size: int) -> None:
-    if body.alpha_method == "fixed" and body.alpha is None:
-        raise _Refused("alpha_method fixed needs alpha")
-    if body.alpha is not None and body.alpha_method not in ("kl_symmetry", "fixed"):
-        raise _Refused(f"alpha fixes alpha, which alpha_method {body.alpha_method} would "
-                       f"choose: give one of them")
-    if body.alpha_min > body.alpha_max:
-        raise _Refused(f"alpha_min {body.alpha_min} > alpha_max {body.alpha_max}")
+def _check(body: FusedRequest, vocab_size: int) -> TokenArgs:
+    """The request's TokenArgs (tag and seed filled per prompt later); _Refused naming what is
+    wrong."""
+    try:
+        args = TokenArgs(tag=None, seed=0, alpha=body.alpha, temperature=body.temperature,
+                         alpha_method=body.alpha_method, alpha_min=body.alpha_min,
+                         alpha_max=body.alpha_max)
+    except TokenArgsError as exc:
+        raise _Refused(str(exc)) from None
     if not body.prompts or len(body.seeds) != len(body.prompts):
         raise _Refused(f"give one seed per prompt: {len(body.prompts)} prompts, "
                        f"{len(body.seeds)} seeds")
     for index, ids in enumerate(body.prompts):
         if not ids or min(ids) < 0 or max(ids) >= vocab_size:
             raise _Refused(f"prompt {index} is empty or holds an id outside [0, {vocab_size})")
+    return args
 
 
 async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed: int,
-                    body: FusedRequest) -> dict[str, Any]:
+                    body: FusedRequest, args: TokenArgs) -> dict[str, Any]:
     tag = f"fused-{uuid.uuid4().hex}"
     # the token is forced (fused/sampler.py) or drawn by speculate.py; a speculative engine
     # lets theta draft at random only for requests vLLM does not take for greedy ones
@@ -156,10 +152,7 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
         else 0.0, stop=body.stop or None,
         detokenize=bool(body.stop), ignore_eos=body.ignore_eos,
         output_kind=RequestOutputKind.FINAL_ONLY,
-        extra_args={EXTRA_KEY: {"tag": tag, "seed": seed, "alpha": body.alpha,
-                                "temperature": body.temperature,
-                                "alpha_method": body.alpha_method,
-                                "alpha_min": body.alpha_min, "alpha_max": body.alpha_max}})
+        extra_args=dataclasses.replace(args, tag=tag, seed=seed).to_extra())
     final = None
     async for output in engine.generate({"prompt_token_ids": ids}, params, request_id=tag):
         final = output
@@ -172,7 +165,7 @@ async def _complete(engine: Any, diagnostics: _Diagnostics, ids: list[int], seed
                            f"match the engine's output ({token_ids}): is --logits-processors "
                            f"set (start_vllm.sh --fused sets it)?")
     return {"token_ids": token_ids, "finish_reason": completion.finish_reason,
-            **{name: record[name] for name in DIAGNOSTICS}}
+            **{name: record[name] for name in TOKEN_FIELDS}}
 
 
 @router.post(GENERATE_PATH)
@@ -182,13 +175,14 @@ async def generate(body: FusedRequest, request: Request) -> JSONResponse:
         return error(409, f"this server does not serve the fused model ({ARCHITECTURE}): "
                            f"start one with ./start_vllm.sh --fused --theta A --target B")
     try:
-        _check(body, engine.model_config.get_vocab_size())
+        args = _check(body, engine.model_config.get_vocab_size())
     except _Refused as exc:
         return error(400, str(exc))
     state = request.app.state
     if getattr(state, "dual_sampling_fused", None) is None:
         state.dual_sampling_fused = _Diagnostics(engine)
-    tasks = [asyncio.ensure_future(_complete(engine, state.dual_sampling_fused, ids, seed, body))
+    tasks = [asyncio.ensure_future(_complete(engine, state.dual_sampling_fused, ids, seed, body,
+                                             args))
              for ids, seed in zip(body.prompts, body.seeds)]
     results = await gather_or_error(tasks, GENERATE_PATH,
                                     refused=(VLLMClientError, ValueError))

@@ -5,9 +5,8 @@ set by start_vllm.sh --fused) on the logits of every step, after the composite m
 (fused/model.py) has put both models' full-vocabulary logits in the worker's stash; the
 math (fused/kernels.py: a few fused passes over the vocabulary, compiled at start-up) reads
 them in place, before this step's writes to theta's logits.
-Per row, from the request's `SamplingParams.extra_args[EXTRA_KEY]`:
-
-    {"tag": str, "seed": int, "alpha": float | None, "temperature": float}
+Per row, the request's `fused_format.TokenArgs` (its `SamplingParams.extra_args`): a tag,
+a seed, alpha (None: by its alpha rule), a temperature and the rule with its clamps.
 
 - alpha None solves alpha* (the Chernoff point, to 1e-7, from kernels.first_guess:
   the quintic log Z through both ends' g and g', which the normaliser pass gives); a
@@ -57,10 +56,13 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
+from dual_sampling.fused_format import TokenArgs
 from dual_sampling.vllm_plugin.batch_rows import apply_moves
 from dual_sampling.vllm_plugin.fused import kernels, state, stock
-from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY, EXTRA_KEY
+from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY
 
+
+STOCK = TokenArgs(tag=None, seed=0)  # a stock request's row: log q* at alpha*, vLLM samples
 
 def _forget(row: "_Row") -> None:
     """A row that left the batch: its request's per-step records go (state.mark_removed)."""
@@ -84,20 +86,14 @@ class _Row:
 
     @classmethod
     def of(cls, params: SamplingParams, output_ids: Optional[list[int]] = None) -> "_Row":
-        args = _read_args(params) or {}
-        row = cls(tag=args.get("tag"), seed=int(args.get("seed", 0)), alpha=args.get("alpha"),
-                  temperature=float(args.get("temperature", 1.0)),
-                  alpha_method=str(args.get("alpha_method", "kl_symmetry")),
-                  alpha_min=float(args.get("alpha_min", 0.0)),
-                  alpha_max=float(args.get("alpha_max", 1.0)),
+        args = TokenArgs.from_extra(params.extra_args) or STOCK  # validate_params checked
+        row = cls(tag=args.tag, seed=args.seed, alpha=args.alpha,
+                  temperature=float(args.temperature), alpha_method=args.alpha_method,
+                  alpha_min=float(args.alpha_min), alpha_max=float(args.alpha_max),
                   output_ids=output_ids if output_ids is not None else [])
         if row.tag is not None:
             state.open_record(row.tag)
         return row
-
-
-def _read_args(params: SamplingParams) -> Optional[dict[str, Any]]:
-    return (params.extra_args or {}).get(EXTRA_KEY)
 
 
 class FusedSampler(LogitsProcessor, LogitsProcessorV2):

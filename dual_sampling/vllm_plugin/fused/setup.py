@@ -43,7 +43,6 @@ from transformers import AutoConfig, AutoTokenizer
 from dual_sampling.errors import DualSamplingError
 ARCHITECTURE = "DualSamplingMixtureForCausalLM"  # fused/model.py
 CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused/model.py reads
-EXTRA_KEY = "dual_sampling_fused"  # SamplingParams.extra_args key of fused requests
 SAMPLER = "dual_sampling.vllm_plugin.fused.sampler:FusedSampler"
 WORKER_EXTENSION = "dual_sampling.vllm_plugin.fused.state.FusedWorkerExtension"
 PROBE = "Hello, world! 123 <s> \u00fcn\u00ef\n\tdef f(x): return x ** 2  # \u65e5\u672c"

@@ -53,9 +53,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dual_sampling.fused_format import TokenArgs
 from dual_sampling.vllm_plugin import patches
 from dual_sampling.vllm_plugin.fused import kernels, state
-from dual_sampling.vllm_plugin.fused.setup import EXTRA_KEY
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ _draft_context: list[Optional[DraftContext]] = [None]
 _unseeded: dict[str, int] = {}  # request id -> the seed drawn for a request without one
 
 
-def _seed_of(req_id: str, params: Any, args: Optional[dict]) -> int:
-    if args is not None:
-        return int(args["seed"])
+def _seed_of(req_id: str, params: Any) -> int:
     if params.seed is not None:
         return int(params.seed)
     if len(_unseeded) > 100_000:
@@ -118,20 +116,19 @@ def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
     batch, out = runner.input_batch, []
     for i, req_id in enumerate(batch.req_ids):
         params = runner.requests[req_id].sampling_params
-        args = (params.extra_args or {}).get(EXTRA_KEY)
+        args = TokenArgs.from_extra(params.extra_args)  # checked in the API server (stock.py)
         position = int(batch.num_tokens_no_spec[i]) - int(batch.num_prompt_tokens[i])
         limits = {"top_k": int(params.top_k), "top_p": float(params.top_p)}
         if args is None:
-            out.append(Request(None, _seed_of(req_id, params, None), None,
+            out.append(Request(None, _seed_of(req_id, params), None,
                                float(params.temperature), max(position, 0), drafts[i],
                                **limits))
         else:
-            out.append(Request(args["tag"], int(args["seed"]), args.get("alpha"),
-                               float(args.get("temperature", 1.0)), max(position, 0),
-                               drafts[i], **limits,
-                               alpha_method=str(args.get("alpha_method", "kl_symmetry")),
-                               alpha_min=float(args.get("alpha_min", 0.0)),
-                               alpha_max=float(args.get("alpha_max", 1.0))))
+            out.append(Request(args.tag, args.seed, args.alpha, float(args.temperature),
+                               max(position, 0), drafts[i], **limits,
+                               alpha_method=args.alpha_method,
+                               alpha_min=float(args.alpha_min),
+                               alpha_max=float(args.alpha_max)))
     return out
 
 

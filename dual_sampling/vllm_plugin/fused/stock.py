@@ -1,7 +1,7 @@
 """What a fused server does with a stock OpenAI request, decided before the engine sees it.
 
 A stock `/v1/completions` or `/v1/chat/completions` request to a fused server samples q*
-(alpha*, or `extra_args.dual_sampling.alpha`) at the request's temperature and seed. The
+(alpha*, or `extra_args.dual_sampling_fused.alpha`) at the request's temperature and seed. The
 non-speculative engine hands vLLM's sampler log q* as the logits (fused/sampler.py), so what
 vLLM applies AFTER the custom logits processors applies to q* as it would to any model:
 min_p, top_k, top_p, the penalties, logprobs (pi_theta's, vLLM's raw_logprobs). The
@@ -30,7 +30,8 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from dual_sampling.vllm_plugin import patches
-from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE, EXTRA_KEY
+from dual_sampling.fused_format import TokenArgs, TokenArgsError
+from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
 
 
 def _refused(parameter: str, value: Any, why: str) -> VLLMValidationError:
@@ -40,35 +41,14 @@ def _refused(parameter: str, value: Any, why: str) -> VLLMValidationError:
         f"theta or target server", parameter=parameter, value=value)
 
 
-def check_extra_args(params: SamplingParams) -> None:
-    """VLLMValidationError unless `extra_args.dual_sampling` (the fused route's, or a stock
-    request's) holds a valid alpha, temperature, tag and seed."""
-    args = (params.extra_args or {}).get(EXTRA_KEY)
-    if args is None:
-        return
-    alpha, temperature = args.get("alpha"), args.get("temperature", 1.0)
+def check_extra_args(params: SamplingParams) -> Optional[TokenArgs]:
+    """The request's fused arguments (`extra_args.dual_sampling_fused`, the fused route's or
+    a stock request's; None without them); VLLMValidationError (a 400 naming the argument)
+    where fused_format.TokenArgs refuses them."""
     try:
-        alpha_ok = alpha is None or 0.0 <= float(alpha) <= 1.0
-        temperature_ok = float(temperature) >= 0.0
-    except (TypeError, ValueError):
-        alpha_ok = temperature_ok = False
-    if not alpha_ok:
-        raise VLLMValidationError(
-            f"extra_args.{EXTRA_KEY}.alpha = {alpha!r}: give null (solve alpha* per token) "
-            f"or a number in [0, 1]", parameter="alpha", value=alpha)
-    if not temperature_ok:
-        raise VLLMValidationError(
-            f"extra_args.{EXTRA_KEY}.temperature = {temperature!r}: must be >= 0 (0 = "
-            f"argmax of q*)", parameter="temperature", value=temperature)
-    method = args.get("alpha_method", "kl_symmetry")
-    if method not in ("kl_symmetry", "ess_balance", "entropy", "fixed"):  # kernels' rules
-        raise VLLMValidationError(
-            f"extra_args.{EXTRA_KEY}.alpha_method = {method!r}: choose kl_symmetry, "
-            f"ess_balance, entropy or fixed", parameter="alpha_method", value=method)
-    if not isinstance(args.get("tag"), str) or not isinstance(args.get("seed"), int):
-        raise VLLMValidationError(
-            f"extra_args.{EXTRA_KEY} needs a string `tag` and an integer `seed`, got "
-            f"{args!r}", parameter=f"extra_args.{EXTRA_KEY}", value=args)
+        return TokenArgs.from_extra(params.extra_args)
+    except TokenArgsError as exc:
+        raise VLLMValidationError(str(exc), parameter=exc.parameter, value=exc.value) from None
 
 
 def check(params: SamplingParams, speculative: bool) -> None:
