@@ -17,6 +17,10 @@ the target measured beside them move less). Each figure is the best of `--repeat
 - spec / K=0: (fused_K / target) / (fused_0 / target), each measured in its own phase;
 - acceptance: draft tokens accepted / proposed (the worker's counters); tokens / verify:
   tokens a request gets per verify step (1 + accepted drafts; K + 1 at most).
+A second table splits each speculative step (issue 35): the verify step's own parts (solve,
+accept, draw, record: ms a step from the worker's counters) and their share of the wall
+time, beside the cost model of docs/speculative.md (c from the native servers, E measured,
+its prediction at v = 1 and the v the measured speed-up implies).
 Targets (issue 27): at 1 prompt, speculative >= 1.3x non-speculative fused and >= the
 target alone.
 """
@@ -54,10 +58,15 @@ async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int
     await coordinator.run(prompt_items(prompts))
     elapsed = asyncio.get_running_loop().time() - started
     after = await fused.request("GET", COUNTERS_PATH)
-    delta = {k: after[k] - before[k] for k in ("proposed", "accepted", "emitted", "rows")}
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    steps = delta.get("verify_steps", 0)
+    parts = {part: 1e3 * delta[f"verify_{part}_s"] / steps if steps else None
+             for part in PARTS}
     return {"tok_s": coordinator.tokens_generated / elapsed,
             "acceptance": delta["accepted"] / delta["proposed"] if delta["proposed"] else None,
-            "per_verify": delta["emitted"] / delta["rows"] if delta["proposed"] else None}
+            "per_verify": delta["emitted"] / delta["rows"] if delta["proposed"] else None,
+            "step_ms": 1e3 * elapsed / steps if steps else None,
+            "math_share": delta["apply_s"] / elapsed if steps else None, **parts}
 
 
 async def phase(urls: dict[str, str], batches: list[int], n_tokens: int, repeats: int
@@ -75,8 +84,8 @@ async def phase(urls: dict[str, str], batches: list[int], n_tokens: int, repeats
                 best["theta"] = max(best["theta"], await native_tok_s(theta, prompts, n_tokens))
                 run = await fused_run(fused, prompts, n_tokens)
                 if run["tok_s"] > best["fused"]:
-                    best.update(fused=run["tok_s"], acceptance=run["acceptance"],
-                                per_verify=run["per_verify"])
+                    best.update({key: value for key, value in run.items() if key != "tok_s"},
+                                fused=run["tok_s"])
             results[batch] = best
         return results
 
@@ -101,6 +110,34 @@ def table(results: dict[str, dict[int, dict]], batches: list[int]) -> list[list]
     return rows
 
 
+def parts_table(results: dict[str, dict[int, dict]], batches: list[int]) -> list[list]:
+    """Per speculative K: the verify step's own parts (ms a step, the worker's counters),
+    their share of the wall time, and the cost model (docs/speculative.md) beside the
+    measured speed-up: c from the two native servers, E measured, the speed-up it predicts
+    at v = 1 (a GPU's memory-bound verify pass) and the v the measurement implies."""
+    rows = []
+    base = results.get("0", {})
+    for batch in batches:
+        for k, by_batch in results.items():
+            r = by_batch[batch]
+            if k == "0" or not r.get("step_ms") or not base:
+                continue
+            drafts = int(k.split(":")[0])
+            c = r["target"] / r["theta"]  # a theta step's cost over a target step's
+            e = r["per_verify"]
+            measured = (r["fused"] / r["target"]) / (base[batch]["fused"] / base[batch]["target"])
+            predicted = e * (1 + c) / (drafts * c + (1 + c))
+            implied_v = (e * (1 + c) / measured - drafts * c) / (1 + c)
+            rows.append([batch, k, f"{e:.2f}", f"{c:.2f}", f"{predicted:.2f}",
+                         f"{measured:.2f}", f"{implied_v:.2f}", f"{r['step_ms']:.1f}",
+                         *(fmt(r[part], ".2f") for part in PARTS), fmt(r["math_share"])])
+    return rows
+
+
+PARTS = ("solve", "accept", "draw", "record")
+PARTS_HEADERS = ["prompts", "K", "E (tokens / verify)", "c", "model at v = 1",
+                 "measured spec / K=0", "implied v", "ms / verify step",
+                 *(f"{part} ms" for part in PARTS), "verify math share"]
 HEADERS = ["prompts", "K", "fused tok/s", "spec / K=0", "fused / target", "fused / theta",
            "target tok/s", "theta tok/s", "acceptance", "tokens / verify"]
 
@@ -137,6 +174,8 @@ def main() -> None:
           f"T=1, best of {args.repeats}; {os.cpu_count()} CPUs, load average "
           f"{load_before:.1f} -> {os.getloadavg()[0]:.1f})\n")
     print(tabulate(table(results, batches), headers=HEADERS, tablefmt="github"))
+    print("\nThe verify step's parts and the cost model (docs/speculative.md):\n")
+    print(tabulate(parts_table(results, batches), headers=PARTS_HEADERS, tablefmt="github"))
 
 
 if __name__ == "__main__":

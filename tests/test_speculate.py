@@ -1,4 +1,4 @@
-"""Speculative sampling's verify step (fused/speculate.py) against closed forms, no server.
+"""Speculative sampling's verify step (fused/verify.py) against closed forms, no server.
 
 Every row of a batch is the same (theta, target) pair, so each emitted token, at any
 position of any request, must be an independent draw from q = q*^(1/T) normalised, with q*
@@ -16,7 +16,7 @@ from scipy.special import log_softmax
 from scipy.stats import chisquare
 
 from dual_sampling import mixture
-from dual_sampling.vllm_plugin.fused import speculate
+from dual_sampling.vllm_plugin.fused import verify
 from helpers import chernoff_alpha, chi_square_p
 
 V = 48
@@ -41,13 +41,13 @@ def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts
         ids = rng.choice(V, size=n * drafts, p=p)
     else:
         ids = np.full(n * drafts, int(np.argmax(a)))
-    requests = [speculate.Request(f"r{i}", 1000 + i, alpha, temperature, 5, drafts, **limits)
+    requests = [verify.Request(f"r{i}", 1000 + i, alpha, temperature, 5, drafts, **limits)
                 for i in range(n)]
     rows = n * (drafts + 1)
     t = torch.tensor(np.tile(theta, (rows, 1)), dtype=torch.float32)
     g = torch.tensor(np.tile(target, (rows, 1)), dtype=torch.float32)
     probs = None if p is None else torch.tensor(np.tile(p, (n * drafts, 1)))
-    return speculate.verify(t, g, requests, torch.tensor(ids), probs), p
+    return verify.verify(t, g, requests, torch.tensor(ids), probs), p
 
 
 @pytest.mark.parametrize("temperature,alpha", [(1.0, None), (0.7, None), (1.0, 0.3),
@@ -88,7 +88,7 @@ def test_truncate_keeps_what_vllms_sampler_keeps():
     log_q = torch.log_softmax(torch.tensor(2.0 * rng.standard_normal((rows, V))), dim=-1)
     top_k = torch.tensor(rng.choice([0, 1, 5, 20, V], rows))
     top_p = torch.tensor(rng.choice([1.0, 0.3, 0.9], rows))
-    got = speculate.truncate(log_q, top_k, top_p)
+    got = verify.truncate(log_q, top_k, top_p)
     want = apply_top_k_top_p_pytorch(log_q.clone(), top_k.masked_fill(top_k <= 0, V), top_p,
                                      allow_cpu_sync=True)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
@@ -103,7 +103,7 @@ def test_a_truncated_q_is_sampled_exactly():
     (step, _), _ = run(theta, target, 1.0, None, top_k=8, top_p=0.8)
     a, b = log_softmax(theta), log_softmax(target)
     log_q = torch.tensor(log_softmax(mixture.log_mixture(a, b, chernoff_alpha(a, b))))[None]
-    q = speculate.truncate(log_q, torch.tensor([8]), torch.tensor([0.8]))[0].exp().numpy()
+    q = verify.truncate(log_q, torch.tensor([8]), torch.tensor([0.8]))[0].exp().numpy()
     first = np.array([ts[0] for ts in step.tokens])
     second = np.array([ts[1] for ts in step.tokens if len(ts) > 1])
     support = np.flatnonzero(q > 0)

@@ -327,6 +327,9 @@ class Mixture(NamedTuple):
     kl_q_target: torch.Tensor
     entropy_q: torch.Tensor
 
+    def take(self, index: torch.Tensor) -> "Mixture":
+        return Mixture(*(x[index] for x in self))
+
 
 class Solution(NamedTuple):
     """alpha per row and q*'s block sums there (what `solve` ends with)."""
@@ -546,11 +549,7 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
     if tempered.any():
         part, at = rows.take(tempered), alpha[tempered]
         tau = 1.0 / temperature[tempered]
-        blocks = _over_blocks(_TEMPERED_BLOCKS, part.theta, part.target, part.c_theta,
-                              part.c_target, at, tau)  # (n, nb, 2), e short by kappa
-        log_total, masses = _log_total(blocks[..., 0].double() * tau[:, None], blocks[..., 1])
-        top = blocks[..., 0].double().amax(dim=1) + kappa[tempered]  # the row's max of e
-        log_total = log_total + tau * kappa[tempered]  # log sum of exp(tau e)
+        log_total, masses, top = _tempered(part, at, kappa[tempered], tau)
         token[tempered] = _inverse_cdf(part, at, masses, u[tempered], tau, top)
         a, d = part.at(token[tempered])
         logp_q[tempered] = tau * (a + at * d) - log_total
@@ -560,6 +559,58 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
     return Draw(token, logp_q)
 
 
+
+
+def _tempered(rows: Rows, alpha: torch.Tensor, kappa: torch.Tensor, tau: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q*^tau's log normaliser (n,) (log sum of exp(tau e), e = log q* + log Z), its block
+    masses (n, nb) and the scale they were summed at (n,): one pass over the vocabulary."""
+    blocks = _over_blocks(_TEMPERED_BLOCKS, rows.theta, rows.target, rows.c_theta,
+                          rows.c_target, alpha, tau)  # (n, nb, 2), e short by kappa
+    log_total, masses = _log_total(blocks[..., 0].double() * tau[:, None], blocks[..., 1])
+    top = blocks[..., 0].double().amax(dim=1) + kappa  # the row's max of e
+    return log_total + tau * kappa, masses, top
+
+
+def log_q_at(rows: Rows, solution: Solution, log_z: torch.Tensor, token: torch.Tensor,
+             temperature: torch.Tensor) -> torch.Tensor:
+    """log of q*^(1/T) normalised at per-row ids (n,) float64, as `sample` reports a drawn
+    id's: log q* at T = 1 (no pass over the vocabulary), one pass at other T > 0, 0 at
+    T <= 0 (the argmax)."""
+    temperature = temperature.double()
+    a, d = rows.at(token)
+    out = a + solution.alpha * d - log_z
+    tempered = (temperature != 1.0) & (temperature > 0.0)
+    if tempered.any():
+        part, at = rows.take(tempered), solution.alpha[tempered]
+        tau = 1.0 / temperature[tempered]
+        log_total, _, _ = _tempered(part, at, solution.kappa[tempered], tau)
+        out[tempered] = tau * (a[tempered] + at * d[tempered]) - log_total
+    return torch.where(temperature > 0.0, out, torch.zeros_like(out))
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row (n, V) of non-negative weights (whole rows, materialised), the first id whose
+    CDF exceeds u * total, never an id of weight 0 (`sample` does the same by blocks without
+    materialising a row)."""
+    cdf = weights.double().cumsum(dim=-1)
+    threshold = u.double()[:, None] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, threshold, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+    bad = weights.gather(1, token[:, None])[:, 0] <= 0
+    if bad.any():  # rounding at the top end: the last id of positive weight
+        positive = weights[bad] > 0
+        token[bad] = weights.shape[1] - 1 - positive.flip(-1).to(torch.int8).argmax(dim=-1)
+    return token
+
+
+def fields(rows: Rows, solution: Solution, mix: Mixture, token: torch.Tensor,
+           logp_q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FIELDS of drawn ids (n,) at their rows (rows, solution and mix taken at those rows):
+    the record every engine keeps per token."""
+    logp_theta, d = rows.at(token)
+    return {"token": token, "alpha": solution.alpha, "logp_theta": logp_theta,
+            "logp_target": logp_theta + d, "logp_q": logp_q, "kl_q_theta": mix.kl_q_theta,
+            "kl_q_target": mix.kl_q_target, "entropy_q": mix.entropy_q}
 
 
 def rule_alpha(rows: Rows, method: str, max_iter: int = 60, tol: float = 1e-10
@@ -660,11 +711,7 @@ def draw(rows: Rows, solution: Solution, mix: Mixture, seeds: np.ndarray, steps:
     u = torch.from_numpy(uniforms(seeds, steps)).to(device)
     tau = torch.as_tensor(np.asarray(temperature, dtype=np.float64), device=device)
     picked = sample(rows, solution, mix.log_z, u, tau)
-    logp_theta, d = rows.at(picked.token)
-    return {"token": picked.token, "alpha": solution.alpha, "logp_theta": logp_theta,
-            "logp_target": logp_theta + d, "logp_q": picked.logp_q,
-            "kl_q_theta": mix.kl_q_theta, "kl_q_target": mix.kl_q_target,
-            "entropy_q": mix.entropy_q}
+    return fields(rows, solution, mix, picked.token, picked.logp_q)
 
 
 def _inverse_cdf(rows: Rows, alpha: torch.Tensor, masses: torch.Tensor, u: torch.Tensor,

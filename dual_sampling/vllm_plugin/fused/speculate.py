@@ -56,36 +56,12 @@ import torch
 from dual_sampling.fused_format import TokenArgs
 from dual_sampling.vllm_plugin import patches
 from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused.verify import (STREAM_DRAFT, Request, Step, stream_uniforms,
+                                                    verify)
 
 log = logging.getLogger(__name__)
 
-STREAM_DRAFT, STREAM_ACCEPT = 1, 2  # stream 0: the token itself (bonus, residual, K = 0)
-_STREAM_MIX = np.uint64(0xD1B54A32D192ED03)
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: no token in this column
-
-
-def stream_uniforms(seeds: np.ndarray, steps: np.ndarray, stream: int) -> np.ndarray:
-    """kernels.uniforms on an independent stream of (seed, step)."""
-    with np.errstate(over="ignore"):
-        mixed = seeds.astype(np.uint64) ^ (np.uint64(stream) * _STREAM_MIX)
-    return kernels.uniforms(mixed, steps)
-
-
-@dataclass
-class Request:
-    """One request of the step, as this module reads it from vLLM's batch."""
-
-    tag: Optional[str]
-    seed: int
-    alpha: Optional[float]
-    temperature: float
-    position: int  # position in the completion of the first token this step emits
-    drafts: int  # draft tokens to verify this step
-    top_k: int = 0  # a stock request's restrictions of q (vLLM's meaning; these: none)
-    top_p: float = 1.0
-    alpha_method: str = "kl_symmetry"  # kernels.solve_rules, as the non-speculative engine
-    alpha_min: float = 0.0
-    alpha_max: float = 1.0
 
 
 @dataclass
@@ -130,161 +106,6 @@ def batch_requests(runner: Any, drafts: list[int]) -> list[Request]:
                                alpha_min=float(args.alpha_min),
                                alpha_max=float(args.alpha_max)))
     return out
-
-
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row (n, V) of non-negative weights, the first id whose CDF exceeds u * total,
-    never an id of weight 0."""
-    cdf = weights.double().cumsum(dim=-1)
-    threshold = u.double()[:, None] * cdf[:, -1:]
-    token = torch.searchsorted(cdf, threshold, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
-    bad = weights.gather(1, token[:, None])[:, 0] <= 0
-    if bad.any():  # rounding at the top end: the last id of positive weight
-        positive = weights[bad] > 0
-        token[bad] = weights.shape[1] - 1 - positive.flip(-1).to(torch.int8).argmax(dim=-1)
-    return token
-
-
-def tempered_log_q(log_q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """log of q^(1/T) normalised per row (T > 0; rows at T = 1 unchanged, T = 0 left as is)."""
-    scale = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-30), 1.0).double()
-    if bool((scale == 1.0).all()):
-        return log_q
-    return torch.log_softmax(log_q * scale[:, None], dim=-1)
-
-
-def truncate(log_q: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """log q (R, V), normalised, restricted per row as vLLM's sampler restricts a request's
-    distribution after its temperature, and normalised again: top_k keeps the k largest
-    ids, then top_p the largest while the mass before them (among those) is below p. Off:
-    top_k <= 0 or >= V, top_p >= 1; rows with neither are returned untouched."""
-    vocab = log_q.shape[1]
-    use_k, use_p = (top_k > 0) & (top_k < vocab), top_p < 1.0  # (R,)
-    need = use_k | use_p
-    if not bool(need.any()):
-        return log_q
-    ordered, order = log_q[need].sort(dim=-1, descending=True)  # (S, V)
-    rank = torch.arange(vocab, device=log_q.device)[None, :]
-    keep = ~use_k[need, None] | (rank < top_k[need, None])
-    mass = torch.softmax(ordered.masked_fill(~keep, -torch.inf), dim=-1)
-    keep &= ~use_p[need, None] | (mass.cumsum(dim=-1) - mass < top_p[need, None].to(mass.dtype))
-    keep |= rank == 0  # the largest id always stays
-    kept = ordered.masked_fill(~keep, -torch.inf)
-    out = log_q.clone()
-    out[need] = torch.log_softmax(torch.empty_like(kept).scatter_(1, order, kept), dim=-1)
-    return out
-
-
-@dataclass
-class Step:
-    """One verify step's result: per request the emitted ids and their rows, diagnostics."""
-
-    tokens: list[list[int]]
-    rows: list[list[int]]  # logits row each emitted token was drawn at
-    accepted: int  # draft tokens accepted, over the batch
-    proposed: int
-    log_q: torch.Tensor  # (R, V) log of the q each row sampled from (tempered, truncated)
-
-
-def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
-           draft_ids: torch.Tensor, draft_probs: Optional[torch.Tensor]
-           ) -> tuple[Step, dict[str, list]]:
-    """Speculative sampling of one step. theta/target: (R, V) logits of the verified
-    positions, request-major (a request's `drafts` draft rows, then its bonus row);
-    draft_ids (D,) the drafts in that order; draft_probs (D, >= V) the draft's p (None:
-    recomputed from theta's logits, the same model). Returns the emitted tokens and the
-    diagnostics columns of state.FIELDS for every emitted token, in emission order."""
-    device = theta.device
-    vocab = theta.shape[1]
-    counts = np.array([r.drafts + 1 for r in requests])
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    row_req = np.repeat(np.arange(len(requests)), counts)
-    offset = np.arange(len(row_req)) - starts[row_req]  # position of the row in its request
-    is_draft_row = offset < counts[row_req] - 1
-    rows = kernels.Rows.of(theta, target)
-    start = np.array([np.nan if requests[i].alpha is None else requests[i].alpha
-                      for i in row_req])
-    solution = kernels.solve_rules(rows, [requests[i].alpha_method for i in row_req], start,
-                                   np.array([requests[i].alpha_min for i in row_req]),
-                                   np.array([requests[i].alpha_max for i in row_req]))
-    mix = solution.mixture()
-    temperature = torch.tensor([requests[i].temperature for i in row_req],
-                               dtype=torch.float64, device=device)
-    log_q = tempered_log_q(rows.log_q(solution.alpha, mix.log_z), temperature)  # (R, V)
-    log_q = truncate(log_q, *(torch.tensor([getattr(requests[i], name) for i in row_req],
-                                           device=device)
-                              for name in ("top_k", "top_p")))
-    greedy = temperature <= 0
-    argmax = log_q.argmax(dim=-1)  # (R,)
-    seeds = np.array([requests[i].seed for i in row_req], dtype=np.uint64)
-    positions = np.array([requests[i].position for i in row_req]) + offset
-
-    # the acceptance test of every draft row
-    draft_rows = torch.from_numpy(np.flatnonzero(is_draft_row)).to(device)
-    x = draft_ids.to(device=device, dtype=torch.int64)
-    accept = torch.zeros(0, dtype=torch.bool, device=device)
-    p = None
-    if len(draft_rows):
-        in_vocab = x < vocab
-        xs = x.clamp(max=vocab - 1)
-        if draft_probs is not None:
-            p = draft_probs[:, :vocab].double()
-        else:  # the draft is theta itself: its tempered distribution, from the same logits
-            p = tempered_log_q(torch.log_softmax(theta[draft_rows].double(), dim=-1),
-                               temperature[draft_rows]).exp()
-        p_x = p.gather(1, xs[:, None])[:, 0]
-        q_x = log_q[draft_rows].gather(1, xs[:, None])[:, 0].exp()
-        u = torch.from_numpy(stream_uniforms(seeds[is_draft_row], positions[is_draft_row],
-                                             STREAM_ACCEPT)).to(device)
-        accept = in_vocab & (u * p_x < q_x)
-        g = greedy[draft_rows]
-        accept = torch.where(g, in_vocab & (xs == argmax[draft_rows]), accept)
-
-    # per request: accepted drafts, then the row whose token is drawn afresh
-    accepted_np = accept.cpu().numpy()
-    n_accept, last_rows, d = [], [], 0
-    for i, r in enumerate(requests):
-        ok = accepted_np[d:d + r.drafts]
-        a = int(np.argmin(ok)) if (len(ok) and not ok.all()) else len(ok)
-        n_accept.append(a)
-        last_rows.append(int(starts[i] + a))
-        d += r.drafts
-    last = torch.tensor(last_rows, device=device)
-    rejected_at = np.array([a < r.drafts for a, r in zip(n_accept, requests)])
-    weights = log_q[last].exp()  # (n, V): q at the bonus rows
-    if rejected_at.any():  # residual norm(max(0, q - p)) where a draft was rejected
-        draft_index = torch.tensor(
-            [int(np.flatnonzero(np.flatnonzero(is_draft_row) == row)[0]) if rej else 0
-             for row, rej in zip(last_rows, rejected_at)], device=device)
-        rej = torch.from_numpy(rejected_at).to(device)
-        residual = (weights - p[draft_index]).clamp_(min=0.0)
-        empty = residual.sum(dim=-1) <= 0  # q == p there: never rejected, kept for safety
-        weights = torch.where((rej & ~empty)[:, None], residual, weights)
-    u = torch.from_numpy(kernels.uniforms(seeds[last_rows], positions[last_rows])).to(device)
-    fresh = _inverse_cdf(weights, u)
-    fresh = torch.where(greedy[last], argmax[last], fresh)
-
-    tokens, emitted_rows, d = [], [], 0
-    xs_np = x.cpu().numpy() if len(draft_rows) else np.zeros(0, dtype=np.int64)
-    fresh_np = fresh.cpu().numpy()
-    for i, r in enumerate(requests):
-        a = n_accept[i]
-        tokens.append([int(t) for t in xs_np[d:d + a]] + [int(fresh_np[i])])
-        emitted_rows.append(list(range(int(starts[i]), int(starts[i]) + a + 1)))
-        d += r.drafts
-    flat_rows = torch.tensor([j for rs in emitted_rows for j in rs], device=device)
-    flat_tokens = torch.tensor([t for ts in tokens for t in ts], device=device)
-    logp_theta, dlog = rows.take(flat_rows).at(flat_tokens)
-    logp_q = torch.where(greedy[flat_rows], 0.0,
-                         log_q[flat_rows].gather(1, flat_tokens[:, None])[:, 0])
-    columns = {"token": flat_tokens, "alpha": solution.alpha[flat_rows],
-               "logp_theta": logp_theta, "logp_target": logp_theta + dlog, "logp_q": logp_q,
-               "kl_q_theta": mix.kl_q_theta[flat_rows],
-               "kl_q_target": mix.kl_q_target[flat_rows],
-               "entropy_q": mix.entropy_q[flat_rows]}
-    step = Step(tokens, emitted_rows, int(sum(n_accept)), int(sum(r.drafts for r in requests)),
-                log_q)
-    return step, {name: value.tolist() for name, value in columns.items()}
 
 
 class SpeculativeSetupError(RuntimeError):
@@ -343,7 +164,8 @@ def emitted_logprobs(sampler: Any, logits: torch.Tensor, step: Step, out: torch.
     if mode.startswith("processed"):
         values = torch.full((len(index), logits.shape[1]), -torch.inf, dtype=torch.float32,
                             device=logits.device)
-        values[:, :step.log_q.shape[1]] = step.log_q[index].float()
+        dense = step.dense_log_q(index)
+        values[:, :dense.shape[1]] = dense.float()
     else:
         values = logits[index].float()  # theta's, as the composite returns them
         if mode == "raw_logprobs":
@@ -409,8 +231,9 @@ def sample_step(runner: Any, logits: torch.Tensor, metadata: Any) -> Any:
     logprobs = None if num_logprobs is None else emitted_logprobs(
         runner.sampler, logits, step, out, num_logprobs)
     elapsed = time.perf_counter() - t0
-    state.count(len(requests), 0.0, elapsed, 0)
-    state.count_speculation(step.proposed, step.accepted, sum(map(len, step.tokens)))
+    state.count(len(requests), step.seconds["solve"], elapsed, step.solver_evaluations)
+    state.count_speculation(step.proposed, step.accepted, sum(map(len, step.tokens)),
+                            step.seconds)
     return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs)
 
 
@@ -430,7 +253,7 @@ def draft_draw(logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tenso
     scale = torch.where(greedy, 1.0, temperature)
     probs = torch.softmax(logits / scale[:, None], dim=-1)
     u = torch.from_numpy(stream_uniforms(ctx.seeds, ctx.position + ctx.calls, STREAM_DRAFT))
-    token = _inverse_cdf(probs, u.to(logits.device))
+    token = kernels.inverse_cdf(probs, u.to(logits.device))
     token = torch.where(greedy, probs.argmax(dim=-1), token)
     ctx.calls += 1
     return token, probs

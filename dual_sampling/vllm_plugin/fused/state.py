@@ -33,7 +33,9 @@ _records: dict[str, dict[str, list]] = {}
 _removed_at: dict[str, float] = {}
 _lock = threading.Lock()  # records are written by the model step, popped by RPCs
 _counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iters": 0,
-             "proposed": 0, "accepted": 0, "emitted": 0, "verify_steps": 0}
+             "proposed": 0, "accepted": 0, "emitted": 0, "verify_steps": 0,
+             "verify_solve_s": 0.0, "verify_accept_s": 0.0, "verify_draw_s": 0.0,
+             "verify_record_s": 0.0}
 
 
 def put_logits(theta: torch.Tensor, target: torch.Tensor) -> None:
@@ -99,9 +101,13 @@ def count(rows: int, solve_s: float, apply_s: float, iters: int) -> None:
     _counters["solver_iters"] += iters
 
 
-def count_speculation(proposed: int, accepted: int, emitted: int) -> None:
-    """One speculative verify step: draft tokens proposed and accepted, tokens emitted."""
+def count_speculation(proposed: int, accepted: int, emitted: int,
+                      seconds: Optional[dict[str, float]] = None) -> None:
+    """One speculative verify step: draft tokens proposed and accepted, tokens emitted, and
+    the seconds of its parts (solve, accept, draw, record: verify.verify)."""
     _counters["verify_steps"] += 1
+    for part, value in (seconds or {}).items():
+        _counters[f"verify_{part}_s"] += value
     _counters["proposed"] += proposed
     _counters["accepted"] += accepted
     _counters["emitted"] += emitted
