@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dual_sampling.errors import ConfigError
+from dual_sampling.fused_format import SPECULATE_HELP, parse_speculate
 from dual_sampling.mixture import ALPHA_METHODS
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
@@ -296,10 +297,10 @@ class ServerLaunchConfig:
     def check(self, key: str) -> None:
         _require(self.launch in LAUNCH_KINDS, f"{key}.launch", self.launch,
                  f"choose one of {LAUNCH_KINDS}")
-        parts = str(self.speculate).split(":")
-        _require(1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)
-                 and (len(parts) == 1 or int(parts[1]) >= 1), f"{key}.speculate",
-                 self.speculate, "give K (draft tokens a step, 0 = off) or K:B, e.g. 4 or 4:8")
+        try:
+            parse_speculate(self.speculate)
+        except ValueError:
+            _require(False, f"{key}.speculate", self.speculate, SPECULATE_HELP)
         _require(str(self.speculate) == "0" or self.launch == "fused", f"{key}.speculate",
                  self.speculate, f"speculation is the fused engine's: set {key}.launch=fused")
         if self.launch != "none":

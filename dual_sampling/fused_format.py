@@ -147,3 +147,18 @@ def read_result(result: Any) -> tuple[list[int], dict[str, list[float]], str]:
     if not ids or any(len(values) != len(ids) for values in fields.values()):
         raise ValueError(f"{len(ids)} tokens with per-token lists of other lengths")
     return ids, fields, finish
+
+
+SPECULATE_HELP = "give K (draft tokens a step, 0 = off) or K:B (only while at most B " \
+                 "requests run), e.g. 4 or 4:8"
+
+
+def parse_speculate(value: Any) -> tuple[int, int]:
+    """The fused engine's speculation setting (start_vllm.sh --speculate, server.speculate):
+    `K` or `K:B` (draft K tokens a step while at most B requests are in the batch) ->
+    (K, B or 0); ValueError (SPECULATE_HELP) on anything else."""
+    parts = str(value).split(":")
+    if not (1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)) \
+            or (len(parts) == 2 and int(parts[1]) < 1):
+        raise ValueError(f"{value!r}: {SPECULATE_HELP}")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0

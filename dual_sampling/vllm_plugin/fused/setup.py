@@ -40,6 +40,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
+from dual_sampling import fused_format
 from dual_sampling.errors import DualSamplingError
 ARCHITECTURE = "DualSamplingMixtureForCausalLM"  # fused/model.py
 CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused/model.py reads
@@ -186,14 +187,11 @@ def speculative_config(theta: str | Path, k: int, up_to: int = 0) -> dict[str, A
 
 
 def parse_speculate(value: str) -> tuple[int, int]:
-    """`K` or `K:B` (draft K tokens a step while at most B requests are in the batch) ->
-    (K, B or 0); FusedSetupError on anything else."""
-    parts = value.split(":")
-    if not (1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)) \
-            or (len(parts) == 2 and int(parts[1]) < 1):
-        raise FusedSetupError(f"--speculate {value!r}: give K (draft tokens a step, 0 = off) "
-                              f"or K:B (only while at most B requests run), e.g. 4 or 4:8")
-    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+    """fused_format.parse_speculate, as a FusedSetupError naming --speculate."""
+    try:
+        return fused_format.parse_speculate(value)
+    except ValueError:
+        raise FusedSetupError(f"--speculate {value!r}: {fused_format.SPECULATE_HELP}") from None
 
 
 def server_args(theta: str | Path, target: str | Path, speculate: str = "0") -> list[str]:
