@@ -71,3 +71,16 @@ def test_loading_twice_wraps_once_and_undo_gives_vllm_back(installed):
     assert isinstance(vars(LogprobsProcessor)["from_new_request"], classmethod)
     assert not hasattr(patches.original_of(LogprobsProcessor.from_new_request),
                        patches.SETTING)
+
+
+def test_a_handoff_reaches_only_the_batch_it_was_put_for():
+    """Per-step data between patched methods (vllm_plugin/handoff.py): a reader of another
+    batch size (a dummy run) gets nothing, and a taken value is gone."""
+    from dual_sampling.vllm_plugin.handoff import HandOff
+    box: HandOff[str] = HandOff("test")
+    box.put("logits", rows=3)
+    assert box.take(2) is None and box.refused == 1
+    assert box.take(3) is None  # the mismatched take dropped it: never a stale value
+    box.put("seeds", rows=4)
+    assert box.peek(4) == "seeds" and box.peek(4) == "seeds"  # the draft's K reads
+    assert box.take(4) == "seeds" and box.peek(4) is None

@@ -171,8 +171,8 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
 
     def apply(self, logits: torch.Tensor, ctx: Optional[LogitsContext] = None) -> torch.Tensor:
         """V1 calls apply(logits), V2 apply(logits, ctx)."""
-        stash = state.take_logits()
-        if stash is None or stash[0].shape[0] != logits.shape[0]:
+        stash = state.take_logits(logits.shape[0])
+        if stash is None:
             return logits  # a dummy or warm-up run: no forward behind it
         by_row = self._batch_rows(logits.shape[0]) if ctx is None else self._context_rows(ctx)
         if not by_row:

@@ -55,6 +55,7 @@ import torch
 
 from dual_sampling.fused_format import TokenArgs
 from dual_sampling.vllm_plugin import patches
+from dual_sampling.vllm_plugin.handoff import HandOff
 from dual_sampling.vllm_plugin.fused import kernels, state
 from dual_sampling.vllm_plugin.fused.verify import (STREAM_DRAFT, Request, Step, stream_uniforms,
                                                     verify)
@@ -75,7 +76,7 @@ class DraftContext:
     calls: int = 0  # draft steps drawn so far in this proposal
 
 
-_draft_context: list[Optional[DraftContext]] = [None]
+DRAFT: HandOff[DraftContext] = HandOff("the verify step's seeds for the draft's draws")
 _unseeded: dict[str, int] = {}  # request id -> the seed drawn for a request without one
 
 
@@ -189,8 +190,8 @@ def track_records(tags: set[str]) -> None:
 def sample_step(runner: Any, logits: torch.Tensor, metadata: Any) -> Any:
     """The runner's `_sample` on a speculative composite server (see the module docstring)."""
     from vllm.v1.outputs import SamplerOutput
-    stash = state.take_logits()
-    if stash is None or stash[0].shape[0] != logits.shape[0]:
+    stash = state.take_logits(logits.shape[0])
+    if stash is None:
         return None  # a dummy run: vLLM's own sampler
     t0 = time.perf_counter()
     n = len(runner.input_batch.req_ids)
@@ -221,12 +222,12 @@ def sample_step(runner: Any, logits: torch.Tensor, metadata: Any) -> Any:
     if tags:
         state.put(tags, positions, {name: [values[i] for i in picked]
                                     for name, values in columns.items()})
-    _draft_context[0] = DraftContext(
+    DRAFT.put(DraftContext(
         seeds=np.array([r.seed for r in requests], dtype=np.uint64),
         temperature=torch.tensor([r.temperature for r in requests], dtype=torch.float32,
                                  device=logits.device),
         position=np.array([r.position + len(ids) for r, ids in zip(requests, step.tokens)]),
-        vocab=int(stash[0].shape[1]))
+        vocab=int(stash[0].shape[1])), rows=len(requests))
     num_logprobs = runner.input_batch.sampling_metadata.max_num_logprobs
     logprobs = None if num_logprobs is None else emitted_logprobs(
         runner.sampler, logits, step, out, num_logprobs)
@@ -242,8 +243,8 @@ def draft_draw(logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tenso
     composite step before it, vLLM's own draw). logits (n, V_theta); ids past the
     tokenizer's vocabulary are never drawn, so the draft distribution p is theta's over the
     ids q* lives on."""
-    ctx = _draft_context[0]
-    if ctx is None or logits.shape[0] != len(ctx.seeds):
+    ctx = DRAFT.peek(logits.shape[0])  # read at each of the proposal's K draws
+    if ctx is None:
         return None
     logits = logits.float()
     if logits.shape[1] > ctx.vocab:

@@ -24,11 +24,12 @@ from typing import Any, Optional
 import torch
 
 from dual_sampling.vllm_plugin.fused.kernels import FIELDS
+from dual_sampling.vllm_plugin.handoff import HandOff
 from dual_sampling.vllm_plugin.theta_worker import ThetaWorkerExtension
 
 ABANDONED_AFTER_S = 600.0  # records of requests gone from the batch this long are dropped
 
-_stash: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None]
+LOGITS: HandOff[tuple[torch.Tensor, torch.Tensor]] = HandOff("the fused model's logits")
 _records: dict[str, dict[str, list]] = {}
 _removed_at: dict[str, float] = {}
 _lock = threading.Lock()  # records are written by the model step, popped by RPCs
@@ -41,13 +42,13 @@ _counters = {"steps": 0, "rows": 0, "solve_s": 0.0, "apply_s": 0.0, "solver_iter
 def put_logits(theta: torch.Tensor, target: torch.Tensor) -> None:
     """This step's logits of both models over the same ids, each (B, V) (unnormalised or
     log-softmaxed: the processor normalises them; views of the model's own tensors)."""
-    _stash[0] = (theta, target)
+    LOGITS.put((theta, target), theta.shape[0])
 
 
-def take_logits() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The stash put this step (then cleared), or None (a dummy run without a forward)."""
-    stash, _stash[0] = _stash[0], None
-    return stash
+def take_logits(rows: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The logits put this step for a batch of `rows` rows (then gone), or None (a dummy
+    or warm-up run without the composite's forward)."""
+    return LOGITS.take(rows)
 
 
 def open_record(tag: str) -> None:
