@@ -135,30 +135,72 @@ REAL_EXACT_TEXTS = ("The capital of France is", "Autumn leaves fall because",
                     "A good way to stay focused is", "The sky is blue because")
 
 
-@pytest.fixture(scope="session")
-def real_fused_draws(real_models, tmp_path_factory) -> dict:
-    """The real fused engine's completions of REAL_EXACT_TEXTS at seed 4 (alpha*, T = 0.7,
-    24 tokens, EOS ignored), for tests/test_real_pair.py's exact session path to match. Its
-    server is stopped before this returns: it never runs beside the real pair."""
-    import json
-    import urllib.request
+class RealFused:
+    """The real fused server, shared by tests/test_real_fused.py and the draws that
+    tests/test_real_pair.py's exact session path must match: it starts on first use, takes
+    the draws from the fresh server at once (before any test loads another theta into it),
+    and `stop()` frees its memory before the real pair starts (never up together)."""
 
-    from transformers import AutoTokenizer
+    def __init__(self, models: dict[str, Path], run_dir: Path) -> None:
+        self.models, self.run_dir = models, run_dir
+        self._server: Servers | None = None
+        self._draws: dict | None = None
 
-    from dual_sampling.coordinator import prompt_seed
-    from dual_sampling.fused_format import GENERATE_PATH as PATH
-    tokenizer = AutoTokenizer.from_pretrained(str(real_models["target"]))
-    prompts = [tokenizer(text)["input_ids"] for text in REAL_EXACT_TEXTS]
-    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_fused_draws"),
-                     models=dict(real_models), extra=("--max-model-len", "1024"))
-    server.start_fused()
-    try:
+    def server(self) -> Servers:
+        if self._server is None:
+            self._server = Servers(run_dir=self.run_dir, models=dict(self.models),
+                                   extra=("--max-model-len", "2048"))
+            self._server.start_fused()
+            if self._draws is None:
+                self._draws = self._take_draws(self._server)
+        return self._server
+
+    def draws(self) -> dict:
+        """The real fused engine's completions of REAL_EXACT_TEXTS at seed 4 (alpha*,
+        T = 0.7, 24 tokens, EOS ignored)."""
+        if self._draws is None:
+            self.server()
+        return self._draws
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def _take_draws(self, server: Servers) -> dict:
+        import json
+        import urllib.request
+
+        from transformers import AutoTokenizer
+
+        from dual_sampling.coordinator import prompt_seed
+        from dual_sampling.fused_format import GENERATE_PATH
+        tokenizer = AutoTokenizer.from_pretrained(str(self.models["target"]))
+        prompts = [tokenizer(text)["input_ids"] for text in REAL_EXACT_TEXTS]
         body = {"prompts": prompts, "seeds": [prompt_seed(4, i) for i in range(len(prompts))],
                 "max_tokens": 24, "temperature": 0.7, "ignore_eos": True}
-        request = urllib.request.Request(server.url("fused") + PATH, json.dumps(body).encode(),
+        request = urllib.request.Request(server.url("fused") + GENERATE_PATH,
+                                         json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=900) as reply:
             results = json.loads(reply.read())["results"]
-    finally:
-        server.stop()
-    return {"prompts": prompts, "seed": 4, "temperature": 0.7, "results": results}
+        return {"prompts": prompts, "seed": 4, "temperature": 0.7, "results": results}
+
+
+@pytest.fixture(scope="session")
+def real_fused_engine(real_models, tmp_path_factory) -> RealFused:
+    engine = RealFused(real_models, tmp_path_factory.mktemp("vllm_real_fused"))
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def real_fused(real_fused_engine) -> Servers:
+    """The real fused server (started on first use, one for the session)."""
+    return real_fused_engine.server()
+
+
+@pytest.fixture(scope="session")
+def real_fused_draws(real_fused_engine) -> dict:
+    """RealFused.draws: what tests/test_real_pair.py's exact session path must match."""
+    return real_fused_engine.draws()

@@ -28,19 +28,9 @@ import pytest
 
 from dual_sampling import mixture
 from dual_sampling.api import SyncDualSampler
-from dual_sampling.launch import Servers
 from dual_sampling.real_models import EOS_ID
 from dual_sampling.records import read_records
 from helpers import CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, chi_square_p, generate
-
-@pytest.fixture(scope="module")
-def real_fused(real_models, tmp_path_factory) -> Servers:
-    server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_fused"),
-                     models=dict(real_models), extra=("--max-model-len", "2048"))
-    server.start_fused()
-    yield server
-    server.stop()
-
 
 @pytest.mark.server
 def test_fused_chat_completions_match_transformers_and_stop_at_eos(real_fused, real_reference):

@@ -14,7 +14,8 @@ from helpers import (CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, exa
 
 
 @pytest.fixture(scope="module")
-def real_pair(real_models, tmp_path_factory) -> Servers:
+def real_pair(real_models, real_fused_engine, tmp_path_factory) -> Servers:
+    real_fused_engine.stop()  # test_real_fused.py's server: never up beside the pair
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_real_pair"),
                      models=dict(real_models), extra=("--max-model-len", "2048"))
     server.start("theta", "target")
@@ -28,8 +29,8 @@ def _exact_session(real_pair, prompts: list[list[int]], seed: int, temperature: 
                            max_tokens=24, temperature=temperature, concurrency=len(prompts))
 
 
-# first in this module: real_fused_draws (session-scoped) runs and stops its fused server
-# before real_pair starts, so the two never hold memory together
+# real_fused_draws (session-scoped, taken from the real fused server when it first started)
+# comes before real_pair, whose fixture stops that server: the two never hold memory together
 @pytest.mark.server
 def test_exact_session_gives_the_fused_engines_tokens_and_exact_fields(real_fused_draws,
                                                                       real_pair,
