@@ -36,11 +36,10 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.coordinator import Coordinator, SampleSettings
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path
-from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
 from dual_sampling.transports.session import SessionTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, prompt_items  # noqa: E402
+from bench_sample import PROMPT_TOKENS, fused_run, prompt_items  # noqa: E402
 
 WIDE_VOCAB = 151936
 
@@ -58,15 +57,6 @@ def pair_models(name: str, models_dir: Path) -> dict[str, Path]:
 
 async def _keep(_seq) -> None:
     return None
-
-
-async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int) -> float:
-    settings = FusedSettings(max_tokens=n_tokens, alpha=None, concurrency=len(prompts),
-                             max_model_len=2048, ignore_eos=True)
-    coordinator = FusedCoordinator(fused, settings, _keep)
-    started = time.perf_counter()
-    await coordinator.run(prompt_items(prompts))
-    return coordinator.tokens_generated / (time.perf_counter() - started)
 
 
 async def session_run(theta: VLLMClient, target: VLLMClient, prompts: list[list[int]],
@@ -100,7 +90,7 @@ async def measure(urls: dict[str, str], batches: list[int], n_tokens: int, repea
             await session_run(theta, target, prompts, 4, None)
             best = {"fused": 0.0, "topk": 0.0, "exact": {"tok_s": 0.0}}
             for _ in range(repeats):
-                best["fused"] = max(best["fused"], await fused_run(fused, prompts, n_tokens))
+                best["fused"] = max(best["fused"], (await fused_run(fused, prompts, n_tokens))[0])
                 topk = await session_run(theta, target, prompts, n_tokens, 20)
                 best["topk"] = max(best["topk"], topk["tok_s"])
                 exact = await session_run(theta, target, prompts, n_tokens, None)

@@ -29,11 +29,9 @@ from tabulate import tabulate
 from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
 from dual_sampling.tiny_models import corpus_path, make_tiny_models, widen_vocabulary
-from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
-from dual_sampling.fused_format import COUNTERS_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import PROMPT_TOKENS, native_tok_s, prompt_items  # noqa: E402
+from bench_sample import PROMPT_TOKENS, fused_run, native_tok_s  # noqa: E402
 
 BASE_VOCAB = 2048
 
@@ -64,18 +62,8 @@ async def native_phase(url: str, batches: list[int], tokens: int, repeats: int
 async def fused_tok_s(client: VLLMClient, prompts: list[list[int]], tokens: int,
                       alpha: float | None) -> tuple[float, float]:
     """(tokens/s, share of the wall time spent in the fused logits processor)."""
-    async def keep(_seq) -> None:
-        return None
-
-    settings = FusedSettings(max_tokens=tokens, alpha=alpha, concurrency=len(prompts),
-                             max_model_len=2048, ignore_eos=True)
-    coordinator = FusedCoordinator(client, settings, keep)
-    before = await client.request("GET", COUNTERS_PATH)
-    started = asyncio.get_running_loop().time()
-    await coordinator.run(prompt_items(prompts))
-    elapsed = asyncio.get_running_loop().time() - started
-    after = await client.request("GET", COUNTERS_PATH)
-    return coordinator.tokens_generated / elapsed, (after["apply_s"] - before["apply_s"]) / elapsed
+    tok_s, elapsed, delta = await fused_run(client, prompts, tokens, alpha)
+    return tok_s, delta["apply_s"] / elapsed
 
 
 async def fused_phase(url: str, batches: list[int], tokens: int, repeats: int

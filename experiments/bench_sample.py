@@ -38,6 +38,29 @@ async def prompt_items(tokens: list[list[int]]):
         yield PromptItem(i, "", ids)
 
 
+async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int,
+                    alpha: float | None = None) -> tuple[float, float, dict[str, float]]:
+    """The fused route as sample mode drives it (FusedCoordinator, every prompt in flight,
+    `n_tokens` each, EOS ignored; `alpha` None: alpha* per token): (tokens/s, wall seconds,
+    the change of the worker's counters over the run)."""
+    from dual_sampling.fused_format import COUNTERS_PATH
+    from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
+
+    async def keep(_seq) -> None:
+        return None
+
+    settings = FusedSettings(max_tokens=n_tokens, alpha=alpha, concurrency=len(prompts),
+                             max_model_len=2048, ignore_eos=True)
+    coordinator = FusedCoordinator(fused, settings, keep)
+    before = await fused.request("GET", COUNTERS_PATH)
+    started = time.perf_counter()
+    await coordinator.run(prompt_items(prompts))
+    elapsed = time.perf_counter() - started
+    after = await fused.request("GET", COUNTERS_PATH)
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    return coordinator.tokens_generated / elapsed, elapsed, delta
+
+
 async def native_tok_s(client: VLLMClient, prompts: list[list[int]], n_tokens: int,
                        logprobs: int | None = None, seed: int | None = 0) -> float:
     """One server generating `n_tokens` for every prompt in one request (vLLM's own loop);

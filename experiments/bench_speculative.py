@@ -36,33 +36,20 @@ from tabulate import tabulate
 
 from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
-from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
-from dual_sampling.fused_format import COUNTERS_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import bench_models, native_tok_s, prompt_items, speed_arguments  # noqa: E402
+from bench_sample import bench_models, fused_run, native_tok_s, speed_arguments  # noqa: E402
 from bench_transports import bench_prompts  # noqa: E402
 
 
-async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int
-                    ) -> dict[str, float]:
+async def speculative_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int
+                          ) -> dict[str, float]:
     """tokens/s of the fused route, with the worker's speculation counters over the run."""
-    async def keep(_seq) -> None:
-        return None
-
-    settings = FusedSettings(max_tokens=n_tokens, alpha=None, concurrency=len(prompts),
-                             max_model_len=2048, ignore_eos=True)
-    coordinator = FusedCoordinator(fused, settings, keep)
-    before = await fused.request("GET", COUNTERS_PATH)
-    started = asyncio.get_running_loop().time()
-    await coordinator.run(prompt_items(prompts))
-    elapsed = asyncio.get_running_loop().time() - started
-    after = await fused.request("GET", COUNTERS_PATH)
-    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    tok_s, elapsed, delta = await fused_run(fused, prompts, n_tokens)
     steps = delta.get("verify_steps", 0)
     parts = {part: 1e3 * delta[f"verify_{part}_s"] / steps if steps else None
              for part in PARTS}
-    return {"tok_s": coordinator.tokens_generated / elapsed,
+    return {"tok_s": tok_s,
             "acceptance": delta["accepted"] / delta["proposed"] if delta["proposed"] else None,
             "per_verify": delta["emitted"] / delta["rows"] if delta["proposed"] else None,
             "step_ms": 1e3 * elapsed / steps if steps else None,
@@ -76,13 +63,13 @@ async def phase(urls: dict[str, str], batches: list[int], n_tokens: int, repeats
             VLLMClient(urls["fused"], name="fused", timeout_s=900) as fused:
         results = {}
         for batch, prompts in (await bench_prompts(theta, batches)).items():
-            await fused_run(fused, prompts, 4)  # warm-up
+            await speculative_run(fused, prompts, 4)  # warm-up
             best: dict[str, float] = {"target": 0.0, "theta": 0.0, "fused": 0.0}
             for _ in range(repeats):
                 best["target"] = max(best["target"], await native_tok_s(target, prompts,
                                                                         n_tokens))
                 best["theta"] = max(best["theta"], await native_tok_s(theta, prompts, n_tokens))
-                run = await fused_run(fused, prompts, n_tokens)
+                run = await speculative_run(fused, prompts, n_tokens)
                 if run["tok_s"] > best["fused"]:
                     best.update({key: value for key, value in run.items() if key != "tok_s"},
                                 fused=run["tok_s"])

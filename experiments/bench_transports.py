@@ -46,33 +46,21 @@ from dual_sampling.client import VLLMClient
 from dual_sampling.launch import Servers
 from dual_sampling.session_format import PATH as SESSION_PATH
 from dual_sampling.tiny_models import corpus_path
-from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
 from dual_sampling.transports.request import RequestTransport
 from dual_sampling.transports.session import SessionTransport
-from dual_sampling.fused_format import COUNTERS_PATH
 from dual_sampling.vllm_plugin.fused.setup import kv_bytes_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import (PROMPT_TOKENS, bench_models, dual_tok_s,  # noqa: E402
-                          native_tok_s, prompt_items, speed_arguments)
+                          fused_run, native_tok_s, speed_arguments)
 
 
 async def fused_tok_s(fused: VLLMClient, prompts: list[list[int]], n_tokens: int,
                       alpha: float | None = None) -> tuple[float, float]:
     """(tokens/s, share of the wall time the engine spent solving alpha*), all in flight;
     `alpha` None solves alpha* per token, a number fixes it."""
-    async def keep(_seq) -> None:
-        return None
-
-    settings = FusedSettings(max_tokens=n_tokens, alpha=alpha, concurrency=len(prompts),
-                             max_model_len=2048, ignore_eos=True)
-    coordinator = FusedCoordinator(fused, settings, keep)
-    before = await fused.request("GET", COUNTERS_PATH)
-    started = asyncio.get_running_loop().time()
-    await coordinator.run(prompt_items(prompts))
-    elapsed = asyncio.get_running_loop().time() - started
-    after = await fused.request("GET", COUNTERS_PATH)
-    return coordinator.tokens_generated / elapsed, (after["solve_s"] - before["solve_s"]) / elapsed
+    tok_s, elapsed, delta = await fused_run(fused, prompts, n_tokens, alpha)
+    return tok_s, delta["solve_s"] / elapsed
 
 
 async def bench_prompts(client: VLLMClient, batches: list[int]) -> dict[int, list[list[int]]]:
