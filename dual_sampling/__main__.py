@@ -2,8 +2,8 @@
 
 Config errors (ConfigError) and every other DualSamplingError are printed as one clear
 line and exit with status 2, before any request when the config is at fault. A run holds
-its output_dir's lock (dual_sampling/run_lock.py) and, with `server.launch=fused|pair`, its
-own engine (dual_sampling/self_serve.py) while it runs.
+its output_dir's lock (dual_sampling/files/run_lock.py) and, with `server.launch=fused|pair`, its
+own engine (dual_sampling/serving/self_serve.py) while it runs.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dual_sampling.config import register_schemas, to_run_config
 from dual_sampling.errors import DualSamplingError
-from dual_sampling.run_lock import run_lock
-from dual_sampling.self_serve import serving
+from dual_sampling.files.run_lock import run_lock
+from dual_sampling.serving.self_serve import serving
 
 log = logging.getLogger("dual_sampling")
 OVERRIDES_FILE = "overrides.yaml"

@@ -11,7 +11,7 @@
         records = sampler.sample(prompts, n=4)
 
 Same semantics as the modes, which are built on the same code: `sample` runs
-`dual_sampling.sampling.Sampling` (transport `auto`: fused when theta_url serves both
+`dual_sampling.core.sampling.Sampling` (transport `auto`: fused when theta_url serves both
 models, else session/request with `target_url`), `score` runs modes/score.py's
 `plan_groups` + `score_groups`. Records are the dicts the modes write, one per (prompt,
 sample) in input order, each with the `theta_version`/`theta_path` that produced it.
@@ -33,14 +33,14 @@ import os
 from contextlib import AsyncExitStack
 from typing import Any, Optional, Sequence
 
-from dual_sampling import data
-from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.clients.client import ServerInfo, VLLMClient
 from dual_sampling.config import (PromptDataConfig, RunConfig, SampleParams, ScoreParams,
                                   ServerConfig)
+from dual_sampling.core.sampling import Sampling
+from dual_sampling.core.score_job import KEY as SCORE_KEY
+from dual_sampling.core.score_job import open_scoring, plan_groups, score_groups
 from dual_sampling.errors import ConfigError
-from dual_sampling.modes.score import KEY as SCORE_KEY
-from dual_sampling.modes.score import open_scoring, plan_groups, score_groups
-from dual_sampling.sampling import Sampling
+from dual_sampling.files import data
 
 Prompt = str | dict[str, Any]  # a text, or {"messages": [...]} (or {"prompt": text})
 # the command line's defaults: the API takes every default from these

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dual_sampling.errors import ConfigError
-from dual_sampling.fused_format import SPECULATE_HELP, parse_speculate
-from dual_sampling.mixture import ALPHA_METHODS
+from dual_sampling.maths.mixture import ALPHA_METHODS
+from dual_sampling.wire.fused_format import SPECULATE_HELP, parse_speculate
 
 MISSING_POLICIES = ("kth", "uniform_rest", "floor")
 TRANSPORTS = ("auto", "request", "session", "fused")
@@ -270,7 +270,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ServerLaunchConfig:
-    """The engine a job starts for itself (dual_sampling/self_serve.py), on the devices its
+    """The engine a job starts for itself (dual_sampling/serving/self_serve.py), on the devices its
     scheduler gave it (CUDA_VISIBLE_DEVICES from SLURM or Ray), stopped on every way out."""
 
     launch: str = "none"

@@ -254,12 +254,14 @@ def record_fields() -> dict[str, list[str]]:
     """The fields each file gets, in the order the code writes them, from the code that
     builds them: a fake two-sample group through `sequence_record`, `group_weights`,
     `summarize` and the keys modes/sample.py adds to the summary."""
-    from dual_sampling import groups, sample_stats
-    from dual_sampling.client import ServerInfo
+    from dual_sampling.maths import sample_stats
+    from dual_sampling.maths import groups
+    from dual_sampling.clients.client import ServerInfo
     from dual_sampling.config import SampleParams
-    from dual_sampling.coordinator import TOKEN_FIELDS, PromptItem, Sequence
+    from dual_sampling.core.coordinator import TOKEN_FIELDS, PromptItem, Sequence
+    from dual_sampling.files import run_files
     from dual_sampling.modes import sample
-    from dual_sampling.sampling import Sampling, sequence_record
+    from dual_sampling.core.sampling import Sampling, sequence_record
 
     info = ServerInfo(url="http://x", model="m", max_model_len=64, bos_token_id=None,
                       eos_token_ids=(0,), vocab_size=8, has_plugin=True, theta_version=0,
@@ -275,7 +277,7 @@ def record_fields() -> dict[str, list[str]]:
         records.append(sequence_record(seq, "x", {**sampling.run_fields, **info.theta_fields}))
     summary = {**sample_stats.summarize(records, n=2),
                **dict.fromkeys(_summary_update_keys(Path(sample.__file__))),
-               **sample.theta_summary(records)}
+               **run_files.theta_summary(records)}
     return {"samples.jsonl": list(records[0]), "groups.jsonl": list(groups.group_weights(records, 2)[0]),
             "summary.json": list(summary)}
 

@@ -10,8 +10,8 @@ is a job. The merge writes into RUN_DIR:
 
     samples.jsonl    every record of every job, sorted by (index, sample_index)
     samples.parquet  the same rows: datasets.load_dataset("parquet", data_files=...)
-    groups.jsonl     the group weights, when n > 1 (dual_sampling/groups.py)
-    summary.json     the summary of all records (dual_sampling/sample_stats.py), with the
+    groups.jsonl     the group weights, when n > 1 (dual_sampling/maths/groups.py)
+    summary.json     the summary of all records (dual_sampling/maths/sample_stats.py), with the
                      numbers of jobs and shards
 
 Before writing anything it checks that the jobs make one dataset: they agree on the prompts
@@ -39,13 +39,15 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dual_sampling import data, groups, sample_stats
-from dual_sampling.coordinator import TOKEN_FIELDS
+from dual_sampling.core.coordinator import TOKEN_FIELDS
 from dual_sampling.errors import DualSamplingError, MergeError
-from dual_sampling.modes.sample import (GROUPS_FILE, RUN_PARAMS_FILE, SAMPLE_KEY, SAMPLES_FILE,
-                                        SHARD_FILE, SUMMARY_FILE, distribution_params,
-                                        theta_summary)
-from dual_sampling.records import MESSAGES_FILE, read_records, to_messages
+from dual_sampling.files import data
+from dual_sampling.files.records import MESSAGES_FILE, read_records, to_messages
+from dual_sampling.files.run_files import (GROUPS_FILE, RUN_PARAMS_FILE, SAMPLE_KEY, SAMPLES_FILE,
+                                          SHARD_FILE, SUMMARY_FILE, distribution_params,
+                                          theta_summary)
+from dual_sampling.maths import sample_stats
+from dual_sampling.maths import groups
 
 PARQUET_FILE = "samples.parquet"
 # shard.json (modes/sample.py write_shard); shard_index and limit are each job's own

@@ -30,11 +30,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dual_sampling import groups, sample_stats
 from dual_sampling.errors import DataError, DualSamplingError
-from dual_sampling.records import read_records
+from dual_sampling.files.records import read_records
+from dual_sampling.files.run_files import SAMPLES_FILE, SUMMARY_FILE
+from dual_sampling.maths import sample_stats
+from dual_sampling.maths import groups
 
-SAMPLES_FILE, SUMMARY_FILE = "samples.jsonl", "summary.json"
 REPORT_FILE, FIGURES_DIR = "report.html", "report_files"
 OVERRIDE_FILES = (".hydra/overrides.yaml", "overrides.yaml")
 # overrides that say where a run ran, not what it sampled: never "swept"

@@ -20,7 +20,7 @@ from typing import Any
 from tabulate import tabulate
 
 from dual_sampling.api import DualSampler
-from dual_sampling.data import read_prompts
+from dual_sampling.files.data import read_prompts
 
 COLUMNS = (("theta alone (alpha=0)", 0.0), ("target alone (alpha=1)", 1.0),
            ("q* (alpha*)", None))

@@ -10,7 +10,7 @@
 #                   [--speculate K[:B]] ...
 #   ./start_vllm.sh stop [--run-dir DIR]      # stops the servers of that run dir, and only those
 # --watch-pid PID stops the servers when process PID exits (a self-serving job's engine,
-# dual_sampling/self_serve.py).
+# dual_sampling/serving/self_serve.py).
 # --api-key KEY (default: VLLM_API_KEY from the environment; prefer it, argv shows in `ps`)
 # makes every server refuse requests to /v1/... without `Authorization: Bearer KEY` (HTTP
 # 401; /health stays open). The key reaches vLLM as VLLM_API_KEY in the server's environment,

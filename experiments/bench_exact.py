@@ -15,7 +15,7 @@ token (its whole process: socket reads, frame decoding, the kernels) and, of tha
 kernels' share (solve alpha*, q*'s sums, the draw).
 
 Pairs: `real` is .cache/real_models (SmolLM2-135M-Instruct and its 12-layer theta, 49,152
-ids; built by `python -m dual_sampling.real_models` if missing); `wide` is shaped_models'
+ids; built by `python -m dual_sampling.models.real_models` if missing); `wide` is shaped_models'
 tiny-64 / tiny-128 pair with the tokenizer widened to 151,936 ids (Qwen's size).
 Targets at 32 prompts on this CPU: exact >= 0.8x top-k and >= 0.7x fused on the real pair,
 >= 0.5x fused at 151,936 ids.
@@ -32,11 +32,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, SampleSettings
-from dual_sampling.launch import Servers
-from dual_sampling.tiny_models import corpus_path
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.coordinator import Coordinator, SampleSettings
+from dual_sampling.core.transports.session import SessionTransport
+from dual_sampling.models.tiny_models import corpus_path
+from dual_sampling.serving.launch import Servers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, fused_run, prompt_items  # noqa: E402
@@ -46,9 +46,9 @@ WIDE_VOCAB = 151936
 
 def pair_models(name: str, models_dir: Path) -> dict[str, Path]:
     if name == "real":
-        from dual_sampling.real_models import ensure_real_models
+        from dual_sampling.models.real_models import ensure_real_models
         return ensure_real_models()
-    from dual_sampling.shaped_models import make_pair
+    from dual_sampling.models.shaped_models import make_pair
     out = models_dir / f"wide{WIDE_VOCAB}"
     if (out / "target" / "config.json").exists():
         return {"theta": out / "theta", "target": out / "target"}

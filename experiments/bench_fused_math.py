@@ -1,4 +1,4 @@
-"""The fused sampler's math alone (fused/kernels.py), per engine step, over vocabulary and
+"""The fused sampler's math alone (maths/kernels.py), per engine step, over vocabulary and
 batch size.
 
     python experiments/bench_fused_math.py [--vocab 2048 32000 151936] [--batch 1 32 256]
@@ -11,7 +11,7 @@ best of `--repeats`, next to one `torch.log_softmax` of the same (B, V) logits (
 sampler does a softmax of that size every step). Logits are LM-like: N(0, 1) times a per-row
 scale in [2, 4] (a long tail within 40 nats of the top; real LMs look like that), the target a
 perturbation of theta's. `--compare` times another version of the module side by side (e.g.
-`git show REV:dual_sampling/vllm_plugin/fused/kernels.py > old.py`, or
+`git show REV:dual_sampling/maths/kernels.py > old.py`, or
 `REV:dual_sampling/vllm_plugin/fused_math.py` for a revision before the fused/ package; a
 version from before the compiled kernels is timed with the two log-softmaxes its composite
 model computed), and prints the largest |alpha difference| between the two (an old module
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from dual_sampling import mixture
-from dual_sampling.vllm_plugin.fused import kernels
+from dual_sampling.maths import mixture
+from dual_sampling.maths import kernels
 
 
 def pair(batch: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compare", help="another fused/kernels.py to time side by side")
+    parser.add_argument("--compare", help="another maths/kernels.py to time side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     other = load(args.compare) if args.compare else None

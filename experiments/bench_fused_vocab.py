@@ -26,9 +26,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import Servers
-from dual_sampling.tiny_models import corpus_path, make_tiny_models, widen_vocabulary
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.models.tiny_models import corpus_path, make_tiny_models, widen_vocabulary
+from dual_sampling.serving.launch import Servers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, fused_run, native_tok_s  # noqa: E402

@@ -30,9 +30,9 @@ import numpy as np
 from tabulate import tabulate
 
 from dual_sampling.api import SyncDualSampler
-from dual_sampling.launch import Servers
-from dual_sampling.mixture import ess_fraction
-from dual_sampling.real_models import ensure_real_models
+from dual_sampling.maths.mixture import ess_fraction
+from dual_sampling.models.real_models import ensure_real_models
+from dual_sampling.serving.launch import Servers
 
 PAIRS = [(17, 25), (38, 44), (12, 19), (56, 27), (23, 48), (61, 15), (34, 29), (47, 36)]
 CAPITALS = [("Japan", "Tokyo"), ("Italy", "Rome"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import Servers
-from dual_sampling.shaped_models import make_pair
-from dual_sampling.tiny_models import ensure_tiny_models, perturbed_checkpoint
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.models.shaped_models import make_pair
+from dual_sampling.models.tiny_models import ensure_tiny_models, perturbed_checkpoint
+from dual_sampling.serving.launch import Servers
 
 
 def models(pair: str) -> dict[str, Path]:

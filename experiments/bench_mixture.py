@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import log_softmax
 
-from dual_sampling.mixture import solve_alpha
+from dual_sampling.maths.mixture import solve_alpha
 
 B, K, SEED, REPEATS = 1024, 200, 0, 5
 TARGET_SPEEDUP, TARGET_MAX_DIFF = 50.0, 1e-6

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dual_sampling.actual_logprobs import choose_scorer
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.actual_logprobs import choose_scorer
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.config import (PerplexityParams, PerplexityRunConfig, SequenceDataConfig,
                                   ServerConfig, WandbConfig)
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
 from dual_sampling.modes import perplexity
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 TOPK = 20
@@ -114,7 +114,7 @@ async def run_topk_json(url: str, token_ids: list[int], args: argparse.Namespace
 
 def run_reference(model_dir: Path, token_ids: list[int], args: argparse.Namespace
                   ) -> tuple[float, int, float]:
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     reference = Reference({"theta": model_dir, "target": model_dir})
     started = time.perf_counter()
     nll, tokens = reference.sliding_window_nll("theta", token_ids, args.context_length,

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings,
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.coordinator import (Coordinator, PromptItem, SampleSettings,
                                        Transport)
-from dual_sampling.launch import Servers
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
-from dual_sampling.transports.request import RequestTransport
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.serving.launch import Servers
 
 PROMPT_TOKENS = 32
 
@@ -43,8 +43,8 @@ async def fused_run(fused: VLLMClient, prompts: list[list[int]], n_tokens: int,
     """The fused route as sample mode drives it (FusedCoordinator, every prompt in flight,
     `n_tokens` each, EOS ignored; `alpha` None: alpha* per token): (tokens/s, wall seconds,
     the change of the worker's counters over the run)."""
-    from dual_sampling.fused_format import COUNTERS_PATH
-    from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
+    from dual_sampling.wire.fused_format import COUNTERS_PATH
+    from dual_sampling.core.transports.fused import FusedCoordinator, FusedSettings
 
     async def keep(_seq) -> None:
         return None
@@ -117,7 +117,7 @@ async def speed_table(theta_url: str, target_url: str, batches: list[int], n_tok
 
 def topk_error_table(models: dict[str, Path], ks: list[int], n_positions: int,
                      policies: tuple[str, ...] = ("kth", "uniform_rest", "floor")) -> list[list]:
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     ref = Reference(models)
     ids = ref.tokenizer(corpus_path().read_text()[5000:60000])["input_ids"]
     seqs = [ids[i: i + 128] for i in range(0, min(len(ids), n_positions), 128)]
@@ -168,7 +168,7 @@ def speed_arguments(doc: str, batches: str, repeats: int) -> argparse.ArgumentPa
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--models", help="dir with theta/ and target/ (default: the tiny pair; "
-                        "the real pair: .cache/real_models, python -m dual_sampling.real_models)")
+                        "the real pair: .cache/real_models, python -m dual_sampling.models.real_models)")
     return parser
 
 

@@ -39,14 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.config import (ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig,
                                   WandbConfig)
-from dual_sampling.data import read_score_items
-from dual_sampling.launch import Servers
+from dual_sampling.core import score_job
+from dual_sampling.files.data import read_score_items
+from dual_sampling.files.records import read_records
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
 from dual_sampling.modes import score
-from dual_sampling.records import read_records
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.serving.launch import Servers
 
 TARGET_VS_STOCK, AGREEMENT = 5.0, 1e-4
 WARM_UP = 128  # pairs scored once, untimed, on both servers before the runs
@@ -90,21 +91,21 @@ def make_label_prompts(n: int, seed: int) -> list[dict]:
     return prompts
 
 
-async def tokenize(url: str, records: list[dict]) -> list[score.Group]:
-    """Token ids by the mode's rule (score.tokenize_items), one group per record."""
+async def tokenize(url: str, records: list[dict]) -> list[score_job.Group]:
+    """Token ids by the mode's rule (score_job.tokenize_items), one group per record."""
     items = read_score_items(write_jsonl(Path(tempfile.mkdtemp()) / "p.jsonl", records))
     async with VLLMClient(url, name="theta") as client:
-        return await score.tokenize_items(items, client, chat_template=True)
+        return await score_job.tokenize_items(items, client, chat_template=True)
 
 
-def id_records(groups: list[score.Group]) -> list[dict]:
+def id_records(groups: list[score_job.Group]) -> list[dict]:
     """The groups as score-mode input with token ids (one completion, or a label set)."""
     return [{"prompt_token_ids": g.prompt_ids,
              "completion_token_ids": g.completion_ids if g.item.labels else g.completion_ids[0]}
             for g in groups]
 
 
-def flat_pairs(groups: list[score.Group]) -> list[tuple[list[int], list[int]]]:
+def flat_pairs(groups: list[score_job.Group]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) in the order (index, completion_index)."""
     return [(g.prompt_ids, ids) for g in groups for ids in g.completion_ids]
 
@@ -124,7 +125,7 @@ def run_mode(path: Path, theta: str, target: str | None, args: argparse.Namespac
             score=ScoreParams(per_token=False, batch_size=args.batch_size,
                               concurrency=args.concurrency),
             wandb=WandbConfig(mode="disabled"), progress=False))
-        records = sorted(read_records(Path(out) / score.SCORES_FILE), key=score.KEY)
+        records = sorted(read_records(Path(out) / score.SCORES_FILE), key=score_job.KEY)
     assert result["route_theta"].startswith("/v1/topk") and result["num_skipped"] == 0
     return (result["seconds"], result["tokens_this_run"],
             np.array([r["sum_logp_theta"] for r in records]))

@@ -1,4 +1,4 @@
-"""One self-serving job against two, over the same prompts (dual_sampling/self_serve.py).
+"""One self-serving job against two, over the same prompts (dual_sampling/serving/self_serve.py).
 
     python experiments/bench_self_serve.py                    # tiny pair, 64 prompts
     python experiments/bench_self_serve.py --models .cache/real_models --prompts 32
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
 
 
 def write_prompts(path: Path, count: int) -> Path:

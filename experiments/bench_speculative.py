@@ -34,8 +34,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import Servers
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.serving.launch import Servers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import bench_models, fused_run, native_tok_s, speed_arguments  # noqa: E402

@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import Servers
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
 from dual_sampling.modes.topk import CacheWriter
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
-from dual_sampling.topk_format import decode_body, id_dtype_for_vocab
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.topk_format import decode_body, id_dtype_for_vocab
 
 BATCHES = (1, 8, 16)
 TARGET_SPEEDUP, TARGET_BYTES_PER_ENTRY = 20.0, 3.0

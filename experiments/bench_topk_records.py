@@ -2,7 +2,7 @@
 
     python experiments/bench_topk_records.py [--vocab 2048 151936] [--batch 1 32 256] [--k 20]
 
-Times, per coordinator step, the numpy work dual_sampling/coordinator.py does on the two
+Times, per coordinator step, the numpy work dual_sampling/core/coordinator.py does on the two
 servers' top-k lists (B, k): merge_topk (with `missing=kth` and `uniform_rest`, the one that
 reads the vocabulary size), solve_alpha, log_mixture, temper, inverse_cdf,
 token_diagnostics and both top-k coverages, best of 5, on ids drawn from the whole
@@ -16,7 +16,7 @@ import time
 import numpy as np
 from tabulate import tabulate
 
-from dual_sampling import mixture
+from dual_sampling.maths import mixture
 
 
 def topk_lists(rng: np.random.Generator, batch: int, vocab: int, k: int):

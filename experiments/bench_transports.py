@@ -42,13 +42,13 @@ from pathlib import Path
 from tabulate import tabulate
 from transformers import AutoConfig
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import Servers
-from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.tiny_models import corpus_path
-from dual_sampling.transports.request import RequestTransport
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.core.transports.session import SessionTransport
+from dual_sampling.models.tiny_models import corpus_path
+from dual_sampling.serving.launch import Servers
 from dual_sampling.vllm_plugin.fused.setup import kv_bytes_per_token
+from dual_sampling.wire.session_format import PATH as SESSION_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import (PROMPT_TOKENS, bench_models, dual_tok_s,  # noqa: E402

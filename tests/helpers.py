@@ -19,14 +19,14 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from scipy.stats import chisquare
 
-from dual_sampling import mixture
-from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
-from dual_sampling.tiny_models import corpus_path
-from dual_sampling.launch import Servers
-from dual_sampling.records import read_records
-from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.coordinator import Coordinator, PromptItem, SampleSettings
+from dual_sampling.core.transports.session import SessionTransport
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import mixture
+from dual_sampling.models.tiny_models import corpus_path
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.fused_format import GENERATE_PATH as FUSED_PATH
 
 
 

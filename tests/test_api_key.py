@@ -25,16 +25,16 @@ import psutil
 import pytest
 
 from dual_sampling import DualSampler
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.config import (ScoreDataConfig, ScoreRunConfig, SequenceDataConfig,
                                   ServerConfig, TopkParams, TopkRunConfig, WandbConfig)
+from dual_sampling.core.transports.session import SessionTransport
 from dual_sampling.errors import AuthenticationError, ConfigError
-from dual_sampling.launch import Servers
+from dual_sampling.files.records import read_records
+from dual_sampling.models.tiny_models import perturbed_checkpoint
 from dual_sampling.modes import score, topk
-from dual_sampling.records import read_records
-from dual_sampling.tiny_models import perturbed_checkpoint
-from dual_sampling.topk_format import read_index
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.topk_format import read_index
 
 pytestmark = pytest.mark.server
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.errors import AuthenticationError, MalformedResponseError, ServerError
 
 

@@ -259,7 +259,7 @@ def fake_multirun(root: Path) -> Path:
 
 
 def fake_record() -> dict:
-    from dual_sampling.coordinator import TOKEN_FIELDS
+    from dual_sampling.core.coordinator import TOKEN_FIELDS
     record = {name: None for name in docs_reference.SAMPLES if name != "candidates"}
     record.update({name: [0.5] for name in TOKEN_FIELDS}, index=0, sample_index=0,
                   num_tokens=1, finish_reason="stop", log_w_theta=0.0, log_w_target=0.0)

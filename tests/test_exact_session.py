@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from dual_sampling import mixture
-from dual_sampling import session_format as wire
-from dual_sampling.client import ServerInfo, VLLMClient
+from dual_sampling.clients.client import ServerInfo, VLLMClient
 from dual_sampling.config import SampleParams
-from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings, prompt_seed
+from dual_sampling.core.coordinator import Coordinator, PromptItem, SampleSettings, prompt_seed
+from dual_sampling.core.sampling import choose_exact
+from dual_sampling.core.transports.session import SessionTransport
 from dual_sampling.errors import ConfigError, ServerMismatchError
-from dual_sampling.sampling import choose_exact
-from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.maths import mixture
+from dual_sampling.wire import session_format as wire
+from dual_sampling.wire.fused_format import GENERATE_PATH as FUSED_PATH
 from helpers import assert_rule_alpha, chernoff_alpha, encode, exact_sequences, run_exact
 
 VOCAB = 1024  # the tiny tokenizer's ids
@@ -34,7 +34,7 @@ TEXTS = [f"Prompt number {i}: the standard library module" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def reference(tiny_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(tiny_models)
 
 
@@ -171,7 +171,7 @@ def test_sample_mode_records_the_exact_path_and_a_killed_run_resumes_to_the_same
     import sys
     import time
 
-    from dual_sampling.records import read_records
+    from dual_sampling.files.records import read_records
     texts = [f"Prompt {i}: the standard library module" for i in range(12)]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
@@ -216,7 +216,7 @@ def test_sample_mode_records_the_exact_path_and_a_killed_run_resumes_to_the_same
 @pytest.fixture(scope="module")
 def bf16_target(tiny_models, tmp_path_factory):
     """The tiny target served in bfloat16 with a shorter max length (theta stays float32)."""
-    from dual_sampling.launch import Servers
+    from dual_sampling.serving.launch import Servers
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_bf16"),
                      models={"target": tiny_models["target"]},
                      extra=("--dtype", "bfloat16", "--max-model-len", "512"))
@@ -328,7 +328,7 @@ def test_sample_mode_with_a_hinted_teacher_and_a_plain_policy_template(servers, 
     import subprocess
     import sys
 
-    from dual_sampling.records import read_records
+    from dual_sampling.files.records import read_records
     prompts = tmp_path / "problems.jsonl"
     prompts.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?",
                                            "solution": str(2 * i), "id": f"p{i}"}) + "\n"
@@ -370,7 +370,7 @@ def test_the_top_k_transports_import_without_torch():
             "    if name.split('.')[0] == 'torch': raise ImportError('no torch here')\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
-            "import dual_sampling.transports.session, dual_sampling.sampling\n")
+            "import dual_sampling.core.transports.session, dual_sampling.core.sampling\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from dual_sampling.tiny_models import perturbed_checkpoint
+from dual_sampling.models.tiny_models import perturbed_checkpoint
 from dual_sampling.vllm_plugin.fingerprint import fingerprint
 
 

@@ -1,6 +1,6 @@
 """The fused transport against a real fused vLLM CPU server (theta + a padded target).
 
-Every generated position is recomputed with transformers (dual_sampling/reference.py) over
+Every generated position is recomputed with transformers (dual_sampling/models/reference.py) over
 the full vocabulary; sampled tokens are tested against q* with a chi-square test; sample
 mode runs end to end through the real entry point, killed and resumed. The guards of
 start_vllm.sh --fused need no server.
@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dual_sampling import mixture
-from dual_sampling.client import ServerInfo
+from dual_sampling.clients.client import ServerInfo
 from dual_sampling.config import SampleParams
+from dual_sampling.core.sampling import wants_fused
+from dual_sampling.core.transports.fused import prompt_seed
 from dual_sampling.errors import ConfigError, ServerMismatchError
-from dual_sampling.launch import START_SCRIPT, Servers
-from dual_sampling.sampling import wants_fused
-from dual_sampling.records import read_records
-from dual_sampling.transports.fused import prompt_seed
-from dual_sampling.fused_format import ENGINE_PATH
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import mixture
+from dual_sampling.serving.launch import START_SCRIPT, Servers
 from dual_sampling.vllm_plugin.fused.setup import FusedSetupError, hf_overrides
+from dual_sampling.wire.fused_format import ENGINE_PATH
 from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, check_dataset,
                      chernoff_alpha, chi_square_p, encode, generate, run_killing_a_replica,
                      run_sample, sample_cmd, tokens_of, wait_for_records, write_prompts)
@@ -35,7 +35,7 @@ from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, c
 VOCAB = 1024  # the tokenizer's; the padded target has 1088 output rows
 @pytest.fixture(scope="module")
 def reference(fused_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(fused_models)
 
 
@@ -83,9 +83,9 @@ def test_every_position_matches_the_full_vocabulary_reference(fused_server, refe
 @pytest.fixture(scope="module")
 def hetero_server(tmp_path_factory):
     """A fused server of a pair with different KV layouts: theta 2 layers of 2 KV heads x 64,
-    target 3 layers of 8 heads, 4 KV heads x 128 (dual_sampling/shaped_models.py; random
+    target 3 layers of 8 heads, 4 KV heads x 128 (dual_sampling/models/shaped_models.py; random
     weights, peaked heads, the tiny pair's tokenizer). Up for this module only."""
-    from dual_sampling.shaped_models import make_pair
+    from dual_sampling.models.shaped_models import make_pair
     models = make_pair(tmp_path_factory.mktemp("hetero"), "tiny-64", "tiny-128")
     server = Servers(run_dir=tmp_path_factory.mktemp("vllm_hetero"), models=models)
     server.start_fused()
@@ -99,7 +99,7 @@ def test_a_pair_with_different_kv_layouts_serves_fused_and_matches_transformers(
     KV-cache group (each layer its own region of a block) and every position is exact."""
     from transformers import AutoConfig
 
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     from dual_sampling.vllm_plugin.fused.setup import kv_bytes_per_token
     models = hetero_server.models
     with urllib.request.urlopen(hetero_server.url("fused") + ENGINE_PATH, timeout=30) as reply:
@@ -121,7 +121,7 @@ def test_a_pair_with_different_kv_layouts_serves_fused_and_matches_transformers(
 def test_a_prompt_prefilled_in_chunks_matches_the_reference(fused_server, reference):
     """1200 prompt tokens over a 512-token step budget: the engine samples (and discards)
     at the end of each partial prefill; the records must hold only the real tokens."""
-    from dual_sampling.tiny_models import corpus_path
+    from dual_sampling.models.tiny_models import corpus_path
     prompt = encode(reference, corpus_path().read_text()[:20000])[:1200]
     result = generate(fused_server, [prompt], [5], max_tokens=6)[0]
     ids = prompt + result["token_ids"]
@@ -174,7 +174,7 @@ def test_a_real_vocabulary_pair_is_exact_and_batch_invariant(wide_fused_server, 
     """151,936 ids, all carrying mass (nothing prunable): every position's alpha, logprobs
     and diagnostics against transformers over the full vocabulary, the first token's
     distribution by chi-square, and the same tokens alone, batched and asked again."""
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     reference = Reference(wide_models)
     prompts = [encode(reference, p) for p in PROMPTS[:6]]
     batched = generate(wide_fused_server, prompts, [21, 22, 23, 24, 25, 26], max_tokens=10)

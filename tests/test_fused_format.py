@@ -1,4 +1,4 @@
-"""The fused engine's one contract (dual_sampling/fused_format.py): what the client sends is
+"""The fused engine's one contract (dual_sampling/wire/fused_format.py): what the client sends is
 what the route reads and hands the engine, and every argument out of range is refused
 naming it, by the same check on both sides."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dual_sampling import fused_format as fmt
+from dual_sampling.wire import fused_format as fmt
 
 ARGS = st.builds(
     fmt.TokenArgs, tag=st.one_of(st.none(), st.text(max_size=8)),

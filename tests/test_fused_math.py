@@ -1,4 +1,4 @@
-"""The fused transport's torch math against the numpy reference (dual_sampling/mixture.py),
+"""The fused transport's torch math against the numpy reference (dual_sampling/maths/mixture.py),
 scipy and float64: alpha*, q*'s diagnostics, the token and its logprob."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from dual_sampling import mixture
-from dual_sampling.vllm_plugin.fused import kernels
+from dual_sampling.maths import mixture
+from dual_sampling.maths import kernels
 
 
 def rows_of(a: np.ndarray, b: np.ndarray) -> kernels.Rows:

@@ -26,8 +26,8 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
 from dual_sampling.vllm_plugin.fused import state
 from dual_sampling.vllm_plugin.fused.sampler import FusedSampler
-from dual_sampling.fused_format import EXTRA_KEY
 from dual_sampling.vllm_plugin.fused.setup import SAMPLER
+from dual_sampling.wire.fused_format import EXTRA_KEY
 
 VOCAB = 40
 

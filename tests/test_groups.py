@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from dual_sampling import groups, mixture
-from dual_sampling.coordinator import (Coordinator, PromptItem, SampleSettings, sequence_rng,
-                                       sequence_seed)
-from dual_sampling.records import read_records
-from dual_sampling.transports.request import RequestTransport
+from dual_sampling.core.coordinator import (Coordinator, PromptItem, SampleSettings,
+                                               sequence_rng, sequence_seed)
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import mixture
+from dual_sampling.maths import groups
 from helpers import (check_figures, check_table_row, read_page, run_sample, sample_cmd,
                      write_prompts)
 
@@ -159,14 +160,14 @@ def test_group_weights_are_the_softmax_of_each_complete_group():
 
 # -- against real servers ---------------------------------------------------------------------
 def server_clients(servers):
-    from dual_sampling.client import VLLMClient
+    from dual_sampling.clients.client import VLLMClient
     return (VLLMClient(servers.url("theta"), name="theta"),
             VLLMClient(servers.url("target"), name="target"))
 
 
 async def _coordinate(servers, transport_name: str, s: SampleSettings,
                       items: list[PromptItem]) -> dict:
-    from dual_sampling.transports.session import SessionTransport
+    from dual_sampling.core.transports.session import SessionTransport
     theta, target = server_clients(servers)
     finished = {}
 
@@ -185,7 +186,7 @@ async def _coordinate(servers, transport_name: str, s: SampleSettings,
 
 @pytest.mark.server
 def test_transports_agree_with_groups_and_temperature(servers, tiny_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     ids = Reference(tiny_models).tokenizer("The river ran slowly past the mill and")["input_ids"]
     items = [PromptItem(i, "", ids[: 4 + i], (0, 1, 2)) for i in range(3)]
     s = settings(top_k=20, max_tokens=10, concurrency=4, eos_token_ids=(), temperature=2.0)
@@ -209,7 +210,7 @@ def test_first_token_frequencies_match_the_tempered_reference(servers, tiny_mode
     """400 samples of one prompt, one token each: chi-square against q*^(1/T) computed by
     transformers from each model's top-20 (what the servers return), merged as sample mode
     merges them; and logp_q / logp_theta of every draw against the same."""
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     ref = Reference(tiny_models)
     prompt = ref.tokenizer("The river ran slowly past the")["input_ids"]
     n = 400

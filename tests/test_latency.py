@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import Coordinator
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.coordinator import Coordinator
+from dual_sampling.core.transports.session import SessionTransport
 from helpers import clients, corpus_prompts, prompt_items, settings
 
 CALLS = 60

@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from dual_sampling import DualSampler, SyncDualSampler
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.errors import CheckpointRefusedError, ServerError, ThetaChangedError
-from dual_sampling.launch import Servers
-from dual_sampling.tiny_models import perturbed_checkpoint
-from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
+from dual_sampling.models.tiny_models import perturbed_checkpoint
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.fused_format import GENERATE_PATH as FUSED_PATH
 
 pytestmark = pytest.mark.server
 

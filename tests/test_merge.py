@@ -17,13 +17,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dual_sampling import data, groups, merge, sample_stats
+from dual_sampling import merge
 from dual_sampling.config import PromptDataConfig, SampleParams, SampleRunConfig
-from dual_sampling.coordinator import TOKEN_FIELDS, PromptItem, Sequence
+from dual_sampling.core.coordinator import TOKEN_FIELDS, PromptItem, Sequence
+from dual_sampling.core.sampling import sequence_record
 from dual_sampling.errors import MergeError
-from dual_sampling.modes.sample import SAMPLE_KEY, check_resume, write_shard
-from dual_sampling.records import ResumableJsonlWriter, read_records
-from dual_sampling.sampling import sequence_record
+from dual_sampling.files import data
+from dual_sampling.files.records import ResumableJsonlWriter, read_records
+from dual_sampling.files.run_files import SAMPLE_KEY
+from dual_sampling.maths import sample_stats
+from dual_sampling.maths import groups
+from dual_sampling.modes.sample import check_resume, write_shard
 
 MERGED = ("samples.jsonl", "samples.parquet", "groups.jsonl", "summary.json")
 

@@ -1,4 +1,4 @@
-"""dual_sampling.mixture against independent references: scipy root finding on the derivative
+"""dual_sampling.maths.mixture against independent references: scipy root finding on the derivative
 of log Z, a dict-based top-k merge, direct formulas, and sampling frequencies."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from scipy.optimize import brentq
 from scipy.special import logsumexp, softmax
 from scipy.stats import chisquare
 
-from dual_sampling.mixture import (
+from dual_sampling.maths.mixture import (
     MISSING_POLICIES, effective_sample_size, ess_fraction, inverse_cdf, log_importance_weights,
     log_mixture, log_partition, merge_topk, normalised_weights, sample, solve_alpha, temper,
     token_diagnostics, topk_coverage)
@@ -509,7 +509,7 @@ def ref_ess_alpha(logp_theta, logp_target):
 @SETTINGS
 @given(pairs(with_inf=False, min_k=2))
 def test_ess_balance_alpha_matches_scipy(pair):
-    from dual_sampling.mixture import ess_balance_alpha
+    from dual_sampling.maths.mixture import ess_balance_alpha
     a, b = pair
     want = ref_ess_alpha(a, b)
     got = float(ess_balance_alpha(a, b))
@@ -528,7 +528,7 @@ def ref_ess_gap(a, b, x):
 @SETTINGS
 @given(pairs(with_inf=False), st.floats(0.0, 0.6), st.floats(0.6, 1.0))
 def test_entropy_rule_and_clamps_match_the_closed_form(pair, alpha_min, alpha_max):
-    from dual_sampling.mixture import choose_alpha
+    from dual_sampling.maths.mixture import choose_alpha
     a, b = (ref_normalise(x) for x in pair)
     h_a, h_b = -np.sum(np.exp(a) * a), -np.sum(np.exp(b) * b)
     want = 0.5 if h_a + h_b <= 0 else h_a / (h_a + h_b)

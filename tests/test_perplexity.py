@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from hypothesis import example, given, settings, strategies as st
 
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 from dual_sampling.config import (PerplexityParams, PerplexityRunConfig, SequenceDataConfig,
                                   ServerConfig, WandbConfig)
 from dual_sampling.errors import DataError, ServerError, ServerMismatchError
+from dual_sampling.models.tiny_models import corpus_path
 from dual_sampling.modes import perplexity
 from dual_sampling.modes.perplexity import plan_windows, preflight
-from dual_sampling.tiny_models import corpus_path
 
 CORPUS_CHARS = 12_000  # about 3,950 tokens of the shipped corpus
 
@@ -153,7 +153,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(servers):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(servers.models)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dual_sampling.launch import START_SCRIPT, Servers, free_port
+from dual_sampling.serving.launch import START_SCRIPT, Servers, free_port
 
 EXTRA = ("--max-model-len", "512", "--enforce-eager")  # eager: no warm-up compile to wait for
 ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")

@@ -1,5 +1,5 @@
 """The real-model tier: SmolLM2-135M-Instruct (target) and a 12-layer policy distilled from it
-(theta), made from a PyPI wheel (dual_sampling/real_models.py), on real vLLM CPU servers:
+(theta), made from a PyPI wheel (dual_sampling/models/real_models.py), on real vLLM CPU servers:
 the fused engine (this module) and two servers (test_real_pair.py), each module starting
 its own, so that the two sets are never up at once.
 
@@ -26,10 +26,10 @@ import sys
 import numpy as np
 import pytest
 
-from dual_sampling import mixture
 from dual_sampling.api import SyncDualSampler
-from dual_sampling.real_models import EOS_ID
-from dual_sampling.records import read_records
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import mixture
+from dual_sampling.models.real_models import EOS_ID
 from helpers import CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, chi_square_p, generate
 
 @pytest.mark.server
@@ -100,8 +100,8 @@ def test_sample_mode_chat_groups_and_a_stop_string(real_fused, real_reference, t
 
 @pytest.mark.server
 def test_load_theta_of_a_perturbed_real_theta(real_fused, real_models, real_reference, tmp_path):
-    from dual_sampling.reference import Reference
-    from dual_sampling.tiny_models import perturbed_checkpoint
+    from dual_sampling.models.reference import Reference
+    from dual_sampling.models.tiny_models import perturbed_checkpoint
 
     other = perturbed_checkpoint(real_models["theta"], tmp_path / "theta_b", scale=0.02)
     perturbed = Reference({"theta": other, "target": real_models["target"]})

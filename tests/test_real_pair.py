@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dual_sampling.api import SyncDualSampler
-from dual_sampling.launch import Servers
+from dual_sampling.serving.launch import Servers
 from helpers import (CHATS, LOGP_TOL, alpha_bound, chat_ids, chernoff_alpha, exact_sequences,
                      topk_of)
 
@@ -42,7 +42,7 @@ def test_exact_session_gives_the_fused_engines_tokens_and_exact_fields(real_fuse
     draws expect 0.01 such sequences, and a later token then differs too, so at most one
     sequence may differ (counted in the message). Every field is within LOGP_TOL of
     transformers + scipy over the full vocabulary, alpha* within alpha_bound."""
-    from dual_sampling import mixture
+    from dual_sampling.maths import mixture
     draws = real_fused_draws
     sequences = _exact_session(real_pair, draws["prompts"], draws["seed"],
                                draws["temperature"])
@@ -98,7 +98,7 @@ def test_score_topk_and_perplexity_match_transformers(real_pair, real_reference,
     from dual_sampling.config import (PerplexityParams, PerplexityRunConfig, SequenceDataConfig,
                                       ServerConfig, WandbConfig)
     from dual_sampling.modes import perplexity
-    from dual_sampling.topk_format import error_bound
+    from dual_sampling.wire.topk_format import error_bound
 
     prompts = [{"messages": m} for m in CHATS[:2]]
     completions = ["The capital of France is Paris.", "Leaves fall slowly down"]
@@ -124,7 +124,7 @@ def test_score_topk_and_perplexity_match_transformers(real_pair, real_reference,
     assert (exact[:, -1] >= np.sort(full, -1)[:, -20] - LOGP_TOL).all()
 
     corpus = tmp_path / "corpus.txt"
-    from dual_sampling.tiny_models import corpus_path
+    from dual_sampling.models.tiny_models import corpus_path
     corpus.write_text(corpus_path().read_text(encoding="utf-8")[:6000], encoding="utf-8")
     got = perplexity.run(PerplexityRunConfig(
         output_dir=str(tmp_path / "ppl"), model=ServerConfig(url=real_pair.url("target")),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dual_sampling.errors import DataError
-from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
+from dual_sampling.files.records import FieldsKey, ResumableJsonlWriter, read_records
 
 
 @settings(max_examples=40, deadline=None)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from dual_sampling.reference import Reference
-from dual_sampling.tiny_models import corpus_path, ensure_tiny_models, make_tiny_models, read_marker
+from dual_sampling.models.reference import Reference
+from dual_sampling.models.tiny_models import (corpus_path, ensure_tiny_models, make_tiny_models,
+                                              read_marker)
 
 TEXT = "Return the number of items in a container. The river ran slowly past the mill."
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dual_sampling import report, sample_stats
+from dual_sampling import report
 from dual_sampling.errors import DataError
-from dual_sampling.records import read_records
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import sample_stats
 from helpers import check_figures, check_table_row, read_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

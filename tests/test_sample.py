@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dual_sampling import merge, mixture
-from dual_sampling.records import read_records
+from dual_sampling import merge
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import mixture
 from helpers import (PROMPTS, check_dataset, run_killing_a_replica, run_sample, sample_cmd,
                      wait_for_records, write_prompts)
 
@@ -55,7 +56,7 @@ def test_dataset_is_complete_valid_and_loadable(first_run):
 
 
 def test_logprobs_match_transformers_and_alpha_matches_topk_reference(first_run, tiny_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     ref = Reference(tiny_models)
     out, _, _ = first_run
     checked = 0
@@ -151,7 +152,7 @@ def test_bad_input_fails_before_any_request(servers, tmp_path):
 
 
 def test_server_that_stays_down_gives_a_clear_error(servers, tmp_path):
-    from dual_sampling.launch import free_port
+    from dual_sampling.serving.launch import free_port
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
     down = f"http://127.0.0.1:{free_port()}"
     done = run_sample(servers, prompts, tmp_path / "o", f"target.url={down}",
@@ -162,7 +163,7 @@ def test_server_that_stays_down_gives_a_clear_error(servers, tmp_path):
 
 def test_mismatched_tokenizers_are_refused(servers, tmp_path):
     """A third real server whose tokenizer lacks some merges: same vocab, other ids."""
-    from dual_sampling.launch import Servers
+    from dual_sampling.serving.launch import Servers
     other = tmp_path / "other"
     shutil.copytree(servers.models["theta"], other)
     tok = json.loads((other / "tokenizer.json").read_text())
@@ -219,7 +220,7 @@ def test_sharded_submitit_local_run_unions_to_the_unsharded_dataset(servers, fir
 
 def test_replica_killed_mid_run_its_prompts_finish_elsewhere(servers, tmp_path):
     """theta has two replicas; one is SIGKILLed mid-run; the run still completes."""
-    from dual_sampling.launch import Servers
+    from dual_sampling.serving.launch import Servers
     replica = Servers(run_dir=tmp_path / "vllm", models={"model": servers.models["theta"]})
     replica.start("model")
     prompts = write_prompts(tmp_path / "prompts.jsonl")
@@ -266,7 +267,8 @@ def test_a_resume_with_other_token_settings_is_refused(tmp_path):
     another distribution than the ones it resumes (the demo once resumed a T = 1 dataset at
     T = 0.7 and reported 0.7)."""
     from dual_sampling.errors import ConfigError
-    from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
+    from dual_sampling.files.run_files import RUN_PARAMS_FILE
+    from dual_sampling.modes.sample import check_resume
 
     check_resume(tmp_path, settings(temperature=1.0, stop=["\n"]), "fused", models())
     check_resume(tmp_path, settings(temperature=1.0, stop=["\n"], n=4, concurrency=2), "fused",
@@ -303,7 +305,8 @@ def test_a_resume_on_other_models_or_transport_is_refused(tmp_path):
     a run on to a new policy, accepted and listed; a server reporting no fingerprint (no
     plugin) is compared by checkpoint path."""
     from dual_sampling.errors import ConfigError
-    from dual_sampling.modes.sample import RUN_PARAMS_FILE, check_resume
+    from dual_sampling.files.run_files import RUN_PARAMS_FILE
+    from dual_sampling.modes.sample import check_resume
 
     check_resume(tmp_path, settings(), "fused", models())
     for transport, changed, key in (
@@ -331,7 +334,8 @@ def test_a_resume_into_another_shards_output_dir_is_refused(tmp_path):
 
     from dual_sampling.config import SampleParams
     from dual_sampling.errors import ConfigError
-    from dual_sampling.modes.sample import SHARD_FILE, write_shard
+    from dual_sampling.files.run_files import SHARD_FILE
+    from dual_sampling.modes.sample import write_shard
 
     def config(shard_index, num_shards=2, n=1):
         return SimpleNamespace(sample=SampleParams(n=n), data=SimpleNamespace(

@@ -15,14 +15,14 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings, strategies as st
 
-from dual_sampling import scoring
 from dual_sampling.config import (ScoreDataConfig, ScoreParams, ScoreRunConfig, ServerConfig,
                                   WandbConfig)
-from dual_sampling.data import read_score_items
+from dual_sampling.core.score_job import Group, plan_batches
 from dual_sampling.errors import DataError, ServerMismatchError
+from dual_sampling.files.data import read_score_items
+from dual_sampling.files.records import read_records
+from dual_sampling.maths import scoring
 from dual_sampling.modes import score
-from dual_sampling.modes.score import Group, plan_batches
-from dual_sampling.records import read_records
 
 SUM_TOLERANCE = 1e-4
 # A prompt ending in a partial word: naive string concatenation would merge "f" and "unction".
@@ -142,7 +142,7 @@ def make_config(servers, path: Path, out: Path, target: bool = True, **params) -
 
 @pytest.fixture(scope="module")
 def reference(servers):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(servers.models)
 
 
@@ -274,8 +274,8 @@ def test_resume_after_a_kill_writes_each_record_once(servers, scored, tmp_path):
 def test_a_long_shared_prompt_is_served_from_the_prefix_cache(servers, reference, tmp_path):
     """Label sets behind a prompt of more than two KV blocks (128 tokens each on CPU): the
     completions after the first read the prompt's blocks from the cache, same scores."""
-    from dual_sampling.launch import server_metrics
-    from dual_sampling.tiny_models import corpus_path
+    from dual_sampling.serving.launch import server_metrics
+    from dual_sampling.models.tiny_models import corpus_path
     prompt = corpus_path().read_text(encoding="utf-8")[:900] + " Is that true? Answer:"
     pairs = write_pairs(tmp_path / "p.jsonl", [
         {"prompt": prompt, "completions": [" True", " False", " Not at all"]},

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dual_sampling.run_lock import run_lock
+from dual_sampling.files.run_lock import run_lock
 
 PROMPTS = Path(__file__).resolve().parents[1] / "dual_sampling" / "assets" / "prompts.jsonl"
 TOKEN_SETTINGS = ["sample.max_tokens=48", "sample.n=2", "seed=3", "sample.report=false",

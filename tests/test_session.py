@@ -16,12 +16,12 @@ import aiohttp
 import numpy as np
 import pytest
 
-from dual_sampling import session_format as wire
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.core.transports.session import SessionTransport
 from dual_sampling.errors import ServerError
-from dual_sampling.launch import server_metrics
-from dual_sampling.transports.request import RequestTransport
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.serving.launch import server_metrics
+from dual_sampling.wire import session_format as wire
 from helpers import PROMPT_LENGTHS, clients, corpus_prompts, run_coordinator, settings
 
 ROLES = ("theta", "target")
@@ -167,9 +167,9 @@ def test_socket_closed_mid_step_frees_every_session(servers):
 
 CLIENT = textwrap.dedent("""
     import asyncio, sys
-    from dual_sampling.client import VLLMClient
-    from dual_sampling.coordinator import Coordinator, PromptItem, SampleSettings
-    from dual_sampling.transports.session import SessionTransport
+    from dual_sampling.clients.client import VLLMClient
+    from dual_sampling.core.coordinator import Coordinator, PromptItem, SampleSettings
+    from dual_sampling.core.transports.session import SessionTransport
 
     async def main(theta_url, target_url):
         theta, target = VLLMClient(theta_url, name="theta"), VLLMClient(target_url, name="target")

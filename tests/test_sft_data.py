@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from dual_sampling.data import read_prompts
 from dual_sampling.errors import DataError
-from dual_sampling.records import to_messages
+from dual_sampling.files.data import read_prompts
+from dual_sampling.files.records import to_messages
 
 ROWS = [{"problem": "What is 2 + 3?", "solution": "5", "id": "a1"},
         {"problem": "Capital of France?", "solution": "Paris", "id": "a2"}]

@@ -15,7 +15,7 @@ import torch
 from scipy.special import log_softmax
 from scipy.stats import chisquare
 
-from dual_sampling import mixture
+from dual_sampling.maths import mixture
 from dual_sampling.vllm_plugin.fused import verify
 from helpers import chernoff_alpha, chi_square_p
 
@@ -126,7 +126,7 @@ def test_temperature_zero_emits_the_argmax_of_q_star():
 def test_a_request_without_drafts_draws_like_the_non_speculative_engine():
     """K = 0 rows (the first token after a prompt) use stream 0 at their position: the
     uniform the non-speculative sampler uses, so the token is q's inverse CDF there."""
-    from dual_sampling.vllm_plugin.fused import kernels
+    from dual_sampling.maths import kernels
     theta, target = pair(5)
     (step, _), _ = run(theta, target, 1.0, None, drafts=0, n=50)
     a, b = log_softmax(theta), log_softmax(target)

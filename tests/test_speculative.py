@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from dual_sampling import mixture
-from dual_sampling.launch import Servers
-from dual_sampling.fused_format import COUNTERS_PATH, ENGINE_PATH
+from dual_sampling.maths import mixture
+from dual_sampling.serving.launch import Servers
+from dual_sampling.wire.fused_format import COUNTERS_PATH, ENGINE_PATH
 from helpers import (PROMPTS, assert_batch_invariant_and_greedy_is_the_argmax, assert_rule_alpha,
                      check_dataset, chernoff_alpha, chi_square_p, encode, generate, run_sample,
                      tokens_of, write_prompts)
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def reference(fused_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(fused_models)
 
 

@@ -19,8 +19,8 @@ import urllib.request
 import openai
 import pytest
 
-from dual_sampling.fused_format import GENERATE_PATH as FUSED_PATH
-from dual_sampling.fused_format import COUNTERS_PATH
+from dual_sampling.wire.fused_format import GENERATE_PATH as FUSED_PATH
+from dual_sampling.wire.fused_format import COUNTERS_PATH
 
 pytestmark = pytest.mark.server
 

@@ -13,8 +13,8 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from dual_sampling.theta_format import PIN_HEADER, VERSION_HEADER
 from dual_sampling.vllm_plugin.theta_route import ThetaGate, ThetaState
+from dual_sampling.wire.theta_format import PIN_HEADER, VERSION_HEADER
 
 
 def test_the_swap_waits_for_requests_past_the_door_and_holds_new_ones():

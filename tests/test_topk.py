@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.topk_format import (FORMATS, EncodedTopk, TopkFormatError, decode_body,
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.wire.topk_format import (FORMATS, EncodedTopk, TopkFormatError, decode_body,
                                        encode_body, encode_sequence, error_bound,
                                        id_dtype_for_vocab, read_index)
 from helpers import topk_of
@@ -145,7 +145,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference(tiny_models):
-    from dual_sampling.reference import Reference
+    from dual_sampling.models.reference import Reference
     return Reference(tiny_models)
 
 
@@ -297,7 +297,7 @@ def test_cache_resumes_after_sigkill_with_every_sequence_once(servers, tmp_path,
     assert Path(manifest["model_root"]).name == "theta"
     assert not list(out.glob("*.tmp"))
 
-    from dual_sampling.topk_dataset import TopkDataset
+    from dual_sampling.files.topk_dataset import TopkDataset
     dataset = TopkDataset(out)
     assert len(dataset) == len(texts)
     for i in (0, 1, 17, 39):
@@ -325,7 +325,7 @@ def test_cache_resumes_after_sigkill_with_every_sequence_once(servers, tmp_path,
 def test_cache_writer_repairs_every_kill_point_and_reads_back(tmp_path):
     """Killed mid-shard (a .tmp), between rename and index line, mid index line: all repaired."""
     from dual_sampling.modes.topk import CacheWriter
-    from dual_sampling.topk_dataset import TopkDataset
+    from dual_sampling.files.topk_dataset import TopkDataset
 
     rng = np.random.default_rng(0)
     lengths = [5, 1, 9, 3, 7]

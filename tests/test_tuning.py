@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+from dual_sampling.core.transports.session import SessionTransport
 from dual_sampling.errors import ConfigError
-from dual_sampling.launch import ENGINE_STEPS, server_metrics
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.serving.launch import ENGINE_STEPS, server_metrics
 from dual_sampling.vllm_plugin import tuning
 from helpers import clients, corpus_prompts, run_coordinator, settings
 

@@ -41,11 +41,11 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from dual_sampling import data
-from dual_sampling.actual_logprobs import Scorer, check_raw_logprobs, choose_scorer
-from dual_sampling.client import ServerInfo, VLLMClient, server_client
+from dual_sampling.clients.actual_logprobs import Scorer, check_raw_logprobs, choose_scorer
+from dual_sampling.clients.client import ServerInfo, VLLMClient, server_client
 from dual_sampling.config import PerplexityParams, PerplexityRunConfig
 from dual_sampling.errors import ConfigError, DataError, ServerMismatchError
+from dual_sampling.files import data
 from dual_sampling.tracking import Tracker
 
 log = logging.getLogger(__name__)

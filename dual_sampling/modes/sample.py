@@ -12,12 +12,12 @@ spread over replica pairs (fused: replicas) and restart on another when theirs f
 Before the first token every server must answer and agree on the tokenizer, and (request,
 session) allow top_k logprobs. With `sample.transport=fused` (or `auto` finding a fused
 server at theta.url) theta.url is the fused server, target.url is not used, and each token
-comes from the exact full-vocabulary q* (dual_sampling/transports/fused.py).
+comes from the exact full-vocabulary q* (dual_sampling/core/transports/fused.py).
 
 Each prompt gets `sample.n` completions, one record per (index, sample_index). A run
 started again with the same output_dir skips the samples already written. The summary
 (all records in the file) goes to `output_dir/summary.json`, W&B and stdout; with n > 1 the
-group weights go to `output_dir/groups.jsonl` (dual_sampling/groups.py), and with
+group weights go to `output_dir/groups.jsonl` (dual_sampling/maths/groups.py), and with
 `sample.report=true` the plots to `output_dir/report.html` (dual_sampling/report.py).
 `output_dir/shard.json` says which prompts the run covers, for `python -m
 dual_sampling.merge` to join the jobs of a sharded sweep into one dataset.
@@ -33,23 +33,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from tabulate import tabulate
 from tqdm import tqdm
 
-from dual_sampling import data, groups, report, sample_stats
+from dual_sampling import report
 from dual_sampling.config import SampleRunConfig
-from dual_sampling.coordinator import StepStats
+from dual_sampling.core.coordinator import StepStats
+from dual_sampling.core.sampling import Sampling, make_clients
 from dual_sampling.errors import ConfigError
-from dual_sampling.records import FieldsKey, ResumableJsonlWriter, read_records
-from dual_sampling.sampling import Sampling, make_clients
+from dual_sampling.files import data
+from dual_sampling.files.records import ResumableJsonlWriter, read_records
+from dual_sampling.files.run_files import (GROUPS_FILE, RUN_PARAMS_FILE, SAMPLE_KEY, SAMPLES_FILE,
+                                          SHARD_FILE, SUMMARY_FILE, format_summary,
+                                          theta_summary)
+from dual_sampling.maths import sample_stats
+from dual_sampling.maths import groups
 from dual_sampling.tracking import Tracker
 
 log = logging.getLogger(__name__)
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
-GROUPS_FILE = "groups.jsonl"
-RUN_PARAMS_FILE = "run_params.json"
-SHARD_FILE = "shard.json"
 # the settings that decide which tokens a sample gets: a resumed run must keep them
 TOKEN_SHAPING = ("alpha", "alpha_method", "alpha_min", "alpha_max", "temperature", "top_k",
                  "missing", "max_tokens", "stop")
@@ -57,8 +57,6 @@ TOKEN_SHAPING = ("alpha", "alpha_method", "alpha_min", "alpha_max", "temperature
 ABSENT_MEANS = {"sample.alpha_method": "kl_symmetry", "sample.alpha_min": 0.0,
                 "sample.alpha_max": 1.0}
 TABLE_COLUMNS = ("index", "sample_index", "prompt", "completion", "mean_alpha", "finish_reason")
-# files written before groups have no sample_index: each of their records is sample 0
-SAMPLE_KEY = FieldsKey(("index", "sample_index"), defaults=(("sample_index", 0),))
 
 
 def check_resume(out: Path, config: SampleRunConfig, transport: str,
@@ -123,19 +121,6 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("fingerprint") and b.get("fingerprint"):
         return a["fingerprint"] == b["fingerprint"]
     return a.get("path") == b.get("path")
-
-
-def distribution_params(run_params: dict[str, Any]) -> dict[str, Any]:
-    """run_params.json with each model as what identifies it (its fingerprint, else its
-    path): jobs that served one checkpoint from different paths compare equal (merge.py)."""
-    def identity(model: dict[str, Any]) -> Any:
-        return model.get("fingerprint") or model.get("path")
-    out = dict(run_params)
-    if "target" in out:
-        out["target"] = identity(out["target"])
-    if "theta" in out:
-        out["theta"] = [identity(t) for t in out["theta"]]
-    return out
 
 
 def describe_model(model: dict[str, Any]) -> str:
@@ -263,19 +248,4 @@ async def _run(config: SampleRunConfig) -> dict[str, Any]:
     print(format_summary(summary))
     return summary
 
-
-def theta_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The policy versions behind a file's records: one value, or the sorted list when a
-    resumed run sampled part of the file after a load_theta."""
-    out: dict[str, Any] = {}
-    for name in ("theta_version", "theta_path"):
-        values = sorted({r.get(name) for r in records}, key=lambda v: (v is None, str(v)))
-        out[name] = values[0] if len(values) == 1 else values
-    return out
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    rows = [[key, f"{value:.4g}" if isinstance(value, float) else value]
-            for key, value in summary.items()]
-    return tabulate(rows, headers=["summary", "value"], tablefmt="github")
 

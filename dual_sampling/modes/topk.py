@@ -4,11 +4,11 @@
         data.path=corpus.jsonl topk.k=128 output_dir=runs/topk
 
 Inputs are texts (tokenised by the teacher's /tokenize, with its BOS) or `token_ids` lists
-(dual_sampling.data.read_sequences), truncated to `topk.max_length` tokens or to what the
+(dual_sampling.files.data.read_sequences), truncated to `topk.max_length` tokens or to what the
 server's max-model-len allows. A sequence's id is its position in the inputs (all
 `data.path` files in order, before `data.shard_index`/`num_shards` and `limit`).
 
-The cache (layout in dual_sampling.topk_format, read by dual_sampling.topk_dataset):
+The cache (layout in dual_sampling.wire.topk_format, read by dual_sampling.files.topk_dataset):
   shard-NNNNNN.safetensors  `topk.shard_size` sequences each, in the order they finished
   index.jsonl               one line per shard: its file, sequence ids (row i of the shard
                             holds sequence_ids[i]), lengths, bytes
@@ -45,16 +45,16 @@ import safetensors.numpy
 from tabulate import tabulate
 from tqdm import tqdm
 
-from dual_sampling import data
-from dual_sampling.client import ServerInfo, VLLMClient, server_client
+from dual_sampling.clients.client import ServerInfo, VLLMClient, server_client
 from dual_sampling.config import TopkRunConfig
 from dual_sampling.errors import ConfigError, DataError
-from dual_sampling.topk_format import (CACHE_COMPRESSION, ERROR_BOUNDS, INDEX_FILE,
+from dual_sampling.files import data
+from dual_sampling.tracking import Tracker
+from dual_sampling.wire.topk_format import (CACHE_COMPRESSION, ERROR_BOUNDS, INDEX_FILE,
                                        MANIFEST_FILE, SHARD_GLOB, VERSION, CacheShard,
                                        EncodedTopk, compress_record,
                                        id_dtype_for_vocab, read_index, shard_metadata,
                                        shard_name, shard_number)
-from dual_sampling.tracking import Tracker
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".topk.lock"

@@ -1,6 +1,6 @@
 """A session's whole next-token distribution, from the engine's worker to the session route.
 
-The exact two-engine transport (dual_sampling/transports/session.py with `top_k` unset) needs
+The exact two-engine transport (dual_sampling/core/transports/session.py with `top_k` unset) needs
 each model's logits over the whole vocabulary after every session step. vLLM's logprobs path
 can only give a sorted top-k (k = V means a full sort and the ids beside it), turned into
 Python lists in the API server; so the logits take their own path:

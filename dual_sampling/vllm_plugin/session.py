@@ -20,7 +20,7 @@ scheduler). Log-probs are the engine's sample logprobs, so the server's `--logpr
 (raw_logprobs by default) applies exactly as on `/v1/completions`. The flat logprobs hold
 k + 1 entries per position: the sampled token first, then the top k by decreasing logprob.
 
-Messages (dual_sampling/session_format.py): OPEN and STEP change state when they are read,
+Messages (dual_sampling/wire/session_format.py): OPEN and STEP change state when they are read,
 in order, and their replies follow as soon as every listed session has its output, so an
 OPEN and a STEP sent back to back run in the same engine steps. A bad message gets an error
 frame naming the session and the limit, and changes nothing.
@@ -46,11 +46,11 @@ from vllm.engine.protocol import StreamingInput
 from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from dual_sampling import session_format as wire
 from dual_sampling.vllm_plugin import compat, patches
 from dual_sampling.vllm_plugin.full_logits import FULL_KEY, keeps_full_logits
-from dual_sampling.theta_format import PIN_HEADER
 from dual_sampling.vllm_plugin.theta_route import state_of
+from dual_sampling.wire import session_format as wire
+from dual_sampling.wire.theta_format import PIN_HEADER
 
 router = APIRouter()
 
@@ -267,7 +267,7 @@ class _Connection:
             frame = message.get("bytes")
             if frame is None:
                 await self._send_error(-1, "text frames are not part of this protocol: send "
-                                           "binary frames (dual_sampling/session_format.py)")
+                                           "binary frames (dual_sampling/wire/session_format.py)")
                 continue
             msg_id = -1
             try:

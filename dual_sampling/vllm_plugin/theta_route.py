@@ -35,10 +35,10 @@ from typing import Any, Optional
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from dual_sampling.theta_format import (CHANGED, CHANGED_PREFIX, PATH, PIN_HEADER,
-                                        VERSION_HEADER)
 from dual_sampling.vllm_plugin import theta_checkpoint
 from dual_sampling.vllm_plugin.replies import error
+from dual_sampling.wire.theta_format import (CHANGED, CHANGED_PREFIX, PATH, PIN_HEADER,
+                                        VERSION_HEADER)
 
 UNGATED = frozenset({"/health", "/ping", "/metrics", "/version", "/v1/models", PATH,
                      "/v1/dual_sampling/info"})

@@ -5,7 +5,7 @@ Request JSON:
      "response": "binary" | "json", "rows_from": [r, ...] (optional)}
 `format` defaults to int8, `response` to binary. The binary body (content type
 `application/x-dual-sampling-topk; version=1`) and the error bound of each format are
-documented in `dual_sampling/topk_format.py`; the JSON form (for debugging) holds the same
+documented in `dual_sampling/wire/topk_format.py`; the JSON form (for debugging) holds the same
 decoded values: `{"k", "format", "vocab_size", "sequences": [{"ids", "logprobs", "actual"}]}`.
 
 Each sequence is one engine request (max_tokens=1, prompt_logprobs=k), all in flight at
@@ -43,9 +43,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from dual_sampling.topk_format import CONTENT_TYPE, EncodedTopk, encode_body, id_dtype_for_vocab
 from dual_sampling.vllm_plugin.raw_logprobs import RAW_KEY, RawPromptLogprobs, install
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
+from dual_sampling.wire.topk_format import (CONTENT_TYPE, EncodedTopk, encode_body,
+                                            id_dtype_for_vocab)
 
 router = APIRouter()
 install()  # prompt logprobs as arrays for this route (raw_logprobs.py)

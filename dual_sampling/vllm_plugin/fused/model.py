@@ -17,7 +17,7 @@ them, runs each model's own `compute_logits`, puts both models' logits over the 
 ids (B, V) in the worker stash as views, without a copy or a log-softmax (fused/state.py;
 ids past the tokenizer's vocabulary, a checkpoint's padded output rows, are left out, so
 they are never sampled) and returns theta's logits: normalising, the mixing, alpha* and
-the token are the logits processor's (fused/sampler.py, fused kernels in fused/kernels.py),
+the token are the logits processor's (fused/sampler.py, fused kernels in maths/kernels.py),
 which this model requires and checks for at start-up. Under speculative decoding
 (`start_vllm.sh --fused --speculate K`) theta is also vLLM's draft model and speculate.py
 does that work for the K + 1 verified positions of each request instead.

@@ -31,12 +31,12 @@ from pydantic import BaseModel, Field
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from dual_sampling.maths.mixture import ALPHA_METHODS
 from dual_sampling.vllm_plugin.fused import stock
-from dual_sampling.fused_format import (COUNTERS_PATH, ENGINE_PATH, GENERATE_PATH, TOKEN_FIELDS,
-                                        TokenArgs, TokenArgsError)
-from dual_sampling.mixture import ALPHA_METHODS
 from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
 from dual_sampling.vllm_plugin.replies import error, gather_or_error
+from dual_sampling.wire.fused_format import (COUNTERS_PATH, ENGINE_PATH, GENERATE_PATH,
+                                             TOKEN_FIELDS, TokenArgs, TokenArgsError)
 
 
 router = APIRouter()

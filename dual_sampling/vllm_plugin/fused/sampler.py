@@ -3,7 +3,7 @@
 vLLM runs it (`--logits-processors dual_sampling.vllm_plugin.fused.sampler:FusedSampler`,
 set by start_vllm.sh --fused) on the logits of every step, after the composite model
 (fused/model.py) has put both models' full-vocabulary logits in the worker's stash; the
-math (fused/kernels.py: a few fused passes over the vocabulary, compiled at start-up) reads
+math (maths/kernels.py: a few fused passes over the vocabulary, compiled at start-up) reads
 them in place, before this step's writes to theta's logits.
 Per row, the request's `fused_format.TokenArgs` (its `SamplingParams.extra_args`): a tag,
 a seed, alpha (None: by its alpha rule), a temperature and the rule with its clamps.
@@ -56,10 +56,11 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
-from dual_sampling.fused_format import TokenArgs
+from dual_sampling.maths import kernels
 from dual_sampling.vllm_plugin.batch_rows import apply_moves
-from dual_sampling.vllm_plugin.fused import kernels, state, stock
+from dual_sampling.vllm_plugin.fused import state, stock
 from dual_sampling.vllm_plugin.fused.setup import CONFIG_KEY
+from dual_sampling.wire.fused_format import TokenArgs
 
 
 STOCK = TokenArgs(tag=None, seed=0)  # a stock request's row: log q* at alpha*, vLLM samples

@@ -40,8 +40,8 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
-from dual_sampling import fused_format
 from dual_sampling.errors import DualSamplingError
+from dual_sampling.wire import fused_format
 ARCHITECTURE = "DualSamplingMixtureForCausalLM"  # fused/model.py
 CONFIG_KEY = "dual_sampling_fused"  # the hf-overrides key fused/model.py reads
 SAMPLER = "dual_sampling.vllm_plugin.fused.sampler:FusedSampler"

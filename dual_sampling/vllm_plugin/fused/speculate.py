@@ -53,12 +53,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dual_sampling.fused_format import TokenArgs
+from dual_sampling.maths import kernels
 from dual_sampling.vllm_plugin import patches
-from dual_sampling.vllm_plugin.handoff import HandOff
-from dual_sampling.vllm_plugin.fused import kernels, state
+from dual_sampling.vllm_plugin.fused import state
 from dual_sampling.vllm_plugin.fused.verify import (STREAM_DRAFT, Request, Step, stream_uniforms,
                                                     verify)
+from dual_sampling.vllm_plugin.handoff import HandOff
+from dual_sampling.wire.fused_format import TokenArgs
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from dual_sampling.vllm_plugin.fused.kernels import FIELDS
+from dual_sampling.maths.kernels import FIELDS
 from dual_sampling.vllm_plugin.handoff import HandOff
 from dual_sampling.vllm_plugin.theta_worker import ThetaWorkerExtension
 

@@ -30,8 +30,8 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from dual_sampling.vllm_plugin import patches
-from dual_sampling.fused_format import TokenArgs, TokenArgsError
 from dual_sampling.vllm_plugin.fused.setup import ARCHITECTURE
+from dual_sampling.wire.fused_format import TokenArgs, TokenArgsError
 
 
 def _refused(parameter: str, value: Any, why: str) -> VLLMValidationError:

@@ -1,5 +1,5 @@
 """One speculative verify step of the fused engine, as math on the step's logits (no vLLM):
-solve (alpha by each request's rule and q*'s moments at every verified row, kernels.py),
+solve (alpha by each request's rule and q*'s moments at every verified row, maths/kernels.py),
 accept (each draft x with probability min(1, q(x) / p(x)), vectorised over requests),
 draw (each request's fresh token: the bonus from q by the non-speculative engine's own
 inverse CDF, or the residual norm(max(0, q - p)) after its first rejection) and record
@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dual_sampling.vllm_plugin.fused import kernels
+from dual_sampling.maths import kernels
 
 STREAM_DRAFT, STREAM_ACCEPT = 1, 2  # stream 0: the token itself (bonus, residual, K = 0)
 _STREAM_MIX = np.uint64(0xD1B54A32D192ED03)

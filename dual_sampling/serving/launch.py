@@ -1,5 +1,5 @@
 """Start and stop vLLM servers through `start_vllm.sh`, read their metrics (tests, benchmarks,
-and the engine of a self-serving job: dual_sampling/self_serve.py).
+and the engine of a self-serving job: dual_sampling/serving/self_serve.py).
 
     servers = Servers(run_dir=Path("/tmp/vllm"), models={"theta": a, "target": b})
     servers.start("theta", "target")   # free loopback ports, waits for /health
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENGINE_STEPS = "vllm:iteration_tokens_total_count"  # a vLLM counter: +1 per engine step
-START_SCRIPT = Path(__file__).resolve().parent / "start_vllm.sh"  # root start_vllm.sh links here
+START_SCRIPT = Path(__file__).resolve().parents[1] / "start_vllm.sh"  # root start_vllm.sh links here
 
 
 def server_metrics(url: str, *names: str) -> tuple[float, ...]:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 import numpy as np
 
-from dual_sampling import mixture
+from dual_sampling.maths import mixture
 
 
 def sequence_seed(seed: int, index: int, sample_index: int) -> list[int]:
@@ -316,7 +316,7 @@ class Coordinator:
         """q* over the whole vocabulary: both servers' logits, solved and drawn with the
         fused engine's kernels and its counter-based uniforms (one per (seed, position)),
         so a sequence's tokens are the fused engine's at the same seed."""
-        from dual_sampling.vllm_plugin.fused import kernels  # torch: the exact path only
+        from dual_sampling.maths import kernels  # torch: the exact path only
         s = self.settings
         theta, target = await self.transport.full_step(
             [seq.key for seq in active], [seq.context for seq in active],

@@ -1,7 +1,7 @@
 """Wire format of the session protocol (`/v1/dual_sampling/session`): binary frames, no I/O.
 
 Shared by the server route (dual_sampling/vllm_plugin/session.py) and the client
-(dual_sampling/transports/session.py). Every number is little-endian; `sid` is a session id
+(dual_sampling/core/transports/session.py). Every number is little-endian; `sid` is a session id
 the client picks (unique among its open sessions on that connection).
 
 Client -> server, int32 words:

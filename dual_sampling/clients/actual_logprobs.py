@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
-from dual_sampling.client import TOPK_PATH, ServerInfo, VLLMClient
+from dual_sampling.clients.client import TOPK_PATH, ServerInfo, VLLMClient
 from dual_sampling.errors import ServerMismatchError
 
 TOPK_ROUTE = f"{TOPK_PATH} (k=1, binary)"

@@ -1,6 +1,6 @@
 """A PyTorch `Dataset` over a top-k cache written by `mode=topk`, shaped for a distillation loss.
 
-    from dual_sampling.topk_dataset import TopkDataset
+    from dual_sampling.files.topk_dataset import TopkDataset
     ds = TopkDataset("runs/topk")
     item = ds[0]  # input_ids (L,), topk_ids (L-1, k), topk_logprobs (L-1, k),
                   # actual_logprobs (L-1,), sequence_id
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dual_sampling.errors import DataError
-from dual_sampling.topk_format import MANIFEST_FILE, CacheShard, read_index
+from dual_sampling.wire.topk_format import MANIFEST_FILE, CacheShard, read_index
 
 
 class TopkDataset(Dataset):

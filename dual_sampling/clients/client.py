@@ -1,8 +1,8 @@
 """One vLLM OpenAI-compatible server over HTTP: what it serves, tokenisation, start-up guards.
 
 `VLLMClient` is the one client the modes use: HTTP and retries come from
-`dual_sampling.http_client` (the retry policy is documented there), logprob requests from
-`dual_sampling.logprob_client`; this module adds the server's facts (`describe`), tokenising
+`dual_sampling.clients.http_client` (the retry policy is documented there), logprob requests from
+`dual_sampling.clients.logprob_client`; this module adds the server's facts (`describe`), tokenising
 through the server, and the check that two servers share a tokenizer. `server_client` makes
 the client of a configured server (`theta`, `teacher`, ...), with its API key.
 """
@@ -12,12 +12,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from dual_sampling.clients.http_client import _field, _is_missing_route
+from dual_sampling.clients.logprob_client import TOPK_PATH, LogprobClient  # noqa: F401
 from dual_sampling.errors import (CheckpointRefusedError, MalformedResponseError, ServerError,
                                   ServerMismatchError)
-from dual_sampling.http_client import _field, _is_missing_route
-from dual_sampling.logprob_client import TOPK_PATH, LogprobClient  # noqa: F401  (callers import it here)
-from dual_sampling.theta_format import PATH as LOAD_THETA_PATH
-from dual_sampling.theta_format import PIN_HEADER
+from dual_sampling.wire.theta_format import PATH as LOAD_THETA_PATH
+from dual_sampling.wire.theta_format import PIN_HEADER
 
 if TYPE_CHECKING:
     from dual_sampling.config import ServerConfig

@@ -9,7 +9,7 @@
         await transport.aclose()
 
 Implements the coordinator's `Transport` protocol over this package's session route
-(dual_sampling/vllm_plugin/session.py; wire format in dual_sampling/session_format.py). A key
+(dual_sampling/vllm_plugin/session.py; wire format in dual_sampling/wire/session_format.py). A key
 the transport has not seen opens a session with its whole context; a seen key sends only the
 tokens appended to its context since its last step (contexts only ever grow while a key is
 active). Both servers get their messages at once; each server's new keys go in one OPEN
@@ -37,12 +37,12 @@ import aiohttp
 import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from dual_sampling import session_format as wire
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.clients.http_client import AUTH_STATUSES
 from dual_sampling.errors import (MalformedResponseError, ServerError, ServerMismatchError,
                                   ThetaChangedError)
-from dual_sampling.http_client import AUTH_STATUSES
-from dual_sampling.theta_format import CHANGED_PREFIX
+from dual_sampling.wire import session_format as wire
+from dual_sampling.wire.theta_format import CHANGED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class _ServerSessions:
 
 
 class SessionTransport:
-    """Resident sessions on both servers (`Transport` of dual_sampling.coordinator).
+    """Resident sessions on both servers (`Transport` of dual_sampling.core.coordinator).
 
     `theta` and `target` give each server's URL, name and API key (VLLMClient objects; `url`,
     `name`, `headers` and `auth_headers` are read). Use `async with SessionTransport(...)` or

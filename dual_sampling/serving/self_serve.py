@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from dual_sampling.config import RunConfig, ServerLaunchConfig
 from dual_sampling.errors import ServerError
-from dual_sampling.launch import Servers
+from dual_sampling.serving.launch import Servers
 
 log = logging.getLogger(__name__)
 ENGINE_DIR = "engine"

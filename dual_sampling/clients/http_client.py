@@ -5,7 +5,7 @@ Retry policy (anchored on the OpenAI Python client's): connection errors, timeou
 0.5 s doubling to at most 8 s, plus up to 25% jitter; any other 4xx and any malformed 2xx
 body fail at once. Every error that reaches the caller is a `ServerError` naming the
 server, the request and what to do; 401/403 (a server started with an API key that did not
-get it) is `AuthenticationError`. `dual_sampling.client.VLLMClient` builds on it.
+get it) is `AuthenticationError`. `dual_sampling.clients.client.VLLMClient` builds on it.
 
 API key: `api_key` goes out as `Authorization: Bearer ...` on every request (vLLM's
 `--api-key`/`VLLM_API_KEY` guards every `/v1` route); it is never logged nor put in a message.
@@ -23,7 +23,7 @@ from tenacity import (AsyncRetrying, RetryError, retry_if_exception, stop_after_
 
 from dual_sampling.errors import (AuthenticationError, MalformedResponseError, ServerError,
                                   ThetaChangedError)
-from dual_sampling.theta_format import CHANGED as THETA_CHANGED
+from dual_sampling.wire.theta_format import CHANGED as THETA_CHANGED
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dual_sampling import mixture
+from dual_sampling.maths import mixture
 
 MODELS = ("theta", "target")
 

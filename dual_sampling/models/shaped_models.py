@@ -6,7 +6,7 @@ named shape with random weights and a peaked output head (the head scaled, so ne
 distributions are far from uniform and differ between two models), with the tiny pair's
 tokenizer, optionally widened to a real vocabulary size with tokens no text encodes to.
 
-    python -m dual_sampling.shaped_models OUT_DIR --theta qwen2.5-0.5b --target qwen2.5-1.5b \
+    python -m dual_sampling.models.shaped_models OUT_DIR --theta qwen2.5-0.5b --target qwen2.5-1.5b \
         --vocab 151665 [--device cuda] [--dtype bfloat16]
 
 writes OUT_DIR/theta and OUT_DIR/target. `SHAPES` lists the shapes: two real ones (Qwen2.5
@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dual_sampling.tiny_models import ensure_tiny_models
+from dual_sampling.models.tiny_models import ensure_tiny_models
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(architecture="qwen2", hidden_size=896, intermediate_size=4864,

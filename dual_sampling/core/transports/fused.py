@@ -17,7 +17,7 @@ group of `sample.n` completions is n requests, one per sample. Failures are
 the client's (`VLLMClient`: retries on connection errors and 5xx, then `ServerError`);
 a retried request gives the same tokens.
 
-Same contract as `dual_sampling.coordinator.Coordinator` for modes/sample.py: `run`,
+Same contract as `dual_sampling.core.coordinator.Coordinator` for modes/sample.py: `run`,
 `unfinished` (prompts taken but not handed to `on_finished` when `run` raised), `wait_s`,
 `total_s`, `transport.aclose()`.
 """
@@ -30,11 +30,11 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 
-from dual_sampling.client import VLLMClient
-from dual_sampling.coordinator import (TOKEN_FIELDS, PromptItem, Sequence, StepStats,
+from dual_sampling.clients.client import VLLMClient
+from dual_sampling.core.coordinator import (TOKEN_FIELDS, PromptItem, Sequence, StepStats,
                                        prompt_seed)
 from dual_sampling.errors import MalformedResponseError
-from dual_sampling.fused_format import GENERATE_PATH, TokenArgs, generate_body, read_result
+from dual_sampling.wire.fused_format import GENERATE_PATH, TokenArgs, generate_body, read_result
 
 
 @dataclass

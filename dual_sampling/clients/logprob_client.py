@@ -11,9 +11,9 @@ from typing import Optional
 
 import numpy as np
 
+from dual_sampling.clients.http_client import HttpClient, _field, _is_missing_route
 from dual_sampling.errors import MalformedResponseError, ServerError, ServerMismatchError
-from dual_sampling.http_client import HttpClient, _field, _is_missing_route
-from dual_sampling.topk_format import (EncodedTopk, TopkFormatError, TopkResult, check_format,
+from dual_sampling.wire.topk_format import (EncodedTopk, TopkFormatError, TopkResult, check_format,
                                        decode_body)
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class LogprobClient(HttpClient):
         """Top-k ids and logprobs at every position of each token-id sequence, decoded.
 
         Per sequence of L tokens: `ids (L-1, k) int64`, `logp (L-1, k) float32` (by decreasing
-        logprob, within the `fmt` error bound of dual_sampling.topk_format) and `actual (L-1,)`
+        logprob, within the `fmt` error bound of dual_sampling.wire.topk_format) and `actual (L-1,)`
         float32. Uses this package's `/v1/topk`; on a server without it, falls back (warning
         once) to stock `prompt_logprobs`, which gives the same arrays, only slower.
         """

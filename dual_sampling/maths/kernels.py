@@ -1,6 +1,6 @@
 """The fused transport's math in torch, on the logits' device: alpha*, q*, sampling, diagnostics.
 
-The torch twin of dual_sampling/mixture.py for full-vocabulary rows (the numpy module stays
+The torch twin of dual_sampling/maths/mixture.py for full-vocabulary rows (the numpy module stays
 the reference; tests/test_fused_math.py checks one against the other). Natural logs, nats.
 
     rows = Rows.of(theta_logits, target_logits)     # (B, V) each: logits, any normalisation
@@ -47,7 +47,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
-from dual_sampling.fused_format import TOKEN_FIELDS
+from dual_sampling.maths.mixture import TOKEN_FIELDS
 
 TOL = 1e-7  # alpha; see solve for the stopping rule
 MAX_ITER = 60

@@ -24,15 +24,16 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from dual_sampling.client import ServerInfo, VLLMClient, check_same_tokenizer, server_client
+from dual_sampling.clients.client import (ServerInfo, VLLMClient, check_same_tokenizer,
+                                          server_client)
 from dual_sampling.config import SampleParams, ServerConfig
-from dual_sampling.coordinator import (Coordinator, PromptItem, PromptQueue, SampleSettings,
-                                       Sequence, StepStats)
+from dual_sampling.core.coordinator import (Coordinator, PromptItem, PromptQueue,
+                                               SampleSettings, Sequence, StepStats)
+from dual_sampling.core.transports.fused import FusedCoordinator, FusedSettings
+from dual_sampling.core.transports.request import RequestTransport
+from dual_sampling.core.transports.session import SessionTransport
 from dual_sampling.errors import ConfigError, ServerError, ServerMismatchError
-from dual_sampling.session_format import PATH as SESSION_PATH
-from dual_sampling.transports.fused import FusedCoordinator, FusedSettings
-from dual_sampling.transports.request import RequestTransport
-from dual_sampling.transports.session import SessionTransport
+from dual_sampling.wire.session_format import PATH as SESSION_PATH
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ briefly on different halves of it (different seeds), with their output heads sca
 different factors so that their next-token distributions are peaked and differ.
 
 Run:
-    python -m dual_sampling.tiny_models OUT_DIR [--seed N] [--force]
+    python -m dual_sampling.models.tiny_models OUT_DIR [--seed N] [--force]
 
 writes OUT_DIR/theta and OUT_DIR/target (each servable by vLLM: config.json,
 generation_config.json, model.safetensors in float32, tokenizer files with a chat template)
@@ -70,7 +70,7 @@ def default_models_dir() -> Path:
     env = os.environ.get("DUAL_SAMPLING_MODELS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / ".cache" / "tiny_models"
+    return Path(__file__).resolve().parents[2] / ".cache" / "tiny_models"
 
 
 def _publish(build_dir: Path, out_dir: Path, marker: dict, marker_name: str = MARKER_NAME
@@ -282,7 +282,7 @@ def widen_vocabulary(models: dict[str, Path], out_dir: str | os.PathLike, vocab_
     the model's mean final hidden state (on the corpus) plus Gaussian rows with logit
     standard deviation `logit_std`, so at a typical position the new ids sit 15 to 35 nats
     below the top and hold about 1e-3 of the mass, a real LM's long tail (nothing there is
-    40 nats down: fused/kernels.py cannot prune it), and more at flat positions. Their input rows
+    40 nats down: maths/kernels.py cannot prune it), and more at flat positions. Their input rows
     copy random rows of the trained embedding. Deterministic in `seed`; skips the work when
     `out_dir` already holds this widening (marker file).
     """

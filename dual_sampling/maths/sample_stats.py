@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dual_sampling import groups, mixture
+from dual_sampling.maths import mixture
+from dual_sampling.maths import groups
 
 
 def column(records: list[dict[str, Any]], name: str) -> np.ndarray:
@@ -27,7 +28,7 @@ def sequence_log_weights(records: list[dict[str, Any]], model: str) -> np.ndarra
 
 def summarize(records: list[dict[str, Any]], n: int = 1) -> dict[str, Any]:
     """Run summary over every record of a dataset: means per token, ESS over all sequences
-    together and, for groups of n > 1, over each complete group (dual_sampling/groups.py)."""
+    together and, for groups of n > 1, over each complete group (dual_sampling/maths/groups.py)."""
     if not records:
         return {"num_sequences": 0}
     count = len(records)

@@ -5,8 +5,8 @@ answer only in part: next-token log-probabilities over the whole vocabulary at e
 position, alpha* and q* over the whole vocabulary next to the same computed from top-k lists
 only, and sliding-window perplexity sums. The only module of the package that imports torch.
 
-    from dual_sampling.reference import Reference
-    from dual_sampling.tiny_models import ensure_tiny_models
+    from dual_sampling.models.reference import Reference
+    from dual_sampling.models.tiny_models import ensure_tiny_models
     ref = Reference(ensure_tiny_models())
     ref.full_logprobs("theta", ref.tokenizer("Some text.")["input_ids"])  # (L, V)
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dual_sampling.mixture import Candidates, log_mixture, merge_topk, solve_alpha
+from dual_sampling.maths.mixture import Candidates, log_mixture, merge_topk, solve_alpha
 
 ModelName = Literal["theta", "target"]
 

@@ -1,6 +1,6 @@
 """The request transport: a `/v1/completions` request per step and server (any vLLM server).
 
-Implements the coordinator's per-token `Transport` protocol (dual_sampling/coordinator.py).
+Implements the coordinator's per-token `Transport` protocol (dual_sampling/core/coordinator.py).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from dual_sampling.client import VLLMClient
+from dual_sampling.clients.client import VLLMClient
 
 
 class RequestTransport:

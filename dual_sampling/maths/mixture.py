@@ -164,6 +164,11 @@ def solve_alpha(logp_theta, logp_target, tol=1e-8):
     return alpha.reshape(batch_shape)
 
 
+TOKEN_FIELDS = ("alpha", "logp_theta", "logp_target", "logp_q", "kl_q_theta", "kl_q_target",
+                "entropy_q")
+"""What every engine records for each token it samples from q* over the whole vocabulary
+(the fused engine, its speculative verify, the exact two-engine path; wire/fused_format.py
+returns them)."""
 ALPHA_METHODS = ("kl_symmetry", "ess_balance", "entropy", "fixed")
 
 

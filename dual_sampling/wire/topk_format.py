@@ -293,7 +293,7 @@ def decode_body(body: bytes | memoryview) -> tuple[BodyHeader, list[EncodedTopk]
 
 # -- the on-disk cache ---------------------------------------------------------------------
 # A cache directory holds `manifest.json`, `index.jsonl` and shards `shard-NNNNNN.safetensors`
-# (written by dual_sampling.modes.topk, read by dual_sampling.topk_dataset). A shard's tensors:
+# (written by dual_sampling.modes.topk, read by dual_sampling.files.topk_dataset). A shard's tensors:
 #   sequence_ids (m,) int64     each sequence's position in the run's input
 #   token_offsets (m+1,) int64  sequence i's input ids are input_ids[token_offsets[i]:...[i+1]]
 #   input_ids (sum L,)          id dtype

@@ -1,0 +1,1 @@
+"""One vLLM server seen from the coordinator: HTTP, retries, logprob requests."""

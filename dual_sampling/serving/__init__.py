@@ -1,0 +1,1 @@
+"""Starting vLLM servers from Python (tests, benchmarks, self-serving jobs)."""

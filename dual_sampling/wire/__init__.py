@@ -1,0 +1,1 @@
+"""One module per wire protocol, shared by the server plugin and its clients."""
