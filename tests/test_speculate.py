@@ -31,7 +31,7 @@ def pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts: int = K,
-        n: int = N, **limits):
+        n: int = N, given: bool = True, **limits):
     """One verify step over n requests with `drafts` drafts each, drawn from p (limits:
     top_k, top_p, min_p of every request)."""
     a = log_softmax(theta)
@@ -46,7 +46,7 @@ def run(theta: np.ndarray, target: np.ndarray, temperature: float, alpha, drafts
     rows = n * (drafts + 1)
     t = torch.tensor(np.tile(theta, (rows, 1)), dtype=torch.float32)
     g = torch.tensor(np.tile(target, (rows, 1)), dtype=torch.float32)
-    probs = None if p is None else torch.tensor(np.tile(p, (n * drafts, 1)))
+    probs = None if p is None or not given else torch.tensor(np.tile(p, (n * drafts, 1)))
     return verify.verify(t, g, requests, torch.tensor(ids), probs), p
 
 
@@ -78,6 +78,19 @@ def test_emitted_tokens_are_draws_from_q(temperature, alpha):
     for name in ("kl_q_theta", "kl_q_target", "entropy_q"):
         np.testing.assert_allclose(columns[name], diag[name], atol=1e-5)
 
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_drafts_p_from_thetas_logits_is_the_one_vllm_hands_over(temperature):
+    """Without vLLM's draft probabilities the verify step takes p from theta's logits at the
+    verified rows (at T = 1 a gather and the solve's normaliser): the same acceptances and
+    residuals, so the same tokens (a uniform within float rounding of a boundary could
+    differ: expected count ~1e-4 here)."""
+    theta, target = pair(2)
+    (given, _), _ = run(theta, target, temperature, None, n=1500)
+    (recomputed, _), _ = run(theta, target, temperature, None, n=1500, given=False)
+    assert given.tokens == recomputed.tokens
+    assert given.accepted == recomputed.accepted > 0
 
 
 def test_truncate_keeps_what_vllms_sampler_keeps():

@@ -561,30 +561,38 @@ def sample(rows: Rows, solution: Solution, log_z: torch.Tensor, u: torch.Tensor,
 
 
 
-def _tempered(rows: Rows, alpha: torch.Tensor, kappa: torch.Tensor, tau: torch.Tensor
+def _tempered(rows: Rows, alpha: torch.Tensor, kappa: torch.Tensor, tau: torch.Tensor,
+              index: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q*^tau's log normaliser (n,) (log sum of exp(tau e), e = log q* + log Z), its block
-    masses (n, nb) and the scale they were summed at (n,): one pass over the vocabulary."""
-    blocks = _over_blocks(_TEMPERED_BLOCKS, rows.theta, rows.target, rows.c_theta,
-                          rows.c_target, alpha, tau)  # (n, nb, 2), e short by kappa
+    masses (n, nb) and the scale they were summed at (n,): one pass over the vocabulary, of
+    every row or of the rows at `index` (n,) (alpha, kappa, tau are then theirs)."""
+    c_theta, c_target = rows.c_theta, rows.c_target
+    if index is not None:
+        c_theta, c_target = c_theta[index], c_target[index]
+    blocks = _over_blocks(_TEMPERED_BLOCKS, rows.theta, rows.target, c_theta, c_target,
+                          alpha, tau, index=index)  # (n, nb, 2), e short by kappa
     log_total, masses = _log_total(blocks[..., 0].double() * tau[:, None], blocks[..., 1])
     top = blocks[..., 0].double().amax(dim=1) + kappa  # the row's max of e
     return log_total + tau * kappa, masses, top
 
 
-def log_q_at(rows: Rows, solution: Solution, log_z: torch.Tensor, token: torch.Tensor,
-             temperature: torch.Tensor) -> torch.Tensor:
-    """log of q*^(1/T) normalised at per-row ids (n,) float64, as `sample` reports a drawn
-    id's: log q* at T = 1 (no pass over the vocabulary), one pass at other T > 0, 0 at
-    T <= 0 (the argmax)."""
+def log_q_at(rows: Rows, solution: Solution, log_z: torch.Tensor, index: torch.Tensor,
+             token: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """log of q*^(1/T) normalised at ids `token` (n,) of the rows at `index` (n,) (the
+    solution, log Z and T (n,) given per row of the batch, T per pair), float64, as `sample`
+    reports a drawn id's: log q* at T = 1 (two gathers, no copy of a row), one pass over
+    those rows at other T > 0, 0 at T <= 0 (the argmax)."""
     temperature = temperature.double()
-    a, d = rows.at(token)
-    out = a + solution.alpha * d - log_z
+    a = rows.theta[index, token].double() - rows.c_theta[index]
+    d = rows.target[index, token].double() - rows.c_target[index] - a
+    alpha = solution.alpha[index]
+    out = a + alpha * d - log_z[index]
     tempered = (temperature != 1.0) & (temperature > 0.0)
     if tempered.any():
-        part, at = rows.take(tempered), solution.alpha[tempered]
-        tau = 1.0 / temperature[tempered]
-        log_total, _, _ = _tempered(part, at, solution.kappa[tempered], tau)
+        at, tau = alpha[tempered], 1.0 / temperature[tempered]
+        log_total, _, _ = _tempered(rows, at, solution.kappa[index][tempered], tau,
+                                    index=index[tempered])
         out[tempered] = tau * (a[tempered] + at * d[tempered]) - log_total
     return torch.where(temperature > 0.0, out, torch.zeros_like(out))
 

@@ -150,8 +150,8 @@ class _Q:
 
     def at(self, index: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """(m,) float64 log q at per-row ids (0 at T = 0, as the records have it)."""
-        out = kernels.log_q_at(self.rows.take(index), self.solution.take(index),
-                               self.mix.log_z[index], token, self.batch.temperature[index])
+        out = kernels.log_q_at(self.rows, self.solution, self.mix.log_z, index, token,
+                               self.batch.temperature[index])
         cut = self.batch.truncated[index] & (self.batch.temperature[index] > 0)
         if bool(cut.any()):
             out[cut] = self.dense(index[cut]).gather(1, token[cut, None])[:, 0]
@@ -162,20 +162,25 @@ class _Q:
         return self.rows.take(index).exponents(self.solution.alpha[index]).argmax(dim=-1)
 
 
-def _draft_p(theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor,
+def _draft_p(q: "_Q", batch: Batch, draft_rows: torch.Tensor,
              draft_probs: Optional[torch.Tensor], which: torch.Tensor,
              token: Optional[torch.Tensor]) -> torch.Tensor:
     """The draft's p (theta^(1/T) normalised) at drafts `which` (indices into the D drafts):
     at their ids `token` (m,), or whole rows (m, V) when `token` is None. From the draft's
     own probabilities where vLLM kept them (a gather), else from theta's logits at the
-    verified rows (the same model)."""
+    verified rows (the same model): at T = 1 a gather and the normaliser the solve already
+    has (no pass, no copy), at other T one pass over those rows."""
+    theta = q.rows.theta
     vocab = theta.shape[1]
     if draft_probs is not None:
-        probs = draft_probs[which, :vocab].double()
-        return probs if token is None else probs.gather(1, token[:, None])[:, 0]
+        if token is not None:
+            return draft_probs[which, token].double()
+        return draft_probs[which, :vocab].double()
     rows = draft_rows[which]
-    log_p = tempered_log_q(torch.log_softmax(theta[rows].double(), dim=-1),
-                           batch.temperature[rows])
+    temperature = batch.temperature[rows]
+    if token is not None and bool((temperature == 1.0).all()):
+        return (theta[rows, token].double() - q.rows.c_theta[rows]).exp()
+    log_p = tempered_log_q(torch.log_softmax(theta[rows].double(), dim=-1), temperature)
     return log_p.exp() if token is None else log_p.gather(1, token[:, None])[:, 0].exp()
 
 
@@ -236,7 +241,7 @@ def _accepted(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor
     greedy = batch.temperature[draft_rows] <= 0
     every = torch.arange(len(draft_rows), device=x.device)
     q_x = q.at(draft_rows, xs).exp()
-    p_x = _draft_p(theta, batch, draft_rows, draft_probs, every, xs)
+    p_x = _draft_p(q, batch, draft_rows, draft_probs, every, xs)
     u = torch.from_numpy(stream_uniforms(batch.seeds[batch.is_draft],
                                          batch.positions[batch.is_draft],
                                          STREAM_ACCEPT)).to(x.device)
@@ -283,7 +288,7 @@ def _draw(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor,
             draft_index = torch.from_numpy(
                 np.searchsorted(np.flatnonzero(batch.is_draft), at[cut].cpu().numpy())
             ).to(device)
-            residual = (weights[cut] - _draft_p(theta, batch, draft_rows, draft_probs,
+            residual = (weights[cut] - _draft_p(q, batch, draft_rows, draft_probs,
                                                 draft_index, None)).clamp_(min=0.0)
             empty = residual.sum(dim=-1) <= 0  # q == p there: never rejected, kept for safety
             weights[cut] = torch.where(empty[:, None], weights[cut], residual)
