@@ -295,11 +295,16 @@ class Rows(NamedTuple):
         return _over_blocks(_MOMENT_BLOCKS, self.theta, self.target, c_theta, c_target,
                             alpha, index=index)
 
-    def at(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp_theta, d) (n,) float64 at per-row ids (n,)."""
-        at = token[:, None]
-        a = self.theta.gather(1, at)[:, 0].double() - self.c_theta
-        return a, self.target.gather(1, at)[:, 0].double() - self.c_target - a
+    def at(self, token: torch.Tensor, index: Optional[torch.Tensor] = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp_theta, d) (n,) float64 at per-row ids (n,): of every row, or of the rows at
+        `index` (n,) (a gather of (row, id) pairs: no row is copied)."""
+        if index is None:
+            at = token[:, None]
+            a = self.theta.gather(1, at)[:, 0].double() - self.c_theta
+            return a, self.target.gather(1, at)[:, 0].double() - self.c_target - a
+        a = self.theta[index, token].double() - self.c_theta[index]
+        return a, self.target[index, token].double() - self.c_target[index] - a
 
     def exponents(self, alpha: torch.Tensor, columns: slice | torch.Tensor = slice(None)
                   ) -> torch.Tensor:
@@ -584,8 +589,7 @@ def log_q_at(rows: Rows, solution: Solution, log_z: torch.Tensor, index: torch.T
     reports a drawn id's: log q* at T = 1 (two gathers, no copy of a row), one pass over
     those rows at other T > 0, 0 at T <= 0 (the argmax)."""
     temperature = temperature.double()
-    a = rows.theta[index, token].double() - rows.c_theta[index]
-    d = rows.target[index, token].double() - rows.c_target[index] - a
+    a, d = rows.at(token, index)
     alpha = solution.alpha[index]
     out = a + alpha * d - log_z[index]
     tempered = (temperature != 1.0) & (temperature > 0.0)
@@ -612,10 +616,13 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def fields(rows: Rows, solution: Solution, mix: Mixture, token: torch.Tensor,
-           logp_q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """FIELDS of drawn ids (n,) at their rows (rows, solution and mix taken at those rows):
-    the record every engine keeps per token."""
-    logp_theta, d = rows.at(token)
+           logp_q: torch.Tensor, index: Optional[torch.Tensor] = None
+           ) -> dict[str, torch.Tensor]:
+    """FIELDS of drawn ids (n,), one per row, or at the rows `index` (n,): the record every
+    engine keeps per token."""
+    logp_theta, d = rows.at(token, index)
+    if index is not None:
+        solution, mix = solution.take(index), mix.take(index)
     return {"token": token, "alpha": solution.alpha, "logp_theta": logp_theta,
             "logp_target": logp_theta + d, "logp_q": logp_q, "kl_q_theta": mix.kl_q_theta,
             "kl_q_target": mix.kl_q_target, "entropy_q": mix.entropy_q}

@@ -40,6 +40,3 @@ class HandOff(Generic[T]):
             self.refused += 1
             return None
         return self._value
-
-    def clear(self) -> None:
-        self._value, self._rows = None, -1

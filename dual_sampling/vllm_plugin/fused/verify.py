@@ -88,6 +88,7 @@ class Batch:
     row_req: np.ndarray  # (R,) each row's request
     offset: np.ndarray  # (R,) the row's place in its request
     is_draft: np.ndarray  # (R,) bool: a draft row (its token is a draft to test)
+    drafts: np.ndarray  # (n,) each request's draft tokens
     seeds: np.ndarray  # (R,) uint64
     positions: np.ndarray  # (R,) the row's position in the completion
     temperature: torch.Tensor  # (R,) float64
@@ -105,12 +106,12 @@ class Batch:
 
         top_k, top_p = per_row("top_k", np.int64), per_row("top_p", np.float64)
         return cls(requests, starts, row_req, offset, offset < counts[row_req] - 1,
-                   per_row("seed", np.uint64), per_row("position", np.int64) + offset,
+                   counts - 1, per_row("seed", np.uint64), per_row("position", np.int64) + offset,
                    torch.from_numpy(per_row("temperature", np.float64)).to(device),
                    torch.from_numpy(((top_k > 0) & (top_k < 1 << 62)) | (top_p < 1.0))
                    .to(device))
 
-    def limits(self, index: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def limits(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k, top_p) of the rows at `index`, as `truncate` takes them."""
         rows = self.row_req[index.cpu().numpy()]
         return (torch.tensor([self.requests[i].top_k for i in rows], device=index.device),
@@ -145,7 +146,7 @@ class _Q:
         log_q = tempered_log_q(part.log_q(self.solution.alpha[index], self.mix.log_z[index]),
                                self.batch.temperature[index])
         if bool(self.batch.truncated[index].any()):
-            log_q = truncate(log_q, *self.batch.limits(index, log_q.shape[1]))
+            log_q = truncate(log_q, *self.batch.limits(index))
         return log_q
 
     def at(self, index: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,7 @@ def _draft_p(q: "_Q", batch: Batch, draft_rows: torch.Tensor,
     rows = draft_rows[which]
     temperature = batch.temperature[rows]
     if token is not None and bool((temperature == 1.0).all()):
-        return (theta[rows, token].double() - q.rows.c_theta[rows]).exp()
+        return q.rows.at(token, rows)[0].exp()
     log_p = tempered_log_q(torch.log_softmax(theta[rows].double(), dim=-1), temperature)
     return log_p.exp() if token is None else log_p.gather(1, token[:, None])[:, 0].exp()
 
@@ -209,18 +210,18 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     seconds["solve"] = t1 - t0
     draft_rows = torch.from_numpy(np.flatnonzero(batch.is_draft)).to(device)
     x = draft_ids.to(device=device, dtype=torch.int64)
-    n_accept = _accepted(q, theta, batch, draft_rows, x, draft_probs)
+    n_accept = _accepted(q, batch, draft_rows, x, draft_probs)
     t2 = time.perf_counter()
     seconds["accept"] = t2 - t1
-    fresh, last = _draw(q, theta, batch, draft_rows, draft_probs, n_accept)
+    fresh = _draw(q, batch, draft_rows, draft_probs, n_accept)
     t3 = time.perf_counter()
     seconds["draw"] = t3 - t2
     tokens, emitted = _emitted(batch, x, n_accept, fresh)
     flat_rows = torch.tensor([j for rs in emitted for j in rs], dtype=torch.int64, device=device)
     flat_tokens = torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64,
                                device=device)
-    columns = kernels.fields(rows.take(flat_rows), solution.take(flat_rows),
-                             q.mix.take(flat_rows), flat_tokens, q.at(flat_rows, flat_tokens))
+    columns = kernels.fields(rows, solution, q.mix, flat_tokens, q.at(flat_rows, flat_tokens),
+                             index=flat_rows)
     record = {name: value.tolist() for name, value in columns.items()}
     seconds["record"] = time.perf_counter() - t3
     step = Step(tokens, emitted, int(n_accept.sum()), int(sum(r.drafts for r in requests)),
@@ -228,14 +229,14 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     return step, record
 
 
-def _accepted(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor,
-              x: torch.Tensor, draft_probs: Optional[torch.Tensor]) -> np.ndarray:
+def _accepted(q: _Q, batch: Batch, draft_rows: torch.Tensor, x: torch.Tensor,
+              draft_probs: Optional[torch.Tensor]) -> np.ndarray:
     """(n,) drafts accepted per request: each draft x at its row with probability
     min(1, q(x) / p(x)) (at T = 0: iff x is q*'s argmax), up to the first rejection."""
     n = len(batch.requests)
     if not len(draft_rows):
         return np.zeros(n, dtype=np.int64)
-    vocab = theta.shape[1]
+    vocab = q.rows.theta.shape[1]
     in_vocab = x < vocab
     xs = x.clamp(max=vocab - 1)
     greedy = batch.temperature[draft_rows] <= 0
@@ -249,30 +250,28 @@ def _accepted(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor
     if bool(greedy.any()):
         accept[greedy] = in_vocab[greedy] & (xs[greedy] == q.argmax(draft_rows[greedy]))
     # per request: the first rejected draft's place, else all its drafts (vectorised)
-    drafts = np.array([r.drafts for r in batch.requests])
     owner = batch.row_req[batch.is_draft]
     place = batch.offset[batch.is_draft]
-    n_accept = drafts.copy()
+    n_accept = batch.drafts.copy()
     rejected = ~accept.cpu().numpy()
     np.minimum.at(n_accept, owner[rejected], place[rejected])
     return n_accept
 
 
-def _draw(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor,
-          draft_probs: Optional[torch.Tensor], n_accept: np.ndarray
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) each request's fresh token at its last row (after its accepted drafts), and those
-    rows: the residual norm(max(0, q - p)) where a draft was rejected, else q itself (the
+def _draw(q: _Q, batch: Batch, draft_rows: torch.Tensor,
+          draft_probs: Optional[torch.Tensor], n_accept: np.ndarray) -> torch.Tensor:
+    """(n,) each request's fresh token at its last row (after its accepted drafts): the
+    residual norm(max(0, q - p)) where a draft was rejected, else q itself (the
     bonus) by the non-speculative engine's own inverse CDF (kernels.sample, no row
     materialised); T = 0: q*'s argmax."""
-    device = theta.device
-    drafts = np.array([r.drafts for r in batch.requests])
-    last = torch.from_numpy(batch.starts + n_accept).to(device)
-    u = torch.from_numpy(kernels.uniforms(batch.seeds[last.cpu().numpy()],
-                                          batch.positions[last.cpu().numpy()])).to(device)
+    device = q.rows.theta.device
+    last_np = batch.starts + n_accept
+    last = torch.from_numpy(last_np).to(device)
+    u = torch.from_numpy(kernels.uniforms(batch.seeds[last_np], batch.positions[last_np])
+                         ).to(device)
     temperature = batch.temperature[last]
     greedy = temperature <= 0
-    rejected = torch.from_numpy(n_accept < drafts).to(device) & ~greedy
+    rejected = torch.from_numpy(n_accept < batch.drafts).to(device) & ~greedy
     dense = (rejected | batch.truncated[last]) & ~greedy
     plain = ~dense & ~greedy
     fresh = torch.empty(len(last), dtype=torch.int64, device=device)
@@ -295,7 +294,7 @@ def _draw(q: _Q, theta: torch.Tensor, batch: Batch, draft_rows: torch.Tensor,
         fresh[dense] = kernels.inverse_cdf(weights, u[dense])
     if bool(greedy.any()):
         fresh[greedy] = q.argmax(last[greedy])
-    return fresh, last
+    return fresh
 
 
 def _emitted(batch: Batch, x: torch.Tensor, n_accept: np.ndarray, fresh: torch.Tensor
