@@ -326,9 +326,7 @@ class Coordinator:
             theta, target = theta.float(), target.float()
         rows = kernels.Rows.of(theta, target)
         n = len(active)
-        solution = kernels.solve_rules(
-            rows, [s.alpha_method] * n, np.full(n, np.nan if s.alpha is None else s.alpha),
-            np.full(n, s.alpha_min), np.full(n, s.alpha_max))
+        solution = kernels.solve_per_row(rows, [s] * n)
         seeds = np.array([prompt_seed(s.seed, seq.item.index, seq.sample_index)
                           for seq in active], dtype=np.uint64)
         steps = np.array([len(seq.completion_ids) for seq in active], dtype=np.uint64)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -711,6 +711,17 @@ def solve_rules(rows: Rows, methods: Optional[list[str]] = None,
     if (clamped != solved).any():  # alpha* outside a row's interval: evaluate at the end
         solution = solve(rows, clamped, np.ones(n, dtype=bool))
     return solution
+
+
+def solve_per_row(rows: Rows, rules: list[Any]) -> Solution:
+    """`solve_rules` with row i's rule read from rules[i]: any object with `alpha` (None:
+    by its rule), `alpha_method`, `alpha_min` and `alpha_max` (a fused request's TokenArgs,
+    the speculative step's Request, the exact coordinator's settings)."""
+    return solve_rules(rows, [r.alpha_method for r in rules],
+                       np.array([np.nan if r.alpha is None else r.alpha for r in rules],
+                                dtype=np.float64),
+                       np.array([r.alpha_min for r in rules], dtype=np.float64),
+                       np.array([r.alpha_max for r in rules], dtype=np.float64))
 
 
 FIELDS = ("token",) + TOKEN_FIELDS  # what draw returns per row

@@ -187,10 +187,7 @@ class FusedSampler(LogitsProcessor, LogitsProcessorV2):
             rows = kernels.Rows.of(stash[0][:len(index)], stash[1][:len(index)])
         else:
             rows = kernels.Rows.of(stash[0][idx], stash[1][idx])
-        start = np.array([np.nan if r.alpha is None else r.alpha for r in states])
-        solution = kernels.solve_rules(rows, [r.alpha_method for r in states], start,
-                                       np.array([r.alpha_min for r in states]),
-                                       np.array([r.alpha_max for r in states]))
+        solution = kernels.solve_per_row(rows, states)
         solve_s = time.perf_counter() - t0
         mix = solution.mixture()
         tagged = [r.tag is not None for r in states]

@@ -200,11 +200,7 @@ def verify(theta: torch.Tensor, target: torch.Tensor, requests: list[Request],
     seconds = {}
     t0 = time.perf_counter()
     rows = kernels.Rows.of(theta, target)
-    start = np.array([np.nan if requests[i].alpha is None else requests[i].alpha
-                      for i in batch.row_req])
-    solution = kernels.solve_rules(rows, [requests[i].alpha_method for i in batch.row_req],
-                                   start, np.array([requests[i].alpha_min for i in batch.row_req]),
-                                   np.array([requests[i].alpha_max for i in batch.row_req]))
+    solution = kernels.solve_per_row(rows, [requests[i] for i in batch.row_req])
     q = _Q(rows, solution, solution.mixture(), batch)
     t1 = time.perf_counter()
     seconds["solve"] = t1 - t0
